@@ -1,0 +1,32 @@
+"""One error type for bad input, recognisable even after a runner wraps it.
+
+Beam runners re-raise worker exceptions wrapped in their own types (and, across
+processes, only as text), so the message carries a marker that the CLI finds in
+whatever arrives and prints alone.
+"""
+import re
+
+MARKER = "[clusmar input error] "
+_FIND = re.compile(re.escape(MARKER) + r"(.*?)(?:\n|$| \[while running|\'\]|\")")
+
+
+class InputError(ValueError):
+    """Bad input or arguments: the message names the file, column and count."""
+
+    def __init__(self, message: str):
+        super().__init__(MARKER + message)
+        self.message = message
+
+
+def input_error_message(exc: BaseException) -> str | None:
+    """The InputError message inside `exc` (or its wrapped causes), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, InputError):
+            return exc.message
+        match = _FIND.search(str(exc))
+        if match:
+            return match.group(1).strip()
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,0 +1,308 @@
+"""Cluster-Margin selection (Citovsky et al. 2021, Algorithm 1) and its baselines.
+
+cluster-margin: keep the k_m unlabeled examples of lowest margin, group them by
+cluster, order the groups by their size among the candidates (smallest first,
+then cluster id), and take one example per group per pass, round-robin, until
+k_t are chosen. The pick inside a group is a seeded hash of (seed, round, id);
+ties in margin are broken by a seeded hash of (seed, id) and then the id. Both
+are functions of the ids alone, so the result does not depend on how rows are
+spread over files, bundles or workers.
+
+The sharded part: rows are routed to buckets by id, so duplicate ids, the
+labeled set and the cluster assignments are joined per bucket; each bucket keeps
+only its lowest rows and one combine keeps the global lowest.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import apache_beam as beam
+import numpy as np
+
+from clusmar_beam.errors import InputError
+from clusmar_beam.io import Batch, concat_batches, find_duplicates
+
+STRATEGIES = ("cluster-margin", "margin", "random")
+NO_CLUSTER = -1
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+# ---------------------------------------------------------------- hashing
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijective, well-spread 64-bit mix."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def id_keys(ids: np.ndarray) -> np.ndarray:
+    """A uint64 per id: the int64 bits, or an 8-byte BLAKE2b digest of text/binary ids."""
+    if ids.dtype != object:
+        return ids.astype(np.int64).view(np.uint64)
+    return np.fromiter((int.from_bytes(hashlib.blake2b(x, digest_size=8).digest(), "little") for x in ids),
+                       dtype=np.uint64, count=len(ids))
+
+
+def seeded_hash(ids: np.ndarray, *salts: int) -> np.ndarray:
+    """uint64 hash of each id under integer salts (seed, round, ...)."""
+    state = np.uint64(0)
+    with np.errstate(over="ignore"):
+        for salt in salts:
+            state = _mix64(np.array([state ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)]) + _GOLDEN)[0]
+        return _mix64(id_keys(ids) ^ state)
+
+
+def tiebreak_hash(ids, seed: int) -> np.ndarray:
+    return seeded_hash(ids, seed, 0x7469655F)          # 'tie_'
+
+
+def pick_hash(ids, seed: int, round_index: int) -> np.ndarray:
+    return seeded_hash(ids, seed, round_index, 0x7069636B)  # 'pick'
+
+
+# ---------------------------------------------------------------- margins and ordering
+
+def margins_from_probs(probs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability, computed in float64."""
+    top2 = np.partition(probs.astype(np.float64), -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def lowest(primary: np.ndarray, secondary: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k rows smallest by (primary, secondary, id), in that order."""
+    n = len(primary)
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        # Everything strictly below the k-th primary value is in; ties at it are settled by the full sort.
+        cut = np.partition(primary, k - 1)[k - 1]
+        index = np.flatnonzero(primary <= cut)
+    else:
+        index = np.arange(n)
+    order = np.lexsort((ids[index], secondary[index], primary[index])) if ids.dtype != object else \
+        sorted(range(len(index)), key=lambda i: (primary[index[i]], secondary[index[i]], ids[index[i]]))
+    return index[np.asarray(order, dtype=np.int64)[:k]]
+
+
+def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Cluster-Margin's order over candidates: indices of rows in selection order.
+
+    Pass p takes the p-th pick of every group that still has one; within a pass,
+    groups go by (size among candidates, cluster id); inside a group the picks go
+    by (seeded hash, id). Exhausted groups simply have no row in later passes.
+    """
+    n = len(cluster_ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    id_order = _rank(ids)
+    within = np.lexsort((id_order, picks, cluster_ids))        # by cluster, then pick order
+    sorted_clusters = cluster_ids[within]
+    starts = np.flatnonzero(np.r_[True, sorted_clusters[1:] != sorted_clusters[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    pass_index = np.empty(n, dtype=np.int64)
+    pass_index[within] = np.arange(n) - np.repeat(starts, sizes)
+    group_size = np.empty(n, dtype=np.int64)
+    group_size[within] = np.repeat(sizes, sizes)
+    return np.lexsort((id_order, picks, cluster_ids, group_size, pass_index))
+
+
+def _rank(ids: np.ndarray) -> np.ndarray:
+    """Integer ranks of ids (so object ids can sit in a lexsort)."""
+    if ids.dtype != object:
+        return ids
+    ranks = np.empty(len(ids), dtype=np.int64)
+    ranks[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+    return ranks
+
+
+def order_candidates(candidates: Batch, strategy: str, k_t: int) -> Batch:
+    """The first k_t candidates in selection order, with their `rank`."""
+    n = len(candidates)
+    c = candidates.columns
+    if strategy == "cluster-margin":
+        order = round_robin_order(c["cluster_id"], c["pick"], candidates.ids)
+    elif strategy == "margin":
+        order = lowest(c["margin"], c["tiebreak"], candidates.ids, n)
+    elif strategy == "random":
+        order = lowest(c["pick"].astype(np.float64), c["pick"], candidates.ids, n)
+    else:
+        raise InputError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    chosen = candidates.take(order[:k_t])
+    return chosen.with_columns(rank=np.arange(len(chosen), dtype=np.int64))
+
+
+# ---------------------------------------------------------------- sharded join
+
+def bucket_of(ids: np.ndarray, num_buckets: int) -> np.ndarray:
+    return (_mix64(id_keys(ids)) % np.uint64(num_buckets)).astype(np.int64)
+
+
+class _SplitByBucket(beam.DoFn):
+    def __init__(self, tag: str, num_buckets: int):
+        self._tag, self._num_buckets = tag, num_buckets
+
+    def process(self, batch: Batch):
+        if not len(batch):
+            return
+        buckets = bucket_of(batch.ids, self._num_buckets)
+        order = np.argsort(buckets, kind="stable")
+        bounds = np.searchsorted(buckets[order], np.arange(self._num_buckets + 1))
+        for bucket in range(self._num_buckets):
+            if bounds[bucket] < bounds[bucket + 1]:
+                yield int(bucket), (self._tag, batch.take(order[bounds[bucket]:bounds[bucket + 1]]))
+
+
+def _sources(batches, limit=2) -> str:
+    names = sorted({b.source for b in batches})
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class _JoinBucket(beam.DoFn):
+    """Per bucket: check ids, drop labeled rows, attach clusters, keep the lowest rows."""
+
+    def __init__(self, strategy: str, keep: int, seed: int, round_index: int, clusters_flag: str | None):
+        self._strategy, self._keep = strategy, keep
+        self._seed, self._round = seed, round_index
+        self._clusters_flag = clusters_flag
+        self._rows = beam.metrics.Metrics.counter("select", "pool_rows")
+        self._labeled = beam.metrics.Metrics.counter("select", "labeled_rows_excluded")
+
+    def process(self, element):
+        _, tagged = element
+        parts = {"pool": [], "clusters": [], "labeled": []}
+        for tag, batch in tagged:
+            parts[tag].append(batch)
+        pool = concat_batches(parts["pool"])
+        stats = {"pool": 0, "labeled_in_pool": 0, "labeled_not_in_pool": 0, "unlabeled": 0,
+                 "cluster_rows_not_in_pool": 0}
+        labeled = concat_batches(parts["labeled"])
+        labeled_ids = np.unique(labeled.ids) if labeled is not None else np.zeros(0, dtype=np.int64)
+        if pool is None:
+            stats["labeled_not_in_pool"] = len(labeled_ids)
+            yield beam.pvalue.TaggedOutput("stats", stats)
+            return
+        ids = pool.ids
+        count, examples = find_duplicates(ids)
+        if count:
+            raise InputError(f"{_sources(parts['pool'])}: column 'id' has {count} duplicated ids "
+                             f"(e.g. {examples}); ids must be unique across the pool")
+        is_labeled = np.isin(ids, labeled_ids) if len(labeled_ids) else np.zeros(len(ids), dtype=bool)
+        stats["pool"] = len(ids)
+        stats["labeled_in_pool"] = int(is_labeled.sum())
+        stats["labeled_not_in_pool"] = len(labeled_ids) - stats["labeled_in_pool"]
+        self._rows.inc(len(ids))
+        self._labeled.inc(stats["labeled_in_pool"])
+
+        cluster_ids = np.full(len(ids), NO_CLUSTER, dtype=np.int64)
+        if self._clusters_flag is not None:
+            clusters = concat_batches(parts["clusters"])
+            cluster_index = clusters.ids if clusters is not None else np.zeros(0, dtype=ids.dtype)
+            count, examples = find_duplicates(cluster_index)
+            if count:
+                raise InputError(f"{_sources(parts['clusters'])}: column 'id' has {count} ids assigned to "
+                                 f"more than one cluster (e.g. {examples})")
+            order = np.argsort(cluster_index, kind="stable")
+            position = np.searchsorted(cluster_index[order], ids) if len(order) else np.zeros(len(ids), np.int64)
+            position = np.minimum(position, max(len(order) - 1, 0))
+            found = (cluster_index[order][position] == ids) if len(order) else np.zeros(len(ids), dtype=bool)
+            missing = int(np.count_nonzero(~found))
+            if missing:
+                example = ids[~found][:3].tolist()
+                raise InputError(f"{self._clusters_flag}: clusters do not cover the pool: {missing} pool ids "
+                                 f"have no cluster_id (e.g. {example}; pool files {_sources(parts['pool'])})")
+            cluster_ids = clusters.columns["cluster_id"][order][position].astype(np.int64)
+            stats["cluster_rows_not_in_pool"] = len(cluster_index) - len(ids)
+
+        keep_rows = np.flatnonzero(~is_labeled)
+        stats["unlabeled"] = len(keep_rows)
+        ids = ids[keep_rows]
+        candidates = Batch(pool.source, {
+            "id": ids,
+            "margin": pool.columns["margin"][keep_rows],
+            "cluster_id": cluster_ids[keep_rows],
+            "tiebreak": tiebreak_hash(ids, self._seed),
+            "pick": pick_hash(ids, self._seed, self._round),
+        }, pool.id_type)
+        yield candidates.take(_lowest_for(candidates, self._strategy, self._keep))
+        yield beam.pvalue.TaggedOutput("stats", stats)
+
+
+def _lowest_for(batch: Batch, strategy: str, keep: int) -> np.ndarray:
+    c = batch.columns
+    if strategy == "random":
+        return lowest(c["pick"].astype(np.float64), c["pick"], batch.ids, keep)
+    return lowest(c["margin"], c["tiebreak"], batch.ids, keep)
+
+
+class _KeepLowest(beam.CombineFn):
+    """Exact global k lowest rows; the total order makes the result merge-order independent."""
+
+    def __init__(self, strategy: str, keep: int):
+        self._strategy, self._keep = strategy, keep
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, accumulator, batch):
+        return self._compact(accumulator + [batch])
+
+    def merge_accumulators(self, accumulators):
+        return self._compact([b for acc in accumulators for b in acc])
+
+    def _compact(self, batches):
+        if len(batches) < 8:
+            return batches
+        merged = concat_batches(batches)
+        return [merged.take(_lowest_for(merged, self._strategy, self._keep))] if merged is not None else []
+
+    def extract_output(self, accumulator):
+        merged = concat_batches(accumulator)
+        if merged is None:
+            return None
+        return merged.take(_lowest_for(merged, self._strategy, self._keep))
+
+
+def _sum_stats(dicts):
+    total = {}
+    for d in dicts:
+        for key, value in d.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+class SelectCandidates(beam.PTransform):
+    """(pool batches with `margin`, cluster batches, labeled batches) -> (candidates, stats).
+
+    The candidates are one Batch: the k_m lowest-margin unlabeled rows for
+    cluster-margin, the k_t lowest for margin, the k_t lowest pick hashes for
+    random. Stats count pool, labeled and unlabeled rows.
+    """
+
+    def __init__(self, strategy: str, keep: int, seed: int, round_index: int, num_buckets: int,
+                 clusters_flag: str | None):
+        super().__init__()
+        self.strategy, self.keep, self.seed, self.round = strategy, keep, seed, round_index
+        self.num_buckets, self.clusters_flag = num_buckets, clusters_flag
+
+    def expand(self, inputs):
+        pool, clusters, labeled = inputs
+        tagged = [pool | "BucketPool" >> beam.ParDo(_SplitByBucket("pool", self.num_buckets))]
+        if clusters is not None:
+            tagged.append(clusters | "BucketClusters" >> beam.ParDo(_SplitByBucket("clusters", self.num_buckets)))
+        if labeled is not None:
+            tagged.append(labeled | "BucketLabeled" >> beam.ParDo(_SplitByBucket("labeled", self.num_buckets)))
+        joined = (tagged
+                  | "Together" >> beam.Flatten()
+                  | "ByBucket" >> beam.GroupByKey()
+                  | "Join" >> beam.ParDo(_JoinBucket(self.strategy, self.keep, self.seed, self.round,
+                                                     self.clusters_flag)).with_outputs("stats", main="rows"))
+        candidates = joined.rows | "KeepLowest" >> beam.CombineGlobally(_KeepLowest(self.strategy, self.keep))
+        stats = joined.stats | "SumStats" >> beam.CombineGlobally(_sum_stats)
+        return candidates, stats

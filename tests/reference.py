@@ -1,0 +1,35 @@
+"""A deliberately plain, loop-by-loop reading of the paper's selection rule.
+
+Independent of clusmar_beam.selection's vectorised code: tests compare the two.
+Hashes are the only shared piece (they are part of the contract: seeded hash of
+the id for margin ties, of (seed, round, id) for the pick inside a cluster).
+"""
+from clusmar_beam.selection import pick_hash, tiebreak_hash
+import numpy as np
+
+
+def reference_select(ids, margins, cluster_of, labeled, k_t, k_m, seed, round_index, strategy="cluster-margin"):
+    ids = list(ids)
+    unlabeled = [i for i in ids if i not in set(labeled)]
+    arr = np.array(unlabeled, dtype=object if unlabeled and isinstance(unlabeled[0], bytes) else np.int64)
+    tie = dict(zip(unlabeled, tiebreak_hash(arr, seed).tolist())) if unlabeled else {}
+    pick = dict(zip(unlabeled, pick_hash(arr, seed, round_index).tolist())) if unlabeled else {}
+    by_margin = sorted(unlabeled, key=lambda i: (margins[i], tie[i], i))
+    if strategy == "margin":
+        return by_margin[:k_t]
+    if strategy == "random":
+        return sorted(unlabeled, key=lambda i: (pick[i], i))[:k_t]
+    candidates = by_margin[:k_m]
+    groups = {}
+    for i in candidates:
+        groups.setdefault(cluster_of[i], []).append(i)
+    for members in groups.values():
+        members.sort(key=lambda i: (pick[i], i))        # a seeded random order inside the group
+    order = sorted(groups, key=lambda c: (len(groups[c]), c))   # smallest group first
+    chosen, depth = [], 0
+    while len(chosen) < k_t and any(len(groups[c]) > depth for c in order):
+        for c in order:
+            if len(groups[c]) > depth and len(chosen) < k_t:
+                chosen.append(groups[c][depth])
+        depth += 1
+    return chosen
