@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "generate-pool": ("pipelines.generate_pool", "write a synthetic, web-like pool"),
     "cluster": ("pipelines.cluster", "average-linkage HAC of the pool's embeddings, cut at a distance"),
     "select": ("pipelines.select", "choose the next batch (cluster-margin, margin or random) and write the manifest"),
+    "score": ("pipelines.score", "embeddings, probabilities and margins from a TensorFlow model"),
 }
 
 USAGE = "usage: clusmar {" + ",".join(SUBCOMMANDS) + "} [flags] [Beam pipeline flags]\n\n" + "\n".join(

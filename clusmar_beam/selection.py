@@ -159,11 +159,6 @@ class _SplitByBucket(beam.DoFn):
                 yield int(bucket), (self._tag, batch.take(order[bounds[bucket]:bounds[bucket + 1]]))
 
 
-def _sources(batches, limit=2) -> str:
-    names = sorted({b.source for b in batches})
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 class _JoinBucket(beam.DoFn):
     """Per bucket: check ids, drop labeled rows, attach clusters, keep the lowest rows."""
 
@@ -191,8 +186,9 @@ class _JoinBucket(beam.DoFn):
         ids = pool.ids
         count, examples = find_duplicates(ids)
         if count:
-            raise InputError(f"{_sources(parts['pool'])}: column 'id' has {count} duplicated ids "
-                             f"(e.g. {examples}); ids must be unique across the pool")
+            # Reported after all buckets are joined, so the message carries the pool-wide count.
+            stats["problem:duplicate_ids"] = count
+            stats["examples:duplicate_ids"] = examples
         is_labeled = np.isin(ids, labeled_ids) if len(labeled_ids) else np.zeros(len(ids), dtype=bool)
         stats["pool"] = len(ids)
         stats["labeled_in_pool"] = int(is_labeled.sum())
@@ -206,19 +202,23 @@ class _JoinBucket(beam.DoFn):
             cluster_index = clusters.ids if clusters is not None else np.zeros(0, dtype=ids.dtype)
             count, examples = find_duplicates(cluster_index)
             if count:
-                raise InputError(f"{_sources(parts['clusters'])}: column 'id' has {count} ids assigned to "
-                                 f"more than one cluster (e.g. {examples})")
+                stats["problem:cluster_duplicate_ids"] = count
+                stats["examples:cluster_duplicate_ids"] = examples
             order = np.argsort(cluster_index, kind="stable")
-            position = np.searchsorted(cluster_index[order], ids) if len(order) else np.zeros(len(ids), np.int64)
-            position = np.minimum(position, max(len(order) - 1, 0))
-            found = (cluster_index[order][position] == ids) if len(order) else np.zeros(len(ids), dtype=bool)
+            if len(order):
+                position = np.minimum(np.searchsorted(cluster_index[order], ids), len(order) - 1)
+                found = cluster_index[order][position] == ids
+                cluster_ids = np.where(found, clusters.columns["cluster_id"][order][position], NO_CLUSTER)
+            else:
+                found = np.zeros(len(ids), dtype=bool)
             missing = int(np.count_nonzero(~found))
             if missing:
-                example = ids[~found][:3].tolist()
-                raise InputError(f"{self._clusters_flag}: clusters do not cover the pool: {missing} pool ids "
-                                 f"have no cluster_id (e.g. {example}; pool files {_sources(parts['pool'])})")
-            cluster_ids = clusters.columns["cluster_id"][order][position].astype(np.int64)
-            stats["cluster_rows_not_in_pool"] = len(cluster_index) - len(ids)
+                stats["problem:uncovered_ids"] = missing
+                stats["examples:uncovered_ids"] = [_printable(x) for x in ids[~found][:3]]
+            stats["cluster_rows_not_in_pool"] = len(cluster_index) - int(found.sum())
+        if any(key.startswith("problem:") for key in stats):
+            yield beam.pvalue.TaggedOutput("stats", stats)
+            return
 
         keep_rows = np.flatnonzero(~is_labeled)
         stats["unlabeled"] = len(keep_rows)
@@ -269,16 +269,39 @@ class _KeepLowest(beam.CombineFn):
         return merged.take(_lowest_for(merged, self._strategy, self._keep))
 
 
+def _printable(value):
+    return value.decode(errors="replace") if isinstance(value, bytes) else int(value)
+
+
 def _sum_stats(dicts):
+    """Counts add up; example lists keep the first few, in sorted order."""
     total = {}
     for d in dicts:
         for key, value in d.items():
-            total[key] = total.get(key, 0) + value
+            if key.startswith("examples:"):
+                total[key] = sorted(total.get(key, []) + list(value), key=str)[:3]
+            else:
+                total[key] = total.get(key, 0) + value
     return total
 
 
+def raise_on_problems(stats: dict, pool_flag: str, clusters_flag: str | None) -> None:
+    """Turn the pool-wide problem counts gathered by the join into one clear error."""
+    if stats.get("problem:duplicate_ids"):
+        raise InputError(f"{pool_flag}: column 'id' has {stats['problem:duplicate_ids']} duplicated ids "
+                         f"(e.g. {stats['examples:duplicate_ids']}); ids must be unique across the pool")
+    if stats.get("problem:cluster_duplicate_ids"):
+        raise InputError(f"{clusters_flag}: column 'id' has {stats['problem:cluster_duplicate_ids']} ids assigned "
+                         f"to more than one cluster (e.g. {stats['examples:cluster_duplicate_ids']})")
+    if stats.get("problem:uncovered_ids"):
+        raise InputError(f"{clusters_flag}: clusters do not cover the pool: {stats['problem:uncovered_ids']} "
+                         f"pool ids have no cluster_id (e.g. {stats['examples:uncovered_ids']})")
+
+
 class SelectCandidates(beam.PTransform):
-    """(pool batches with `margin`, cluster batches, labeled batches) -> (candidates, stats).
+    """{"pool": batches with `margin`, "clusters": ..., "labeled": ...} -> (candidates, stats).
+
+    "clusters" and "labeled" may be left out.
 
     The candidates are one Batch: the k_m lowest-margin unlabeled rows for
     cluster-margin, the k_t lowest for margin, the k_t lowest pick hashes for
@@ -292,7 +315,7 @@ class SelectCandidates(beam.PTransform):
         self.num_buckets, self.clusters_flag = num_buckets, clusters_flag
 
     def expand(self, inputs):
-        pool, clusters, labeled = inputs
+        pool, clusters, labeled = inputs["pool"], inputs.get("clusters"), inputs.get("labeled")
         tagged = [pool | "BucketPool" >> beam.ParDo(_SplitByBucket("pool", self.num_buckets))]
         if clusters is not None:
             tagged.append(clusters | "BucketClusters" >> beam.ParDo(_SplitByBucket("clusters", self.num_buckets)))

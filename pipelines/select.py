@@ -122,14 +122,18 @@ def build(pipeline, opts: SelectOptions):
 
     keep = k_m if opts.strategy == "cluster-margin" else k_t
     pool = pipeline | pool_reader | "Margins" >> beam.Map(_with_margins)
-    clusters = pipeline | cluster_reader if cluster_reader else None
-    labeled = pipeline | labeled_reader if labeled_reader else None
-    candidates, stats = (pool, clusters, labeled) | "Candidates" >> selection.SelectCandidates(
+    inputs = {"pool": pool}
+    if cluster_reader:
+        inputs["clusters"] = pipeline | cluster_reader
+    if labeled_reader:
+        inputs["labeled"] = pipeline | labeled_reader
+    candidates, stats = inputs | "Candidates" >> selection.SelectCandidates(
         opts.strategy, keep, opts.seed, opts.round_index, opts.num_buckets, opts.clusters and "--clusters")
 
     strategy, round_index, num_shards = opts.strategy, opts.round_index, opts.num_shards
 
     def order(candidates, stats):
+        selection.raise_on_problems(stats, f"--pool {pool_glob!r}", f"--clusters {opts.clusters!r}")
         if not stats.get("pool"):
             raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows in {len(pool_reader.files)} files)")
         return selection.order_candidates(candidates, strategy, k_t) if candidates is not None else None

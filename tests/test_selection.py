@@ -104,7 +104,7 @@ def test_select_candidates_pipeline_keeps_exact_lowest_unlabeled(rng):
             pool = p | "Pool" >> beam.Create(pool_batches)
             cl = p | "Clusters" >> beam.Create(cluster_batches)
             lab = p | "Labeled" >> beam.Create(labeled_batches)
-            candidates, stats = (pool, cl, lab) | selection.SelectCandidates(
+            candidates, stats = {"pool": pool, "clusters": cl, "labeled": lab} | selection.SelectCandidates(
                 "cluster-margin", keep, 1, 0, buckets, "--clusters")
             assert_that(candidates | beam.Map(lambda b: sorted(b.ids.tolist())), equal_to([expected]))
             assert_that(stats | beam.Map(lambda s: (s["pool"], s["labeled_in_pool"], s["unlabeled"])),

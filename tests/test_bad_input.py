@@ -1,0 +1,199 @@
+"""Each bad input: one clear message (file, column, count), exit status 2, nothing that looks complete."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from clusmar_beam import cli
+from conftest import random_probs, write_parquet, write_tfrecord
+
+
+def _good_pool(tmp_path, rng, n=200, name="pool-0.parquet", **overrides):
+    columns = {"id": np.arange(n, dtype=np.int64), "probs": random_probs(rng, n, 4),
+               "embedding": rng.normal(size=(n, 8)).astype(np.float32)}
+    columns.update(overrides)
+    return write_parquet(str(tmp_path / "pool" / name), columns)
+
+
+def _clusters(tmp_path, ids):
+    write_parquet(str(tmp_path / "clusters" / "clusters-00000-of-00001.parquet"),
+                  {"id": np.asarray(ids), "cluster_id": np.arange(len(ids)) % 7})
+
+
+def _run_select(tmp_path, *extra, pool=None):
+    return cli.main(["select", "--pool", pool or str(tmp_path / "pool" / "*"), "--clusters",
+                     str(tmp_path / "clusters"), "--output", str(tmp_path / "out"), "--batch-size", "10", *extra])
+
+
+def _assert_failed_cleanly(code, capsys, *fragments, out="out"):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.startswith("clusmar")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    out_dir = out if os.path.isabs(str(out)) else None
+    return lines[0]
+
+
+def _nothing_written(directory):
+    assert not os.path.exists(os.path.join(directory, "_SUCCESS"))
+    assert not glob.glob(os.path.join(directory, "manifest-*"))
+    assert not glob.glob(os.path.join(directory, "clusters-*"))
+    assert not glob.glob(os.path.join(directory, ".tmp-*"))
+
+
+def test_no_files_match(tmp_path, capsys):
+    code = _run_select(tmp_path, pool=str(tmp_path / "nothing-*.parquet"))
+    _assert_failed_cleanly(code, capsys, "no files match", "nothing-*.parquet")
+    _nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("column", ["id", "probs"])
+def test_missing_column(tmp_path, rng, capsys, column):
+    path = _good_pool(tmp_path, rng)
+    _clusters(tmp_path, np.arange(200))
+    import pyarrow.parquet as pq
+    table = pq.read_table(path).drop_columns([column])
+    pq.write_table(table, path)
+    code = _run_select(tmp_path)
+    _assert_failed_cleanly(code, capsys, "pool-0.parquet", f"'{column}'", "missing column")
+    _nothing_written(tmp_path / "out")
+
+
+def test_missing_embedding_for_cluster(tmp_path, rng, capsys):
+    path = _good_pool(tmp_path, rng)
+    import pyarrow.parquet as pq
+    pq.write_table(pq.read_table(path).drop_columns(["embedding"]), path)
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5"])
+    _assert_failed_cleanly(code, capsys, "pool-0.parquet", "'embedding'")
+    _nothing_written(tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c" / "clustering.json")
+
+
+def test_embeddings_of_mixed_length_in_one_file(tmp_path, rng, capsys):
+    embeddings = [rng.normal(size=8).astype(np.float32) for _ in range(50)]
+    embeddings[3] = embeddings[3][:5]
+    embeddings[9] = embeddings[9][:5]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(tmp_path / "pool")
+    pq.write_table(pa.table({"id": np.arange(50), "embedding": pa.array(embeddings, type=pa.list_(pa.float32()))}),
+                   str(tmp_path / "pool" / "p.parquet"))
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5"])
+    _assert_failed_cleanly(code, capsys, "p.parquet", "'embedding'", "2 of 50 rows")
+    _nothing_written(tmp_path / "c")
+
+
+def test_embeddings_of_different_length_across_files(tmp_path, rng, capsys):
+    _good_pool(tmp_path, rng, n=50, name="a.parquet")
+    _good_pool(tmp_path, rng, n=50, name="b.parquet", id=np.arange(50, 100),
+               embedding=rng.normal(size=(50, 6)).astype(np.float32))
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5"])
+    _assert_failed_cleanly(code, capsys, "'embedding'", "a.parquet", "b.parquet")
+    _nothing_written(tmp_path / "c")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_probabilities(tmp_path, rng, capsys, value):
+    probs = random_probs(rng, 200, 4)
+    probs[[5, 17, 60]] = value
+    _good_pool(tmp_path, rng, probs=probs)
+    _clusters(tmp_path, np.arange(200))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "pool-0.parquet", "'probs'", "3 rows", "NaN or infinite")
+    _nothing_written(tmp_path / "out")
+
+
+def test_non_finite_embeddings(tmp_path, rng, capsys):
+    embedding = rng.normal(size=(200, 8)).astype(np.float32)
+    embedding[[1, 2], 3] = np.nan
+    _good_pool(tmp_path, rng, embedding=embedding)
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5"])
+    _assert_failed_cleanly(code, capsys, "pool-0.parquet", "'embedding'", "2 rows")
+    _nothing_written(tmp_path / "c")
+
+
+def test_negative_probabilities(tmp_path, rng, capsys):
+    probs = random_probs(rng, 200, 4)
+    probs[7] = [-0.1, 0.6, 0.3, 0.2]
+    _good_pool(tmp_path, rng, probs=probs)
+    _clusters(tmp_path, np.arange(200))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "pool-0.parquet", "'probs'", "1 rows", "negative")
+    _nothing_written(tmp_path / "out")
+
+
+def test_probabilities_not_summing_to_one(tmp_path, rng, capsys):
+    probs = random_probs(rng, 200, 4)
+    probs[:4] *= 2
+    _good_pool(tmp_path, rng, probs=probs)
+    _clusters(tmp_path, np.arange(200))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "pool-0.parquet", "'probs'", "4 rows", "sum to 1")
+    _nothing_written(tmp_path / "out")
+
+
+def test_duplicate_ids_across_files(tmp_path, rng, capsys):
+    _good_pool(tmp_path, rng, n=100, name="a.parquet")
+    _good_pool(tmp_path, rng, n=100, name="b.parquet", id=np.arange(95, 195))
+    _clusters(tmp_path, np.arange(195))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "'id'", "5 duplicated ids")
+    _nothing_written(tmp_path / "out")
+
+
+def test_duplicate_ids_for_cluster(tmp_path, rng, capsys):
+    _good_pool(tmp_path, rng, n=100, name="a.parquet")
+    _good_pool(tmp_path, rng, n=100, name="b.parquet", id=np.arange(98, 198))
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5"])
+    _assert_failed_cleanly(code, capsys, "'id'", "2 duplicated ids")
+    _nothing_written(tmp_path / "c")
+
+
+def test_empty_pool(tmp_path, rng, capsys):
+    _good_pool(tmp_path, rng, n=0)
+    _clusters(tmp_path, np.arange(0))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "empty")
+    _nothing_written(tmp_path / "out")
+
+
+def test_empty_tfrecord_pool(tmp_path, capsys):
+    os.makedirs(tmp_path / "pool")
+    open(tmp_path / "pool" / "p.tfrecord", "wb").close()
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5"])
+    _assert_failed_cleanly(code, capsys, "p.tfrecord")
+    _nothing_written(tmp_path / "c")
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_batch_size_not_positive(tmp_path, rng, capsys, size):
+    _good_pool(tmp_path, rng)
+    _clusters(tmp_path, np.arange(200))
+    code = cli.main(["select", "--pool", str(tmp_path / "pool" / "*"), "--clusters", str(tmp_path / "clusters"),
+                     "--output", str(tmp_path / "out"), "--batch-size", size])
+    _assert_failed_cleanly(code, capsys, "--batch-size", size)
+    _nothing_written(tmp_path / "out")
+
+
+def test_clusters_do_not_cover_pool(tmp_path, rng, capsys):
+    _good_pool(tmp_path, rng)
+    _clusters(tmp_path, np.arange(13, 200))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "--clusters", "do not cover", "13 pool ids")
+    _nothing_written(tmp_path / "out")
+
+
+def test_tfrecord_feature_missing(tmp_path, rng, capsys):
+    write_tfrecord(str(tmp_path / "pool" / "p.tfrecord"), {"id": np.arange(20), "label": np.arange(20)})
+    _clusters(tmp_path, np.arange(20))
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "p.tfrecord", "'probs'")
+    _nothing_written(tmp_path / "out")
+
+
+def test_unknown_flag(tmp_path, rng, capsys):
+    _good_pool(tmp_path, rng)
+    _clusters(tmp_path, np.arange(200))
+    _assert_failed_cleanly(_run_select(tmp_path, "--batch_sise", "3"), capsys, "unknown flag", "--batch_sise")
