@@ -178,8 +178,8 @@ def check_schema(path: str, schema: dict[str, Column], required, optional=()) ->
 
 # ---------------------------------------------------------------- conversion
 
-def _list_column_to_matrix(array, path: str, name: str) -> np.ndarray:
-    """A list<float> Arrow column as an (n, d) float32 matrix, or a clear error."""
+def _list_column_to_matrix(array, path: str, name: str, dtype=np.float32) -> np.ndarray:
+    """A list<float> (or list<int>) Arrow column as an (n, d) float32 (int64) matrix, or a clear error."""
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
     n = len(array)
     if array.null_count:
@@ -197,7 +197,7 @@ def _list_column_to_matrix(array, path: str, name: str) -> np.ndarray:
         values = array.flatten()
     if values.null_count:
         raise InputError(f"{path}: column {name!r} has {values.null_count} null values")
-    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)
+    return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(n, width)
 
 
 def _id_column(array, path: str) -> tuple[np.ndarray, str]:
@@ -211,6 +211,15 @@ def _id_column(array, path: str) -> tuple[np.ndarray, str]:
     return np.array(values, dtype=object), id_type
 
 
+# Model-input columns (any name) that are numeric lists become (n, width) matrices of these types.
+_LIST_DTYPES = {"float": np.float32, "int64": np.int64}
+
+
+def _numeric_list_dtype(arrow_type):
+    kind, is_list = _arrow_kind(arrow_type)
+    return _LIST_DTYPES.get(kind) if is_list else None
+
+
 def table_to_batch(table: pa.Table, path: str) -> Batch:
     """Arrow table (one row group) -> Batch, checking list widths and nulls."""
     columns, id_type = {}, "int64"
@@ -220,6 +229,8 @@ def table_to_batch(table: pa.Table, path: str) -> Batch:
             columns["id"], id_type = _id_column(array, path)
         elif name in ("embedding", "probs"):
             columns[name] = _list_column_to_matrix(array, path, name)
+        elif _numeric_list_dtype(array.type) is not None:
+            columns[name] = _list_column_to_matrix(array, path, name, _numeric_list_dtype(array.type))
         else:
             if array.null_count:
                 raise InputError(f"{path}: column {name!r} has {array.null_count} null rows")
@@ -301,13 +312,15 @@ class _ReadTFRecordFile(beam.DoFn):
                 lengths = ragged.row_lengths().numpy()
                 values = ragged.flat_values.numpy()
                 n = len(lengths)
-                if name in ("embedding", "probs"):
+                column = self._schema[name]
+                if name in ("embedding", "probs") or (column.is_list and column.kind in _LIST_DTYPES):
                     width = int(np.bincount(lengths).argmax()) if n else 0
                     bad = int(np.count_nonzero(lengths != width))
                     if bad:
                         raise InputError(f"{path}: feature {name!r} has rows of different lengths: "
                                          f"{bad} of {n} rows differ from length {width}")
-                    columns[name] = values.astype(np.float32).reshape(n, width)
+                    dtype = np.float32 if name in ("embedding", "probs") else _LIST_DTYPES[column.kind]
+                    columns[name] = values.astype(dtype).reshape(n, width)
                 else:
                     bad = int(np.count_nonzero(lengths != 1))
                     if bad:
@@ -437,7 +450,7 @@ class OutputDir:
 
 def write_parquet(path: str, table: pa.Table) -> None:
     with FileSystems.create(path) as handle:
-        pq.write_table(table, handle)
+        pq.write_table(table, handle, row_group_size=65536)
 
 
 def write_tfrecords(path: str, records) -> None:

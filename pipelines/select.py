@@ -149,7 +149,8 @@ def build(pipeline, opts: SelectOptions):
             "pool_count": stats["pool"], "labeled_in_pool": stats["labeled_in_pool"],
             "labeled_not_in_pool": stats["labeled_not_in_pool"], "unlabeled_count": stats["unlabeled"],
             "selected": n,
-            "clusters_selected": int(len(np.unique(chosen.columns["cluster_id"]))) if n else 0,
+            "clusters_selected": (int(len(np.unique(chosen.columns["cluster_id"]))) if n else 0)
+                                 if opts.clusters else None,
             "files": names,
         }
 
