@@ -57,12 +57,15 @@ def main(argv=None) -> int:
 
 def _print_help(name, module):
     import argparse
-    options_class = next(v for k, v in vars(module).items() if k.endswith("Options") and isinstance(v, type))
+    from clusmar_beam.runner import options_class_of
+    options_class = options_class_of(module)
     parser = argparse.ArgumentParser(prog=f"clusmar {name}", description=(module.__doc__ or "").strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Standard Beam pipeline flags (--runner, --direct_num_workers, ...) "
                                             "are accepted and passed to Beam.")
-    options_class._add_argparse_args(parser)
+    for cls in reversed(options_class.mro()):
+        if "_add_argparse_args" in cls.__dict__ and cls.__module__.startswith(("clusmar_beam", "pipelines")):
+            cls._add_argparse_args(parser)
     parser.print_help()
 
 

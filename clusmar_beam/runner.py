@@ -12,15 +12,52 @@ from clusmar_beam.errors import InputError
 LOG = logging.getLogger("clusmar")
 
 
+class CommonOptions(PipelineOptions):
+    """Flags every subcommand shares.
+
+    Each subcommand's own options class derives from this one rather than from
+    PipelineOptions: Beam builds one parser from all *direct* subclasses of
+    PipelineOptions, so subcommands may then reuse a flag name (--batch-size,
+    --num-shards) with their own meaning without clashing.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--pool", help="glob of the pool (Parquet or TFRecord)")
+        parser.add_argument("--output", help="output directory")
+        parser.add_argument("--overwrite", action="store_true", help="replace a completed output directory")
+        parser.add_argument("--seed", type=int, default=0, help="seed of every hash-based random choice")
+
+
+def _known_flag_parser(options_class):
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+    for cls in options_class.mro():
+        if cls is PipelineOptions:
+            break
+        if "_add_argparse_args" in cls.__dict__:
+            classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
 def parse_options(options_class, argv):
-    """Pipeline options from argv; unknown flags are an error, not a warning."""
-    options = PipelineOptions(list(argv or []))
-    known = options.get_all_options()
-    everything = options.get_all_options(retain_unknown_options=True)
-    unknown = sorted(set(everything) - set(known))
+    """(PipelineOptions, the subcommand's view) from argv; unknown flags are an error."""
+    argv = list(argv or [])
+    _, unknown = _known_flag_parser(options_class).parse_known_args(argv)
+    unknown = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
     if unknown:
-        raise InputError("unknown flag(s): " + ", ".join("--" + name for name in unknown))
+        raise InputError("unknown flag(s): " + ", ".join(unknown))
+    options = PipelineOptions(argv)
     return options, options.view_as(options_class)
+
+
+def options_class_of(module):
+    """The subcommand options class a pipeline module defines."""
+    return next(value for value in vars(module).values()
+                if isinstance(value, type) and issubclass(value, CommonOptions) and value is not CommonOptions)
 
 
 def require(value, flag: str):

@@ -15,7 +15,6 @@ import time
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from clusmar_beam import hac, io, runner
 from clusmar_beam.errors import InputError
@@ -24,11 +23,9 @@ LOG = logging.getLogger("clusmar")
 ROWS_PER_CLUSTER_SHARD = 1_000_000
 
 
-class ClusterOptions(PipelineOptions):
+class ClusterOptions(runner.CommonOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--pool", help="glob of the pool (Parquet or TFRecord) with id and embedding")
-        parser.add_argument("--output", help="output directory for clusters-*.parquet and clustering.json")
         parser.add_argument("--distance-threshold", dest="distance_threshold", type=float,
                             help="cut the average-linkage tree at this distance (epsilon)")
         parser.add_argument("--metric", default="cosine", help="cosine (1 - cosine similarity) | sqeuclidean")
@@ -37,10 +34,8 @@ class ClusterOptions(PipelineOptions):
         parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=50_000,
                             help="exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the IVF training sample")
         parser.add_argument("--num-shards", dest="num_shards", type=int,
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
-        parser.add_argument("--overwrite", action="store_true", help="replace completed clusters")
 
 
 def size_histogram(labels: np.ndarray) -> dict:
@@ -81,7 +76,7 @@ def cluster_pool(batches, opts_dict: dict, pool_glob: str) -> dict:
     start = time.time()
     try:
         result = hac.average_linkage(
-            embeddings, opts_dict["distance_threshold"], opts_dict["metric"], k=opts_dict["knn"],
+            embeddings, opts_dict["distance_threshold"], opts_dict["metric"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
             log=LOG.info)
     except hac.HacError as exc:

@@ -12,7 +12,6 @@ import time
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from clusmar_beam import io, runner, synthetic
 from clusmar_beam.errors import InputError
@@ -20,17 +19,14 @@ from clusmar_beam.errors import InputError
 LOG = logging.getLogger("clusmar")
 
 
-class GeneratePoolOptions(PipelineOptions):
+class GeneratePoolOptions(runner.CommonOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--output", help="output directory")
         parser.add_argument("--num-examples", dest="num_examples", type=int, help="rows in the pool")
         parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
         parser.add_argument("--num-classes", dest="num_classes", type=int, default=10, help="classes of probs")
         parser.add_argument("--format", dest="file_format", default="parquet", help="parquet | tfrecord")
-        parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--num-shards", dest="num_shards", type=int, help="files (default ~1 per 100K rows)")
-        parser.add_argument("--overwrite", action="store_true", help="replace a completed pool")
 
 
 def _to_table(rows: dict) -> pa.Table:

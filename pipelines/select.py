@@ -13,7 +13,6 @@ import time
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from clusmar_beam import io, runner, selection
 from clusmar_beam.errors import InputError
@@ -22,10 +21,9 @@ LOG = logging.getLogger("clusmar")
 ROWS_PER_MANIFEST_SHARD = 100_000
 
 
-class SelectOptions(PipelineOptions):
+class SelectOptions(runner.CommonOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--pool", help="glob of the pool (Parquet or TFRecord) with id and probs or margin")
         parser.add_argument("--clusters", help="directory (or glob) of clusters-*.parquet from `clusmar cluster`")
         parser.add_argument("--batch-size", dest="batch_size", type=int, help="k_t: examples to select")
         parser.add_argument("--candidates", type=int, help="k_m: lowest-margin candidates (default 10 x k_t)")
@@ -34,9 +32,6 @@ class SelectOptions(PipelineOptions):
         parser.add_argument("--labeled", help="glob of files with the ids already labeled (excluded)")
         parser.add_argument("--strategy", default="cluster-margin", help="cluster-margin | margin | random")
         parser.add_argument("--round", dest="round_index", type=int, default=0, help="active-learning round")
-        parser.add_argument("--seed", type=int, default=0, help="seed of tie-breaks and in-cluster picks")
-        parser.add_argument("--output", help="output directory of the manifest")
-        parser.add_argument("--overwrite", action="store_true", help="replace a completed manifest")
         parser.add_argument("--num-shards", dest="num_shards", type=int,
                             help=f"manifest files (default: one per {ROWS_PER_MANIFEST_SHARD} rows)")
         parser.add_argument("--num-buckets", dest="num_buckets", type=int, default=32,
