@@ -526,5 +526,5 @@ def batch_to_examples(columns: dict) -> list[bytes]:
                 target.extend(values[row])
             else:
                 target.append(values[row])
-        records.append(example.SerializeToString())
+        records.append(example.SerializeToString(deterministic=True))  # map order fixed: byte-identical files
     return records

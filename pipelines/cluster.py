@@ -29,8 +29,9 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--distance-threshold", dest="distance_threshold", type=float,
                             help="cut the average-linkage tree at this distance (epsilon)")
         parser.add_argument("--metric", default="cosine", help="cosine (1 - cosine similarity) | sqeuclidean")
-        parser.add_argument("--knn", type=int, default=4,
-                            help="neighbours fetched per nearest-cluster search, re-ranked by exact linkage")
+        parser.add_argument("--knn", type=int, default=hac.DEFAULT_K,
+                            help="neighbours fetched per nearest-cluster search (self included), re-ranked by "
+                                 "exact linkage")
         parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=50_000,
                             help="exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")
@@ -76,7 +77,7 @@ def cluster_pool(batches, opts_dict: dict, pool_glob: str) -> dict:
     start = time.time()
     try:
         result = hac.average_linkage(
-            embeddings, opts_dict["distance_threshold"], opts_dict["metric"],
+            embeddings, opts_dict["distance_threshold"], opts_dict["metric"], k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
             log=LOG.info)
     except hac.HacError as exc:
@@ -116,8 +117,8 @@ def run(argv=None) -> dict:
         raise InputError(f"--distance-threshold must be a positive number (got {eps})")
     if opts.metric not in ("cosine", "sqeuclidean"):
         raise InputError(f"--metric {opts.metric!r}: choose cosine or sqeuclidean")
-    if opts.knn <= 0:
-        raise InputError(f"--knn must be positive (got {opts.knn})")
+    if opts.knn < 2:
+        raise InputError(f"--knn must be at least 2 (got {opts.knn})")
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num-shards must be positive (got {opts.num_shards})")
     reader = io.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")

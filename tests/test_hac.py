@@ -1,0 +1,246 @@
+"""average_linkage must give the partition of exact average-linkage HAC."""
+import numpy as np
+import pytest
+import fastcluster
+from scipy.cluster.hierarchy import fcluster
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.metrics import adjusted_rand_score
+
+from clusmar_beam.hac import HacError, HacResult, average_linkage
+
+
+def _reference(X, metric):
+    return fastcluster.linkage(np.asarray(X, np.float64), "average", metric=metric)
+
+
+def _threshold(Z, quantile):
+    """Midway between two consecutive distinct merge heights.
+
+    A threshold equal to a merge height would make the answer hinge on the
+    last bit of that height, which no two implementations agree on.
+    """
+    heights = np.unique(Z[:, 2])
+    i = int(quantile * (heights.size - 1))
+    return float((heights[i] + heights[i + 1]) / 2)
+
+
+def _check_against_reference(X, metric, eps, Z=None, min_ari=0.99, **kwargs):
+    Z = _reference(X, metric) if Z is None else Z
+    ref = fcluster(Z, eps, "distance")
+    got = average_linkage(X, eps, metric, **kwargs)
+    _check_result_shape(got, len(X))
+    ari = adjusted_rand_score(ref, got.labels)
+    assert ari >= min_ari, (metric, eps, ref.max(), got.num_clusters, ari)
+    return ref, got
+
+
+def _check_result_shape(res, n):
+    assert isinstance(res, HacResult)
+    assert res.labels.dtype == np.int64 and res.labels.shape == (n,)
+    assert res.num_clusters == res.labels.max() + 1
+    # numbered by first appearance: each new label is one more than any before
+    first = np.unique(res.labels, return_index=True)[1]
+    assert np.array_equal(np.sort(first), first)
+    assert res.labels[0] == 0
+    assert res.merges == n - res.num_clusters == sum(res.merges_per_round)
+    assert res.rounds == len(res.merges_per_round)
+
+
+def _standardised(X):
+    return (X - X.mean(axis=0)) / X.std(axis=0)
+
+
+DATASETS = {
+    "digits": lambda: load_digits().data,
+    "breast_cancer": lambda: _standardised(load_breast_cancer().data),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_bundled_datasets_match_exact_average_linkage(name, metric):
+    X = DATASETS[name]()
+    Z = _reference(X, metric)
+    for quantile in (0.75, 0.95):
+        eps = _threshold(Z, quantile)
+        ref, _ = _check_against_reference(X, metric, eps, Z=Z)
+        mean_size = len(X) / ref.max()
+        assert 3 <= mean_size <= 50, mean_size  # the threshold is not trivial
+
+
+def _diffuse_groups_and_bursts(seed=0, d=24):
+    """Large spread-out groups plus tight bursts of near and exact duplicates."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(5):  # diffuse groups
+        centre = rng.normal(size=d) * 3
+        parts.append(centre + rng.normal(size=(rng.integers(250, 500), d)))
+    for _ in range(60):  # near-duplicate bursts
+        centre = rng.normal(size=d) * 3
+        scale = rng.choice([1e-5, 1e-3, 1e-2])
+        parts.append(centre + scale * rng.normal(size=(rng.integers(2, 40), d)))
+    X = np.concatenate(parts)
+    X = np.concatenate([X, X[rng.integers(len(X), size=150)]])  # exact duplicates
+    return X[rng.permutation(len(X))]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_diffuse_groups_and_duplicate_bursts(metric):
+    X = _diffuse_groups_and_bursts()
+    assert 2000 <= len(X) <= 4000
+    Z = _reference(X, metric)
+    for quantile in (0.7, 0.97):
+        _check_against_reference(X, metric, _threshold(Z, quantile), Z=Z)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_ivf_search_path(metric):
+    X = _diffuse_groups_and_bursts(seed=1)
+    Z = _reference(X, metric)
+    eps = _threshold(Z, 0.9)
+    lines = []
+    _, got = _check_against_reference(X, metric, eps, Z=Z, exact_search_max=100, log=lines.append)
+    assert any(" ivf," in line for line in lines)  # the IVF index was really used
+    assert got.rounds > 1
+
+
+def test_large_offset_does_not_lose_precision():
+    X = DATASETS["breast_cancer"]()[:300] + 1e4
+    Z = _reference(X, "sqeuclidean")
+    _check_against_reference(X, "sqeuclidean", _threshold(Z, 0.9), Z=Z, min_ari=0.999)
+
+
+def test_float32_input_and_input_untouched():
+    X = load_digits().data[:500].astype(np.float32)
+    before = X.copy()
+    Z = _reference(X, "cosine")
+    _check_against_reference(X, "cosine", _threshold(Z, 0.9), Z=Z)
+    assert np.array_equal(X, before)
+
+
+def test_deterministic():
+    X = _diffuse_groups_and_bursts(seed=2)
+    for kwargs in ({}, {"exact_search_max": 100}):
+        a = average_linkage(X, 0.05, "cosine", **kwargs)
+        b = average_linkage(X, 0.05, "cosine", **kwargs)
+        assert np.array_equal(a.labels, b.labels)
+        assert a.merges_per_round == b.merges_per_round
+
+
+def test_log_reports_rounds():
+    lines = []
+    res = average_linkage(load_digits().data[:200], 0.1, log=lines.append)
+    assert len(lines) >= res.rounds
+    assert all(isinstance(line, str) for line in lines)
+    assert lines[0].startswith("round 1:")
+
+
+def test_single_point():
+    res = average_linkage(np.array([[1.0, 2.0]]), 0.5)
+    assert res.labels.tolist() == [0]
+    assert res.num_clusters == 1 and res.merges == 0 and res.rounds == 0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_all_identical_points_form_one_cluster(metric):
+    X = np.tile([[0.3, -1.0, 2.0]], (50, 1))
+    res = average_linkage(X, 1e-9, metric)
+    assert res.labels.tolist() == [0] * 50
+    assert res.num_clusters == 1 and res.merges == 49
+
+
+def test_far_apart_points_stay_apart():
+    X = np.eye(5) * 10
+    res = average_linkage(X, 1.0, "sqeuclidean")
+    assert res.labels.tolist() == [0, 1, 2, 3, 4]
+    assert res.merges == 0
+
+
+def test_two_points_merge_at_their_distance():
+    X = np.array([[0.0, 0.0], [3.0, 4.0]])
+    assert average_linkage(X, 25.0, "sqeuclidean").num_clusters == 1
+    assert average_linkage(X, 24.999, "sqeuclidean").num_clusters == 2
+
+
+@pytest.mark.parametrize("threshold", [0, -0.5, float("nan"), float("inf"), "abc", None, True])
+def test_bad_threshold(threshold):
+    with pytest.raises(HacError, match="distance_threshold"):
+        average_linkage(np.ones((3, 2)), threshold)
+
+
+def test_unknown_metric():
+    with pytest.raises(HacError, match="metric"):
+        average_linkage(np.ones((3, 2)), 0.5, "euclidean")
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4)])
+def test_not_two_dimensional(shape):
+    with pytest.raises(HacError, match="2-D"):
+        average_linkage(np.ones(shape), 0.5)
+
+
+def test_not_float():
+    with pytest.raises(HacError, match="dtype int64 for 4 rows"):
+        average_linkage(np.ones((4, 2), np.int64), 0.5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0)])
+def test_empty(shape):
+    with pytest.raises(HacError, match="empty"):
+        average_linkage(np.ones(shape), 0.5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_are_counted(bad):
+    X = np.ones((10, 4))
+    X[[2, 5, 7], 1] = bad
+    X[5, 3] = bad
+    with pytest.raises(HacError, match=r"NaN or inf in 3 of 10 rows \(first at row 2\)"):
+        average_linkage(X, 0.5)
+
+
+def test_zero_norm_rows_are_counted_for_cosine():
+    X = np.ones((6, 3))
+    X[[1, 4]] = 0.0
+    with pytest.raises(HacError, match=r"2 of 6 embedding rows have zero norm"):
+        average_linkage(X, 0.5, "cosine")
+    # squared Euclidean has no trouble with them
+    assert average_linkage(X, 0.5, "sqeuclidean").num_clusters == 2
+
+
+def test_hac_error_is_value_error():
+    assert issubclass(HacError, ValueError)
+
+
+@pytest.mark.parametrize("kwargs", [{"exact_search_max": 0}, {"nprobe": 0}, {"nlist": 0}])
+def test_bad_search_settings(kwargs):
+    with pytest.raises(HacError):
+        average_linkage(np.ones((3, 2)), 0.5, **kwargs)
+
+
+def test_tiny_and_huge_scales_give_the_same_clusters():
+    X = _diffuse_groups_and_bursts(seed=3)[:800]
+    eps = _threshold(_reference(X, "sqeuclidean"), 0.9)
+    base = average_linkage(X, eps, "sqeuclidean")
+    assert 3 <= len(X) / base.num_clusters <= 50
+    for factor in (1e-25, 1e25):
+        scaled = average_linkage(X * factor, eps * factor**2, "sqeuclidean")
+        assert adjusted_rand_score(base.labels, scaled.labels) >= 0.999
+
+
+def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
+    """Crowded lists are searched as one block; both ways must find the same."""
+    from clusmar_beam import hac
+
+    rng = np.random.default_rng(5)
+    vecs = rng.normal(size=(3000, 9)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64)
+    found = {}
+    for crowded in (1, 10**9):
+        monkeypatch.setattr(hac, "_CROWDED_LIST", crowded)
+        index = hac._IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
+        index.add(ids, vecs)
+        found[crowded] = index.search(ids, lambda part: vecs[part], 4)
+    blocked, per_query = found[1], found[10**9]
+    assert (blocked[:, 0] == ids).mean() > 0.99  # self first
+    assert (blocked[:, 1] == per_query[:, 1]).mean() > 0.99
