@@ -29,29 +29,30 @@ class CommonOptions(PipelineOptions):
         parser.add_argument("--seed", type=int, default=0, help="seed of every hash-based random choice")
 
 
-def _known_flag_parser(options_class):
+def _parser(classes):
     from apache_beam.options.pipeline_options import _BeamArgumentParser
     parser = _BeamArgumentParser(allow_abbrev=False)
-    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
-    for cls in options_class.mro():
-        if cls is PipelineOptions:
-            break
-        if "_add_argparse_args" in cls.__dict__:
-            classes.setdefault(str(cls), cls)
-    for cls in classes.values():
+    for cls in classes:
         cls._add_argparse_args(parser)
     return parser
 
 
 def parse_options(options_class, argv):
-    """(PipelineOptions, the subcommand's view) from argv; unknown flags are an error."""
+    """(Beam's PipelineOptions, the subcommand's options) from argv.
+
+    The subcommand's flags are parsed by its own class; only what is left goes
+    to Beam, and anything Beam does not know either is an error, not a warning.
+    """
     argv = list(argv or [])
-    _, unknown = _known_flag_parser(options_class).parse_known_args(argv)
+    own = [cls for cls in options_class.mro()[:options_class.mro().index(PipelineOptions)]
+           if "_add_argparse_args" in cls.__dict__]
+    _, beam_argv = _parser(own).parse_known_args(argv)
+    beam_classes = {str(cls): cls for cls in PipelineOptions.__subclasses__() if cls not in own}
+    _, unknown = _parser(beam_classes.values()).parse_known_args(beam_argv)
     unknown = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
     if unknown:
         raise InputError("unknown flag(s): " + ", ".join(unknown))
-    options = PipelineOptions(argv)
-    return options, options.view_as(options_class)
+    return PipelineOptions(beam_argv), options_class(argv)
 
 
 def options_class_of(module):

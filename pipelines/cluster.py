@@ -109,7 +109,7 @@ def _write_clusters_shard(path: str, payload) -> None:
 
 
 def run(argv=None) -> dict:
-    _, opts = runner.parse_options(ClusterOptions, argv)
+    options, opts = runner.parse_options(ClusterOptions, argv)
     pool_glob = runner.require(opts.pool, "--pool")
     output_dir = runner.require(opts.output, "--output")
     eps = runner.require(opts.distance_threshold, "--distance-threshold")
@@ -139,7 +139,7 @@ def run(argv=None) -> dict:
                 "merges_per_round": result["merges_per_round"], "files": names}
 
     start = time.time()
-    pipeline = runner.make_pipeline(opts)
+    pipeline = runner.make_pipeline(options)
     result = (pipeline
               | reader
               | "Check" >> beam.Map(_validated)

@@ -40,7 +40,7 @@ def _to_table(rows: dict) -> pa.Table:
 
 
 def run(argv=None) -> dict:
-    _, opts = runner.parse_options(GeneratePoolOptions, argv)
+    options, opts = runner.parse_options(GeneratePoolOptions, argv)
     output_dir = runner.require(opts.output, "--output")
     n = runner.require(opts.num_examples, "--num-examples")
     if opts.file_format not in ("parquet", "tfrecord"):
@@ -70,7 +70,7 @@ def run(argv=None) -> dict:
                 "format": file_format, "files": names}
 
     start = time.time()
-    pipeline = runner.make_pipeline(opts)
+    pipeline = runner.make_pipeline(options)
     _ = (pipeline
          | "Shards" >> beam.Create([(i, num_shards, i) for i in range(num_shards)])
          | "Write" >> io.WriteShards(output, suffix, write, summary))

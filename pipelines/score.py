@@ -122,7 +122,7 @@ def _number_parts(parts: list[dict], pool_glob: str, files: int):
 
 
 def run(argv=None) -> dict:
-    _, opts = runner.parse_options(ScoreOptions, argv)
+    options, opts = runner.parse_options(ScoreOptions, argv)
     pool_glob = runner.require(opts.pool, "--pool")
     output_dir = runner.require(opts.output, "--output")
     config = model_config(opts)
@@ -166,7 +166,7 @@ def run(argv=None) -> dict:
                 "margin_rule": scoring.describe_margin_rule(config), "with_embeddings": config.with_embeddings,
                 "batch_size": batch_size, **scoring.summarize_parts(parts), "files": names}
 
-    pipeline = runner.make_pipeline(opts)
+    pipeline = runner.make_pipeline(options)
     batches = pipeline | reader
     scoring.declare_batch_types(batches, reader.format)
     parts = (batches

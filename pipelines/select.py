@@ -158,8 +158,7 @@ def build(pipeline, opts: SelectOptions):
 
 
 def run(argv=None) -> dict:
-    _, opts = runner.parse_options(SelectOptions, argv)
-    options = opts
+    options, opts = runner.parse_options(SelectOptions, argv)
     start = time.time()
     pipeline = runner.make_pipeline(options)
     _, output = build(pipeline, opts)
