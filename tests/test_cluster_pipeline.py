@@ -1,0 +1,102 @@
+"""`clusmar cluster` end to end against exact average linkage (fastcluster) on the same data and cut."""
+import glob
+import json
+import os
+
+import fastcluster
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy.cluster.hierarchy import fcluster
+from sklearn.metrics import adjusted_rand_score
+
+from clusmar_beam import cli
+from conftest import write_tfrecord
+
+
+def _read_clusters(directory):
+    table = pq.read_table(sorted(glob.glob(os.path.join(directory, "clusters-*.parquet"))))
+    return dict(zip(table.column("id").to_pylist(), table.column("cluster_id").to_pylist()))
+
+
+def _exact(embeddings, metric, eps):
+    x = embeddings.astype(np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        z = fastcluster.linkage(x, method="average", metric="cosine")
+    else:
+        z = fastcluster.linkage(x, method="average", metric="sqeuclidean")
+    return fcluster(z, eps, "distance")
+
+
+@pytest.mark.parametrize("metric,eps", [("cosine", 0.12), ("cosine", 0.25), ("sqeuclidean", 0.3),
+                                        ("sqeuclidean", 0.6)])
+def test_generated_pool_matches_exact_average_linkage(tmp_path, metric, eps):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "4000", "--dim", "16",
+                     "--num-classes", "5", "--seed", "7", "--num-shards", "3"]) == 0
+    assert cli.main(["cluster", "--pool", str(tmp_path / "pool" / "pool-*.parquet"), "--output",
+                     str(tmp_path / "c"), "--distance-threshold", str(eps), "--metric", metric]) == 0
+    table = pq.read_table(sorted(glob.glob(str(tmp_path / "pool" / "pool-*.parquet"))), columns=["id", "embedding"])
+    ids = np.array(table.column("id").to_pylist())
+    embeddings = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    clusters = _read_clusters(tmp_path / "c")
+    assert sorted(clusters) == sorted(ids.tolist())            # one row per pool example
+    ours = np.array([clusters[i] for i in ids.tolist()])
+    exact = _exact(embeddings, metric, eps)
+    assert adjusted_rand_score(exact, ours) >= 0.99
+    info = json.load(open(tmp_path / "c" / "clustering.json"))
+    assert info["num_points"] == 4000 and info["num_clusters"] == len(set(ours.tolist()))
+    assert 1 < info["num_clusters"] < 4000
+    assert sum(info["cluster_size_histogram"].values()) == info["num_clusters"]
+    assert info["parameters"]["metric"] == metric and info["parameters"]["distance_threshold"] == eps
+
+
+def test_tfrecord_pool_with_text_ids(tmp_path, rng):
+    centers = rng.normal(size=(30, 8))
+    labels = rng.integers(0, 30, 900)
+    embeddings = (centers[labels] + 0.05 * rng.normal(size=(900, 8))).astype(np.float32)
+    ids = [f"url-{i:04d}".encode() for i in rng.permutation(900)]
+    write_tfrecord(str(tmp_path / "pool" / "a.tfrecord"), {"id": ids[:500], "embedding": embeddings[:500]})
+    write_tfrecord(str(tmp_path / "pool" / "b.tfrecord"), {"id": ids[500:], "embedding": embeddings[500:]})
+    assert cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*.tfrecord"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.1"]) == 0
+    clusters = _read_clusters(tmp_path / "c")
+    assert set(clusters) == {i.decode() for i in ids} or set(clusters) == set(ids)
+    ours = np.array([clusters.get(i, clusters.get(i.decode())) for i in ids])
+    assert adjusted_rand_score(_exact(embeddings, "cosine", 0.1), ours) >= 0.99
+
+
+def test_refuses_to_overwrite_completed_clusters(tmp_path, rng, capsys):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "300", "--dim", "4",
+                     "--num-classes", "3"]) == 0
+    args = ["cluster", "--pool", str(tmp_path / "pool" / "pool-*"), "--output", str(tmp_path / "c"),
+            "--distance-threshold", "0.2"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flags,fragment", [(["--distance-threshold", "0"], "--distance-threshold"),
+                                            (["--distance-threshold", "nan"], "--distance-threshold"),
+                                            (["--distance-threshold", "0.1", "--metric", "l1"], "--metric"),
+                                            (["--distance-threshold", "0.1", "--knn", "0"], "--knn")])
+def test_bad_parameters(tmp_path, capsys, flags, fragment):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "50", "--dim", "4",
+                     "--num-classes", "3"]) == 0
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "pool-*"), "--output", str(tmp_path / "c"),
+                     *flags])
+    assert code == 2 and fragment in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "c" / "clustering.json")
+
+
+def test_zero_norm_embeddings_with_cosine(tmp_path, rng, capsys):
+    from conftest import write_parquet
+    embeddings = rng.normal(size=(40, 4)).astype(np.float32)
+    embeddings[[3, 8, 9]] = 0
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(40), "embedding": embeddings})
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "3" in err and "zero norm" in err
+    assert not os.path.exists(tmp_path / "c" / "clustering.json")
