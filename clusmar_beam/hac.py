@@ -20,6 +20,8 @@ from typing import Callable
 
 import faiss
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 
 METRICS = ("cosine", "sqeuclidean")
 
@@ -52,6 +54,11 @@ class HacResult:
     rounds: int
     merges: int
     merges_per_round: list[int]
+    # Every merge as an edge between two input rows (one row of each side) and
+    # its linkage distance; exact duplicates merge at 0.  Cutting at eps keeps
+    # the connected components of the edges of height <= eps.
+    heights: np.ndarray | None = None
+    pairs: np.ndarray | None = None
 
 
 def average_linkage(
@@ -87,7 +94,7 @@ def average_linkage(
     X = _prepare(embeddings, metric)
     n = X.shape[0]
     if n == 1:
-        return HacResult(np.zeros(1, np.int64), 1, 0, 0, [])
+        return HacResult(np.zeros(1, np.int64), 1, 0, 0, [], np.zeros(0), np.zeros((0, 2), np.int64))
 
     group, rep, counts = _collapse_duplicates(X)
     u = rep.size
@@ -100,6 +107,10 @@ def average_linkage(
     rac = _Rac(S, counts.astype(np.float64), metric, eps, exact_search_max, nlist, nprobe,
                seed, log, t0, k)
     parent, merges_per_round = rac.run(first_round_extra=n - u)
+    dup = np.flatnonzero(rep[group] != np.arange(n))
+    pairs = np.concatenate([np.stack([rep[group[dup]], dup], axis=1),
+                            rep[np.concatenate(rac.pairs)] if rac.pairs else np.zeros((0, 2), np.int64)])
+    heights = np.concatenate([np.zeros(dup.size), np.concatenate(rac.heights) if rac.heights else np.zeros(0)])
 
     root = _find_roots(parent)[group]
     labels = _number_by_first_appearance(root)
@@ -109,7 +120,7 @@ def average_linkage(
     if log is not None:
         log(f"hac done: {n} points -> {num_clusters} clusters in {len(merges_per_round)} rounds, "
             f"{time.perf_counter() - t0:.1f}s")
-    return HacResult(labels, num_clusters, len(merges_per_round), merges, merges_per_round)
+    return HacResult(labels, num_clusters, len(merges_per_round), merges, merges_per_round, heights, pairs)
 
 
 # ---------------------------------------------------------------- input checks
@@ -251,12 +262,15 @@ class _Rac:
     pairwise update of W is stable where Q/n - |mu|^2 would cancel.
     """
 
-    def __init__(self, S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k):
+    def __init__(self, S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
+                 frozen=None):
         self.k = k
         self.S = S
         self.cnt = cnt
         self.cos = metric == "cosine"
-        self.W = None if self.cos else np.zeros(S.shape[0])
+        self.W = None if self.cos else (np.zeros(S.shape[0]) if W is None else W)
+        # Frozen clusters are searched as neighbours but never merge or retire.
+        self.frozen = np.zeros(S.shape[0], bool) if frozen is None else np.asarray(frozen, bool)
         # FAISS works in float32: bring squared Euclidean data to unit scale
         # (L2 order does not care) so tiny or huge values neither underflow
         # nor overflow.
@@ -273,6 +287,8 @@ class _Rac:
         self.log = log
         self.t0 = t0
         self.index = None
+        self.heights = []
+        self.pairs = []
 
     # --- linkage and vectors
 
@@ -370,14 +386,15 @@ class _Rac:
         stale = np.ones(u, bool)
         nn = np.full(u, -1, np.int64)
         nd = np.full(u, np.inf)
+        free = ~self.frozen
         self._build_index(np.arange(u, dtype=np.int64))
         merges_per_round = []
-        while active.any():
-            act = np.flatnonzero(active)
-            if not self.index.exact and act.size <= self.exact_search_max:
+        while (active & free).any():
+            act = np.flatnonzero(active & free)
+            if not self.index.exact and np.count_nonzero(active) <= self.exact_search_max:
                 # Few enough left: switch to exact search and redo every
                 # neighbour, repairing what the IVF index may have missed.
-                self._build_index(act)
+                self._build_index(np.flatnonzero(active))
                 stale[act] = True
             todo = np.flatnonzero(stale & active)
             if todo.size:
@@ -392,8 +409,10 @@ class _Rac:
             act = act[~far]
 
             partner = nn[act]
-            pair = (partner > act) & (nn[partner] == act) & active[partner]
+            pair = (partner > act) & (nn[partner] == act) & active[partner] & free[partner]
             a, b = act[pair], partner[pair]
+            self.heights.append(nd[a].copy())
+            self.pairs.append(np.stack([a, b], axis=1))
             self._merge(a, b)
             parent[b] = a
             active[b] = False
@@ -409,7 +428,7 @@ class _Rac:
             touched = np.zeros(u, bool)
             touched[a] = True
             touched[b] = True
-            act = np.flatnonzero(active)
+            act = np.flatnonzero(active & free)
             nbr = nn[act]
             redo = touched[nbr] | ~active[nbr]
             stale[act[redo]] = True
@@ -417,6 +436,8 @@ class _Rac:
 
             merged = int(a.size) + (first_round_extra if not merges_per_round else 0)
             merges_per_round.append(merged)
+            if a.size == 0 and retired.size == 0 and self.frozen.any():
+                break  # every member left waits on a frozen neighbour: nothing can change any more
             if self.log is not None:
                 self.log(f"round {len(merges_per_round)}: searched {todo.size}, merged {merged}, "
                          f"retired {retired.size}, active {act.size}, "
@@ -582,3 +603,200 @@ class _IvfIndex:
             faiss.memcpy(faiss.swig_ptr(vecs[b:b + size]), ptr, size * dim * 4)
             invlists.release_codes(lst, ptr)
         return ids, vecs, begin, end
+
+
+# ------------------------------------------------- threshold from a target size
+
+
+@dataclasses.dataclass
+class ThresholdChoice:
+    """The threshold picked for a target mean cluster size, and how."""
+
+    distance_threshold: float
+    target_mean_cluster_size: float
+    sample_points: int
+    sample_points_with_margin: int
+    sample_cells: int
+    num_cells: int
+    sample_mean_cluster_size: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def merge_all_threshold(X: np.ndarray, metric: str) -> float:
+    """A threshold above every average-linkage merge height of X (float64 rows)."""
+    if metric == "cosine":
+        return 2.5  # average cosine distance of unit vectors is at most 2
+    c = X - X.mean(axis=0)
+    return float(4.0 * np.einsum("ij,ij->i", c, c).max() * 1.01 + 1.0)
+
+
+def threshold_from_heights(heights: np.ndarray, n: int, target: float) -> float:
+    """Threshold whose cut of a dendrogram with these merge heights leaves n/target clusters.
+
+    The cut at eps keeps every merge of height <= eps (average linkage is
+    monotone), so the clusters left are n minus that count.  The threshold is
+    put midway between two consecutive heights, never on one.
+    """
+    h = np.sort(np.asarray(heights, np.float64))
+    want = int(np.clip(round(n - n / float(target)), 0, h.size))
+    positive = h[h > 0]
+    if positive.size == 0:
+        return 1.0  # all points identical: any threshold gives one cluster
+    while 0 < want < h.size and h[want] == h[want - 1]:
+        want += 1  # a cut cannot split tied heights
+    if want >= h.size:
+        return float(h[-1] * 1.5 + 1e-12)
+    if want == 0 or h[want - 1] <= 0:
+        # as few merges as possible: below the smallest positive height
+        return float(positive[0] / 2)
+    return float((h[want - 1] + h[want]) / 2)
+
+
+def choose_threshold(
+    embeddings: np.ndarray,
+    metric: str,
+    target_mean_cluster_size: float,
+    *,
+    sample_size: int = 10_000,
+    cell_size: int | None = None,
+    margin_cells: int = 3,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> ThresholdChoice:
+    """Pick eps so that the average-linkage cut at eps averages the target cluster size.
+
+    A uniform subsample of a big pool is sparser than the pool (each point
+    keeps a fraction of its neighbours), so its dendrogram merges later and
+    would give too large an eps (measured on a 200K pool: a uniform 20K
+    sample picks an eps giving mean size 70 for a target of 10).  Instead the
+    pool is cut into k-means cells of about `cell_size` (default
+    sample_size / 4) points, whole cells are drawn at random until
+    `sample_size` points are taken (inside a cell the density is the pool's),
+    and the points of neighbouring cells that have a drawn cell among their
+    `margin_cells` nearest centroids are added as a margin, so that clusters
+    crossing a cell border are not cut short.  The sample's whole dendrogram
+    (exact RAC, merges recorded) is then cut at the eps where the core
+    points' estimated mean cluster size reaches the target.  Deterministic
+    for a given row order and seed.
+    """
+    try:
+        target = float(target_mean_cluster_size)
+    except (TypeError, ValueError):
+        raise HacError(f"target mean cluster size must be a number >= 1, got {target_mean_cluster_size!r}") from None
+    if not math.isfinite(target) or target < 1:
+        raise HacError(f"target mean cluster size must be a finite number >= 1, got {target_mean_cluster_size!r}")
+    if metric not in METRICS:
+        raise HacError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    _check_count("sample_size", sample_size)
+    X = np.asarray(embeddings)
+    n = X.shape[0] if X.ndim == 2 else 0
+    t0 = time.perf_counter()
+    num_cells = sample_cells = 1
+    if n <= sample_size:
+        rows, core = np.arange(n), np.ones(n, bool)
+    else:
+        cell_size = cell_size or max(1, sample_size // 4)
+        num_cells = max(2, int(round(n / cell_size)))
+        rows, core, sample_cells = _sample_cells(X, metric, num_cells, sample_size, margin_cells, seed)
+    sample = _prepare(X[rows], metric)
+    result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed)
+    eps, mean_size = _threshold_for_core(result, core, target)
+    choice = ThresholdChoice(eps, target, int(core.sum()), int(rows.size), int(sample_cells), int(num_cells),
+                             mean_size)
+    if log is not None:
+        log(f"threshold: eps={eps:.6g} for mean cluster size {target:g} from {rows.size} points in "
+            f"{sample_cells} of {num_cells} cells ({time.perf_counter() - t0:.1f}s)")
+    return choice
+
+
+def _threshold_for_core(result: HacResult, core: np.ndarray, target: float):
+    """Threshold whose cut gives the core points a mean cluster size of `target`.
+
+    The pool's number of clusters is the sum over its points of 1 / (size of
+    the point's cluster), so the pool's mean cluster size is estimated as
+    1 / mean over core points of 1 / cluster size.  Core points' clusters are
+    (nearly) complete because the margin around them was clustered too.
+    Returns (eps, estimated mean size at eps).
+    """
+    n = core.size
+    order = np.argsort(result.heights, kind="stable")
+    h = result.heights[order]
+    pairs = result.pairs[order]
+    positive = h[h > 0]
+    if positive.size == 0:
+        return 1.0, float(n)  # all points identical: any threshold gives one cluster
+
+    def mean_size(m):  # estimate after the m lowest merges
+        graph = scipy.sparse.coo_matrix((np.ones(m), (pairs[:m, 0], pairs[:m, 1])), shape=(n, n))
+        _, label = scipy.sparse.csgraph.connected_components(graph, directed=False)
+        size = np.bincount(label)[label[core]]
+        return 1.0 / np.mean(1.0 / size)
+
+    lo, hi = 0, h.size  # mean_size grows with m; smallest m reaching the target
+    if mean_size(hi) < target:
+        return float(h[-1] * 1.5 + 1e-12), mean_size(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mean_size(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    m = lo
+    # the cut must fall between two distinct heights; ties move m up
+    while m < h.size and m > 0 and h[m] == h[m - 1]:
+        m += 1
+    if m == 0 or h[m - 1] <= 0:
+        eps = float(positive[0] / 2)
+    elif m >= h.size:
+        eps = float(h[-1] * 1.5 + 1e-12)
+    else:
+        eps = float((h[m - 1] + h[m]) / 2)
+    return eps, float(mean_size(int(np.count_nonzero(h <= eps))))
+
+
+def _sample_cells(X, metric, num_cells, sample_size, margin_cells, seed):
+    """Whole k-means cells drawn at random until sample_size rows are taken, plus a margin.
+
+    Returns (rows, core mask over rows, cells drawn).  The margin is every
+    point of another cell that has a drawn cell among its `margin_cells`
+    nearest centroids: the border region where a drawn cell's clusters
+    continue.
+    """
+    n, d = X.shape
+    rng = np.random.default_rng([seed, 0xCE11])
+    train_rows = np.sort(rng.choice(n, size=min(n, 64 * num_cells), replace=False))
+    train = _prepare(X[train_rows], metric).astype(np.float32)
+    kmeans = faiss.Kmeans(d, num_cells, niter=10, seed=int(seed) & 0x7FFFFFFF, min_points_per_centroid=1,
+                          max_points_per_centroid=1 << 30)
+    kmeans.train(train)
+    offset = X[train_rows].astype(np.float64).mean(axis=0)
+    near = max(1, min(int(margin_cells), num_cells))
+    cell = np.empty((n, near), np.int64)
+    for s in range(0, n, 1 << 17):
+        part = X[s:s + (1 << 17)]
+        if metric == "cosine":
+            part = part / np.linalg.norm(part, axis=1, keepdims=True)
+        else:
+            part = part - offset
+        cell[s:s + part.shape[0]] = kmeans.index.search(np.ascontiguousarray(part, np.float32), near)[1]
+    home = cell[:, 0]
+    order = np.argsort(home, kind="stable")
+    sizes = np.bincount(home, minlength=num_cells)
+    begin = np.r_[0, np.cumsum(sizes)[:-1]]
+    picked, total = [], 0
+    for c in rng.permutation(num_cells):
+        if sizes[c] == 0 or sizes[c] > 2 * sample_size:
+            continue
+        picked.append(order[begin[c]:begin[c] + sizes[c]])
+        total += sizes[c]
+        if total >= sample_size:
+            break
+    if not picked:  # every cell is huge: fall back to a uniform sample
+        rows = np.sort(rng.choice(n, size=sample_size, replace=False))
+        return rows, np.ones(rows.size, bool), 0
+    drawn = np.zeros(num_cells, bool)
+    drawn[home[np.concatenate(picked)]] = True
+    rows = np.flatnonzero(drawn[cell].any(axis=1))
+    return rows, drawn[home[rows]], len(picked)

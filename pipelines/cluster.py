@@ -1,9 +1,16 @@
 """`clusmar cluster`: average-linkage HAC of the pool's embeddings, cut at a distance.
 
-The pool is read in columnar batches and checked in parallel; the clustering
-itself currently runs on one worker (clusmar_beam.hac: exact linkage from
-cluster statistics, nearest clusters by FAISS), and the assignments are written
-back out in parallel shards, then clustering.json last.
+The pool is read in columnar batches and checked in parallel.  With
+`--hac-shards 1` (the default) the clustering runs on one worker
+(clusmar_beam.hac: exact linkage from cluster statistics, nearest clusters by
+FAISS).  With `--hac-shards S > 1` only the ids are gathered (to number the
+rows in id order) and the HAC runs as Beam rounds (clusmar_beam.hac_sharded:
+S partitions by coarse cell, reciprocal-nearest merges inside each with the
+neighbouring cells' clusters visible but frozen, S/4 partitions next round,
+..., the remainder on one worker).  `--target-mean-cluster-size M` picks the
+threshold on a sample of whole k-means cells plus their border
+(hac.choose_threshold) and reports it in clustering.json.  The assignments
+are written back out in parallel shards, then clustering.json last.
 """
 from __future__ import annotations
 
@@ -28,6 +35,13 @@ class ClusterOptions(runner.CommonOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument("--distance-threshold", dest="distance_threshold", type=float,
                             help="cut the average-linkage tree at this distance (epsilon)")
+        parser.add_argument("--target-mean-cluster-size", dest="target_mean_cluster_size", type=float,
+                            help="instead of --distance-threshold: pick epsilon on a sample of whole k-means "
+                                 "cells (plus a border margin) so that clusters average this many examples; "
+                                 "the chosen epsilon is reported in clustering.json")
+        parser.add_argument("--threshold-sample-size", dest="threshold_sample_size", type=int, default=10_000,
+                            help="points (whole cells) in the sample that picks epsilon for "
+                                 "--target-mean-cluster-size")
         parser.add_argument("--metric", default="cosine", help="cosine (1 - cosine similarity) | sqeuclidean")
         parser.add_argument("--knn", type=int, default=hac.DEFAULT_K,
                             help="neighbours fetched per nearest-cluster search (self included), re-ranked by "
@@ -35,6 +49,15 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=50_000,
                             help="exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")
+        parser.add_argument("--hac-shards", dest="hac_shards", type=int, default=1,
+                            help="partitions of the first sharded HAC round (1: the whole HAC on one worker; "
+                                 ">1: reciprocal-nearest merges inside partitions on many workers, fewer "
+                                 "partitions each round, the remainder on one worker)")
+        parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
+                            help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
+                                 "next nearest cells, this many")
+        parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=8,
+                            help="sharded HAC: at most this many partitioned rounds before the one-worker finish")
         parser.add_argument("--num-shards", dest="num_shards", type=int,
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
 
@@ -54,6 +77,7 @@ def size_histogram(labels: np.ndarray) -> dict:
 
 def _validated(batch: io.Batch) -> io.Batch:
     io.check_finite(batch, ("embedding",))
+    beam.metrics.Metrics.counter("cluster", "points_read").inc(len(batch))
     return batch
 
 
@@ -71,13 +95,22 @@ def cluster_pool(batches, opts_dict: dict, pool_glob: str) -> dict:
     count, examples = io.find_duplicates(pool.ids)
     if count:
         raise InputError(f"--pool {pool_glob!r}: column 'id' has {count} duplicated ids (e.g. {examples})")
+    LOG.info("cluster: gathered %d points (dim %d) from %d batches", len(pool), pool.columns["embedding"].shape[1],
+             len(batches))
     order = np.argsort(pool.ids, kind="stable")   # a fixed row order makes the clustering deterministic
     ids = pool.ids[order]
     embeddings = pool.columns["embedding"][order]
     start = time.time()
+    eps, choice = opts_dict["distance_threshold"], None
     try:
+        if eps is None:
+            choice = hac.choose_threshold(embeddings, opts_dict["metric"], opts_dict["target_mean_cluster_size"],
+                                          sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
+                                          log=LOG.info)
+            eps = choice.distance_threshold
+            beam.metrics.Metrics.counter("cluster", "threshold_sample_points").inc(choice.sample_points_with_margin)
         result = hac.average_linkage(
-            embeddings, opts_dict["distance_threshold"], opts_dict["metric"], k=opts_dict["knn"],
+            embeddings, eps, opts_dict["metric"], k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
             log=LOG.info)
     except hac.HacError as exc:
@@ -86,11 +119,54 @@ def cluster_pool(batches, opts_dict: dict, pool_glob: str) -> dict:
     beam.metrics.Metrics.counter("cluster", "points").inc(len(ids))
     beam.metrics.Metrics.counter("cluster", "clusters").inc(result.num_clusters)
     beam.metrics.Metrics.counter("cluster", "merges").inc(result.merges)
+    beam.metrics.Metrics.counter("cluster", "rounds").inc(result.rounds)
+    for i, merged in enumerate(result.merges_per_round):
+        beam.metrics.Metrics.counter("cluster", f"merges_round_{i + 1:04d}").inc(merged)
     LOG.info("cluster: %d points -> %d clusters in %d rounds (%.1f s)", len(ids), result.num_clusters,
              result.rounds, elapsed)
     return {"ids": ids, "labels": result.labels, "id_type": pool.id_type, "rounds": result.rounds,
+            "distance_threshold": eps, "threshold_choice": choice.as_dict() if choice else None,
             "merges": result.merges, "merges_per_round": list(result.merges_per_round), "hac_seconds": elapsed,
             "dim": embeddings.shape[1]}
+
+
+def _row_numbers(id_batches, pool_glob: str) -> dict:
+    """All ids (only ids) on one worker -> sorted ids; a point's row is its rank."""
+    widths = {}
+    for _, width, source in id_batches:
+        widths.setdefault(width, source)
+    if len(widths) > 1:
+        detail = "; ".join(f"{width} in {source}" for width, source in sorted(widths.items()))
+        raise InputError(f"--pool: column 'embedding' has different lengths across files: {detail}")
+    parts = [ids for ids, _, _ in id_batches if len(ids)]
+    if not parts:
+        raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
+    ids = np.concatenate(parts)
+    count, examples = io.find_duplicates(ids)
+    if count:
+        raise InputError(f"--pool {pool_glob!r}: column 'id' has {count} duplicated ids (e.g. {examples})")
+    return {"ids": np.sort(ids, kind="stable"), "dim": next(iter(widths))}
+
+
+def _to_rows(batch: io.Batch, index: dict, metric: str, pool_glob: str):
+    try:
+        hac._prepare(batch.columns["embedding"], metric)  # zero norms etc.: a clear error, counted per batch
+    except hac.HacError as exc:
+        raise InputError(f"--pool {pool_glob!r} ({batch.source}): {exc}") from exc
+    return np.searchsorted(index["ids"], batch.ids).astype(np.int64), batch.columns["embedding"]
+
+
+def _sharded_result(edges, index: dict, id_type: str, started: float) -> dict:
+    from clusmar_beam import hac_sharded
+    n = len(index["ids"])
+    labels = hac_sharded.labels_from_edges(n, edges)
+    num_clusters = int(labels.max()) + 1
+    beam.metrics.Metrics.counter("cluster", "points").inc(n)
+    beam.metrics.Metrics.counter("cluster", "clusters").inc(num_clusters)
+    beam.metrics.Metrics.counter("cluster", "merges").inc(len(edges))
+    LOG.info("cluster: sharded HAC: %d points -> %d clusters (%.1f s)", n, num_clusters, time.time() - started)
+    return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": None, "merges": int(len(edges)),
+            "merges_per_round": None, "hac_seconds": time.time() - started, "dim": index["dim"]}
 
 
 def _shards(result: dict, num_shards: int | None):
@@ -112,24 +188,43 @@ def run(argv=None) -> dict:
     options, opts = runner.parse_options(ClusterOptions, argv)
     pool_glob = runner.require(opts.pool, "--pool")
     output_dir = runner.require(opts.output, "--output")
-    eps = runner.require(opts.distance_threshold, "--distance-threshold")
-    if not (math.isfinite(eps) and eps > 0):
+    eps, target = opts.distance_threshold, opts.target_mean_cluster_size
+    if (eps is None) == (target is None):
+        raise InputError("give exactly one of --distance-threshold EPS and --target-mean-cluster-size M")
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
         raise InputError(f"--distance-threshold must be a positive number (got {eps})")
+    if target is not None and not (math.isfinite(target) and target >= 1):
+        raise InputError(f"--target-mean-cluster-size must be a number >= 1 (got {target})")
+    if opts.threshold_sample_size < 2:
+        raise InputError(f"--threshold-sample-size must be at least 2 (got {opts.threshold_sample_size})")
     if opts.metric not in ("cosine", "sqeuclidean"):
         raise InputError(f"--metric {opts.metric!r}: choose cosine or sqeuclidean")
     if opts.knn < 2:
         raise InputError(f"--knn must be at least 2 (got {opts.knn})")
+    if opts.hac_shards < 1:
+        raise InputError(f"--hac-shards must be at least 1 (got {opts.hac_shards})")
+    if opts.hac_halo_cells < 0:
+        raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
+    if opts.max_rounds < 0:
+        raise InputError(f"--max-rounds must be >= 0 (got {opts.max_rounds})")
+    if opts.hac_shards > 1 and target is not None:
+        raise InputError("--target-mean-cluster-size is not supported with --hac-shards > 1 yet; pick epsilon "
+                         "with --hac-shards 1 (clustering.json reports it) and pass it as --distance-threshold")
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num-shards must be positive (got {opts.num_shards})")
     reader = io.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
     output = io.OutputDir(output_dir, "clusters", "clustering.json", None, opts.overwrite)
-    params = {"distance_threshold": eps, "metric": opts.metric, "knn": opts.knn,
+    params = {"distance_threshold": eps, "target_mean_cluster_size": target,
+              "threshold_sample_size": opts.threshold_sample_size, "metric": opts.metric, "knn": opts.knn,
               "exact_search_max": opts.exact_search_max, "nprobe": opts.nprobe, "seed": opts.seed}
 
     def summary(names, result):
         labels = result["labels"]
         sizes = np.bincount(labels)
-        return {"parameters": {**params, "linkage": "average"}, "pool": pool_glob,
+        chosen = {"distance_threshold": result.get("distance_threshold", eps)}
+        if result.get("threshold_choice") is not None:
+            chosen["threshold_choice"] = result["threshold_choice"]
+        return {"parameters": {**params, **chosen, "linkage": "average"}, "pool": pool_glob,
                 "num_points": int(len(labels)), "num_clusters": int(len(sizes)),
                 "mean_cluster_size": float(len(labels) / max(len(sizes), 1)),
                 "largest_cluster": int(sizes.max()) if len(sizes) else 0,
@@ -140,11 +235,29 @@ def run(argv=None) -> dict:
 
     start = time.time()
     pipeline = runner.make_pipeline(options)
-    result = (pipeline
-              | reader
-              | "Check" >> beam.Map(_validated)
-              | "Gather" >> beam.combiners.ToList()
-              | "Cluster" >> beam.Map(cluster_pool, params, pool_glob))
+    if opts.hac_shards > 1:
+        from clusmar_beam import hac_sharded
+        params.update(hac_shards=opts.hac_shards, hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
+        batches = pipeline | reader | "Check" >> beam.Map(_validated)
+        index = (batches
+                 | "Ids" >> beam.Map(lambda b: (b.ids, b.columns["embedding"].shape[1], b.source))
+                 | "GatherIds" >> beam.combiners.ToList()
+                 | "RowNumbers" >> beam.Map(_row_numbers, pool_glob))
+        id_type = (batches | "IdType" >> beam.Map(lambda b: b.id_type)
+                   | "OneIdType" >> beam.CombineGlobally(lambda types: sorted(set(types))[0] if types else "int64"))
+        edges = (batches
+                 | "Rows" >> beam.Map(_to_rows, beam.pvalue.AsSingleton(index), opts.metric, pool_glob)
+                 | "ShardedHac" >> hac_sharded.ShardedHac(eps, opts.metric, shards=opts.hac_shards,
+                                                          halo_cells=opts.hac_halo_cells,
+                                                          max_rounds=opts.max_rounds, seed=opts.seed))
+        result = edges | "Labels" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
+                                              beam.pvalue.AsSingleton(id_type), time.time())
+    else:
+        result = (pipeline
+                  | reader
+                  | "Check" >> beam.Map(_validated)
+                  | "Gather" >> beam.combiners.ToList()
+                  | "Cluster" >> beam.Map(cluster_pool, params, pool_glob))
     _ = (result
          | "Shards" >> beam.FlatMap(_shards, opts.num_shards)
          | "Write" >> io.WriteShards(output, ".parquet", _write_clusters_shard, summary, result))

@@ -100,3 +100,75 @@ def test_zero_norm_embeddings_with_cosine(tmp_path, rng, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "3" in err and "zero norm" in err
     assert not os.path.exists(tmp_path / "c" / "clustering.json")
+
+
+def _pool(tmp_path, n=4000, dim=16, seed=7):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", str(n), "--dim", str(dim),
+                     "--num-classes", "5", "--seed", str(seed), "--num-shards", "2"]) == 0
+    return str(tmp_path / "pool" / "pool-*.parquet")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_target_mean_cluster_size(tmp_path, metric):
+    pool = _pool(tmp_path)
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), "--target-mean-cluster-size", "10",
+                     "--metric", metric, "--threshold-sample-size", "2000"]) == 0
+    info = json.load(open(tmp_path / "c" / "clustering.json"))
+    params = info["parameters"]
+    assert params["target_mean_cluster_size"] == 10
+    choice = params["threshold_choice"]
+    assert choice["distance_threshold"] == params["distance_threshold"] > 0
+    assert choice["sample_cells"] >= 2 and choice["sample_points"] < 4000
+    assert 8 <= info["mean_cluster_size"] <= 12                 # within +-20% of the target
+    clusters = _read_clusters(tmp_path / "c")
+    assert len(set(clusters.values())) == info["num_clusters"]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    ([], "exactly one of"),
+    (["--distance-threshold", "0.1", "--target-mean-cluster-size", "10"], "exactly one of"),
+    (["--target-mean-cluster-size", "0"], "--target-mean-cluster-size"),
+    (["--target-mean-cluster-size", "nan"], "--target-mean-cluster-size"),
+    (["--distance-threshold", "-1"], "--distance-threshold"),
+    (["--target-mean-cluster-size", "5", "--threshold-sample-size", "0"], "--threshold-sample-size"),
+    (["--distance-threshold", "0.1", "--knn", "-2"], "--knn")])
+def test_bad_target_parameters(tmp_path, capsys, flags, fragment):
+    pool = _pool(tmp_path, n=50, dim=4)
+    code = cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), *flags])
+    assert code == 2 and fragment in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "c" / "clustering.json")
+
+
+@pytest.mark.parametrize("threshold", [["--distance-threshold", "0.1"], ["--target-mean-cluster-size", "4"]])
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_all_identical_pool_is_one_cluster(tmp_path, threshold, metric):
+    from conftest import write_parquet
+    embeddings = np.tile(np.array([[0.5, -1.0, 2.0, 0.0]], np.float32), (60, 1))
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(60), "embedding": embeddings})
+    assert cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--metric", metric, *threshold]) == 0
+    assert set(_read_clusters(tmp_path / "c").values()) == {0}
+    info = json.load(open(tmp_path / "c" / "clustering.json"))
+    assert info["num_clusters"] == 1 and info["num_points"] == 60
+
+
+@pytest.mark.parametrize("threshold", [["--distance-threshold", "0.1"], ["--target-mean-cluster-size", "4"]])
+def test_one_example_pool(tmp_path, threshold):
+    from conftest import write_parquet
+    write_parquet(str(tmp_path / "pool" / "p.parquet"),
+                  {"id": np.array([42]), "embedding": np.array([[1.0, 2.0]], np.float32)})
+    assert cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     *threshold]) == 0
+    assert _read_clusters(tmp_path / "c") == {42: 0}
+    assert json.load(open(tmp_path / "c" / "clustering.json"))["num_clusters"] == 1
+
+
+def test_zero_norm_embeddings_with_cosine_and_a_target(tmp_path, rng, capsys):
+    from conftest import write_parquet
+    embeddings = rng.normal(size=(40, 4)).astype(np.float32)
+    embeddings[[1, 2]] = 0
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(40), "embedding": embeddings})
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--target-mean-cluster-size", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 of 40" in err and "zero norm" in err

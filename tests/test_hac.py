@@ -244,3 +244,74 @@ def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     blocked, per_query = found[1], found[10**9]
     assert (blocked[:, 0] == ids).mean() > 0.99  # self first
     assert (blocked[:, 1] == per_query[:, 1]).mean() > 0.99
+
+
+# ------------------------------------------------- threshold from a target size
+
+from scipy.sparse import coo_matrix  # noqa: E402
+from scipy.sparse.csgraph import connected_components  # noqa: E402
+
+from clusmar_beam.hac import choose_threshold, threshold_from_heights  # noqa: E402
+
+
+def _blobs(n, d=16, groups=60, seed=0, spread=0.35):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(groups, d))
+    return centers[rng.integers(0, groups, n)] + spread * rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_merge_pairs_and_heights_reproduce_every_cut(metric):
+    X = _blobs(800, seed=3)
+    X[100:110] = X[5]  # exact duplicates merge at height 0
+    full = average_linkage(X, 1e6 if metric == "sqeuclidean" else 2.5, metric)
+    assert full.num_clusters == 1 and full.heights.size == full.pairs.shape[0] == 799
+    assert (full.heights[:9] == 0).all()
+    for eps in np.quantile(full.heights, [0.2, 0.5, 0.8]):
+        eps = float(eps) * 1.0000001
+        keep = full.heights <= eps
+        graph = coo_matrix((np.ones(keep.sum()), tuple(full.pairs[keep].T)), shape=(800, 800))
+        _, comp = connected_components(graph, directed=False)
+        assert adjusted_rand_score(comp, average_linkage(X, eps, metric).labels) == 1.0
+
+
+def test_threshold_from_heights():
+    h = np.array([0.0, 0.1, 0.2, 0.2, 0.4])  # 6 points
+    assert threshold_from_heights(h, 6, 2) == pytest.approx(0.3)   # 3 merges: 3 clusters
+    assert threshold_from_heights(h, 6, 1) == pytest.approx(0.05)  # duplicates merge anyway
+    assert threshold_from_heights(h, 6, 100) > 0.4
+    assert threshold_from_heights(np.zeros(4), 5, 3) > 0            # all identical
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("target", [3, 12])
+def test_target_mean_size_exact_on_small_pools(metric, target):
+    X = _blobs(1500, seed=1)
+    choice = choose_threshold(X, metric, target, sample_size=5000)
+    assert choice.sample_points == 1500 and choice.sample_cells == 1
+    res = average_linkage(X, choice.distance_threshold, metric)
+    assert 1500 / res.num_clusters == pytest.approx(target, rel=0.05)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_target_mean_size_from_a_sample_of_cells(metric):
+    X = _blobs(12000, groups=300, seed=2, spread=0.5)
+    choice = choose_threshold(X, metric, 8, sample_size=2000, seed=4)
+    assert choice.sample_cells > 1 and choice.sample_points < 12000
+    assert choice.sample_points_with_margin > choice.sample_points
+    res = average_linkage(X, choice.distance_threshold, metric)
+    assert 12000 / res.num_clusters == pytest.approx(8, rel=0.2)
+    again = choose_threshold(X, metric, 8, sample_size=2000, seed=4)
+    assert again == choice                                     # deterministic
+
+
+@pytest.mark.parametrize("target", [0, 0.5, -1, float("nan"), float("inf"), "x"])
+def test_bad_target(target):
+    with pytest.raises(HacError, match="target mean cluster size"):
+        choose_threshold(np.eye(3), "cosine", target)
+
+
+def test_target_on_identical_and_single_points():
+    assert average_linkage(np.ones((20, 3)), choose_threshold(np.ones((20, 3)), "cosine", 5).distance_threshold,
+                           "cosine").num_clusters == 1
+    assert choose_threshold(np.ones((1, 3)), "sqeuclidean", 5).distance_threshold > 0

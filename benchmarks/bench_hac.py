@@ -1,0 +1,56 @@
+"""`clusmar cluster` single-worker HAC vs sharded HAC (--hac-shards S) on the same pool, side by side.
+
+Usage:
+  .venv/bin/python benchmarks/bench_hac.py --pool 'GLOB' --distance-threshold EPS [--metric cosine]
+      [--hac-shards 64] [--work DIR] [beam flags...]
+Prints wall time of each run, the numbers of clusters and the ARI between the two labelings.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from clusmar_beam import cli  # noqa: E402
+
+
+def labels(directory):
+    t = pq.read_table(sorted(glob.glob(os.path.join(directory, "clusters-*.parquet"))))
+    ids = np.asarray(t.column("id").to_pylist())
+    order = np.argsort(ids)
+    return np.asarray(t.column("cluster_id").to_numpy())[order]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pool", required=True)
+    ap.add_argument("--distance-threshold", required=True)
+    ap.add_argument("--metric", default="cosine")
+    ap.add_argument("--hac-shards", default="64")
+    ap.add_argument("--work", default="/tmp/bench_hac")
+    args, beam_args = ap.parse_known_args(argv)
+    res = {}
+    for name, flags in (("single", []), ("sharded", ["--hac-shards", args.hac_shards])):
+        out = os.path.join(args.work, name)
+        t = time.perf_counter()
+        assert cli.main(["cluster", "--pool", args.pool, "--output", out, "--distance-threshold",
+                         args.distance_threshold, "--metric", args.metric, "--overwrite", *flags, *beam_args]) == 0
+        info = json.load(open(os.path.join(out, "clustering.json")))
+        res[name] = {"seconds": round(time.perf_counter() - t, 1), "clusters": info["num_clusters"],
+                     "mean_cluster_size": round(info["mean_cluster_size"], 3)}
+        print(name, res[name], flush=True)
+    res["ari"] = round(float(adjusted_rand_score(labels(os.path.join(args.work, "single")),
+                                                 labels(os.path.join(args.work, "sharded")))), 5)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Sharded average-linkage HAC: reciprocal-nearest merges inside partitions, then one worker.
+
+Clusters are kept as statistics (count n, vector sum S and, for squared
+Euclidean, the within-cluster sum of squared deviations W), so every linkage
+is exact (see clusmar_beam.hac).  One sharded round:
+
+1. coarse centroids of the current cluster means (FAISS k-means on a
+   deterministic sample) cut the clusters into `P` partitions (home cell);
+2. each cluster is also sent, frozen, to the partitions of its next
+   `halo_cells` nearest cells, so a partition sees the clusters just across
+   its border;
+3. inside a partition, reciprocal-nearest pairs within the threshold merge
+   in rounds (RAC, clusmar_beam.hac machinery); frozen clusters are
+   searched as neighbours but never merge, so a member whose nearest
+   cluster lies in another partition waits;
+4. merged statistics are contracted into new clusters.
+
+Each later round uses fewer partitions (P / `shrink`), so pairs split by a
+border in one round share a partition in the next; the last round is one
+partition on one worker, which is exactly the single-machine RAC on what is
+left.  Every merge made inside a partition is a merge of globally reciprocal
+nearest clusters as long as each member's nearest cluster was visible (member
+or frozen neighbour), so the result is exact average linkage up to the
+clusters a partition could not see; shard-count invariance is tested.
+
+`sharded_average_linkage` runs the rounds in one process (reference and
+tests); `ShardedHac` is the same as Beam transforms (GroupByKey per round).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import apache_beam as beam
+import faiss
+import numpy as np
+
+from clusmar_beam import hac
+
+LOG = logging.getLogger("clusmar")
+
+
+@dataclasses.dataclass
+class Clusters:
+    """Statistics of many clusters: ids (the smallest point row in each), n, S, W."""
+
+    ids: np.ndarray
+    cnt: np.ndarray
+    S: np.ndarray
+    W: np.ndarray
+
+    def __len__(self):
+        return int(self.ids.size)
+
+    def take(self, idx):
+        return Clusters(self.ids[idx], self.cnt[idx], self.S[idx], self.W[idx])
+
+    @staticmethod
+    def concat(parts):
+        parts = [p for p in parts if len(p)]
+        return Clusters(*(np.concatenate([getattr(p, f) for p in parts])
+                          for f in ("ids", "cnt", "S", "W")))
+
+    def means(self):
+        return self.S / self.cnt[:, None]
+
+
+def initial_clusters(X: np.ndarray, rows: np.ndarray | None = None) -> Clusters:
+    """One cluster per (prepared) point; ids are the row numbers."""
+    rows = np.arange(X.shape[0], dtype=np.int64) if rows is None else rows
+    return Clusters(rows.astype(np.int64), np.ones(X.shape[0]), np.array(X, np.float64), np.zeros(X.shape[0]))
+
+
+def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters | None = None,
+                    seed: int = 0, k: int = hac.DEFAULT_K):
+    """RAC among `members` with `frozen` clusters visible but never merged.
+
+    Returns (merged member clusters, merge edges (parent id, child id), heights).
+    """
+    both = members if frozen is None or not len(frozen) else Clusters.concat([members, frozen])
+    m = len(members)
+    if m == 0:
+        return members, np.zeros((0, 2), np.int64), np.zeros(0)
+    is_frozen = np.zeros(len(both), bool)
+    is_frozen[m:] = True
+    S = np.array(both.S, np.float64)
+    cnt = np.array(both.cnt, np.float64)
+    W = np.array(both.W, np.float64)
+    rac = hac._Rac(S, cnt, metric, eps, 50_000, None, 32, seed, None, time.perf_counter(), k, W=W,
+                   frozen=is_frozen)
+    parent, _ = rac.run(first_round_extra=0)
+    pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
+    heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
+    alive = np.flatnonzero(parent[:m] == np.arange(m))
+    # a merged cluster is named by the smallest point id it holds
+    root = hac._find_roots(parent)[:m]
+    new_id = np.full(m, np.iinfo(np.int64).max)
+    np.minimum.at(new_id, root, members.ids)
+    out = Clusters(new_id[alive], rac.cnt[alive], rac.S[alive],
+                   rac.W[alive] if rac.W is not None else np.zeros(alive.size))
+    edges = np.stack([new_id[root], members.ids], axis=1)
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    return out, edges, heights
+
+
+def _partition_centroids(clusters: Clusters, parts: int, seed: int, sample_per_part: int = 64):
+    """k-means centroids of cluster means, on the clusters with the lowest id hashes."""
+    from clusmar_beam.knn import hash_ids
+    parts = max(1, min(parts, len(clusters)))
+    order = np.lexsort((clusters.ids, hash_ids(clusters.ids, seed)))[:parts * sample_per_part]
+    order = np.sort(order)
+    sample = np.ascontiguousarray(clusters.means()[order], np.float32)
+    if parts == 1:
+        return sample.mean(axis=0, keepdims=True)
+    km = faiss.Kmeans(sample.shape[1], parts, niter=15, seed=int(seed) & 0x7FFFFFFF, min_points_per_centroid=1,
+                      max_points_per_centroid=1 << 30)
+    km.train(sample)
+    return np.ascontiguousarray(km.centroids, np.float32)
+
+
+def route(clusters: Clusters, centroids: np.ndarray, halo_cells: int):
+    """(home cell, cells where the cluster is a frozen neighbour (-1 = none))."""
+    near = min(1 + halo_cells, centroids.shape[0])
+    cells = faiss.knn(np.ascontiguousarray(clusters.means(), np.float32), centroids, near)[1].astype(np.int64)
+    return cells[:, 0], cells[:, 1:]
+
+
+def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed):
+    centroids = _partition_centroids(clusters, parts, seed)
+    home, halo = route(clusters, centroids, halo_cells)
+    outs, edges, merges = [], [], 0
+    for c in range(centroids.shape[0]):
+        mem = np.flatnonzero(home == c)
+        if mem.size == 0:
+            continue
+        fro = np.flatnonzero((halo == c).any(axis=1))
+        out, e, _ = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed)
+        outs.append(out)
+        edges.append(e)
+        merges += len(e)
+    return Clusters.concat(outs), np.concatenate(edges), merges
+
+
+def _labels_from_edges(n, edges):
+    parent = np.arange(n, dtype=np.int64)
+    if len(edges):
+        parent[edges[:, 1]] = edges[:, 0]
+    return hac._number_by_first_appearance(hac._find_roots(parent))
+
+
+def check_shard_params(shards, halo_cells, shrink, max_rounds):
+    for name, value in (("shards", shards), ("halo_cells", halo_cells + 1), ("shrink", shrink - 1),
+                        ("max_rounds", max_rounds + 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise hac.HacError(f"{name} out of range: shards >= 1, halo_cells >= 0, shrink >= 2, max_rounds >= 0")
+
+
+def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, shards=64, halo_cells=2,
+                            shrink=4, max_rounds=8, seed=0, log=None):
+    """Flat average-linkage clusters by partitioned RAC rounds, remainder on one worker.
+
+    `shards` partitions in the first round, `shards / shrink` in the next, ...
+    until one partition is left or `max_rounds` sharded rounds ran; then
+    exact RAC on the remaining clusters.  Labels numbered by first appearance.
+    Returns (labels, info dict with clusters and merges per round).
+    """
+    eps = hac._check_threshold(distance_threshold)
+    if metric not in hac.METRICS:
+        raise hac.HacError(f"unknown metric {metric!r}")
+    check_shard_params(shards, halo_cells, shrink, max_rounds)
+    X = hac._prepare(embeddings, metric)
+    n = X.shape[0]
+    clusters = initial_clusters(X)
+    edges = []
+    info = {"rounds": []}
+    parts, rnd = shards, 0
+    while parts > 1 and rnd < max_rounds and len(clusters) > 1:
+        t = time.perf_counter()
+        clusters, e, merges = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd)
+        edges.append(e)
+        info["rounds"].append({"partitions": parts, "merges": merges, "clusters": len(clusters)})
+        if log:
+            log(f"sharded hac round {rnd + 1}: {parts} partitions, {merges} merges, {len(clusters)} clusters "
+                f"({time.perf_counter() - t:.1f}s)")
+        parts = max(1, parts // shrink)
+        rnd += 1
+    _, e, _ = rac_on_clusters(clusters, eps, metric, None, seed)
+    edges.append(e)
+    info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
+    labels = _labels_from_edges(n, np.concatenate(edges))
+    info["num_clusters"] = int(labels.max()) + 1
+    return labels, info
+
+
+# --------------------------------------------------------------------- Beam
+
+
+def _to_clusters(batch, metric):
+    """(row ids, embeddings) batch -> initial Clusters (prepared vectors)."""
+    rows, x = batch
+    beam.metrics.Metrics.counter("hac", "points").inc(len(rows))
+    prepared = hac._prepare(x, metric)  # validates; unit rows for cosine
+    if metric != "cosine":
+        # _prepare centres on this batch's mean; batches must share one origin
+        prepared = np.array(x, np.float64)
+    return initial_clusters(prepared, np.asarray(rows, np.int64))
+
+
+class _Sample(beam.CombineFn):
+    def __init__(self, size, seed):
+        self.size, self.seed = size, seed
+
+    def create_accumulator(self):
+        return None
+
+    def _trim(self, ids, means):
+        from clusmar_beam.knn import hash_ids
+        order = np.lexsort((ids, hash_ids(ids, self.seed)))[:self.size]
+        return ids[order], means[order]
+
+    def add_input(self, acc, clusters):
+        part = self._trim(clusters.ids, clusters.means())
+        return part if acc is None else self.merge_accumulators([acc, part])
+
+    def merge_accumulators(self, accs):
+        accs = [a for a in accs if a is not None]
+        if not accs:
+            return None
+        return self._trim(np.concatenate([a[0] for a in accs]), np.concatenate([a[1] for a in accs]))
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _train(sample, parts, seed):
+    ids, means = sample
+    order = np.argsort(ids)
+    fake = Clusters(ids[order], np.ones(ids.size), means[order], np.zeros(ids.size))
+    return _partition_centroids(fake, parts, seed)
+
+
+class _RouteClusters(beam.DoFn):
+    def __init__(self, halo_cells):
+        self.halo_cells = halo_cells
+
+    def process(self, clusters, centroids):
+        if not len(clusters):
+            return
+        home, halo = route(clusters, centroids, self.halo_cells)
+        for c in np.unique(home):
+            yield int(c), ("m", clusters.take(home == c))
+        for c in np.unique(halo):
+            yield int(c), ("f", clusters.take((halo == c).any(axis=1)))
+
+
+class _LocalRac(beam.DoFn):
+    EDGES = "edges"
+
+    def __init__(self, eps, metric, seed, round_name):
+        self.eps, self.metric, self.seed, self.round_name = eps, metric, seed, round_name
+
+    def process(self, element):
+        _, parts = element
+        parts = list(parts)
+        mem = [p[1] for p in parts if p[0] == "m"]
+        if not mem:
+            return
+        members = Clusters.concat(mem)
+        members = members.take(np.argsort(members.ids, kind="stable"))  # delivery order must not matter
+        fro = [p[1] for p in parts if p[0] == "f"]
+        frozen = Clusters.concat(fro) if fro else None
+        if frozen is not None:
+            frozen = frozen.take(np.argsort(frozen.ids, kind="stable"))
+        out, edges, _ = rac_on_clusters(members, self.eps, self.metric, frozen, self.seed)
+        beam.metrics.Metrics.counter("hac", f"merges_{self.round_name}").inc(len(edges))
+        beam.metrics.Metrics.counter("hac", f"clusters_after_{self.round_name}").inc(len(out))
+        beam.metrics.Metrics.counter("hac", f"partitions_{self.round_name}").inc(1)
+        yield out
+        yield beam.pvalue.TaggedOutput(self.EDGES, edges)
+
+
+def _finish(cluster_parts, eps, metric, seed, n_hint=None):
+    clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
+    if clusters is None or not len(clusters):
+        return np.zeros((0, 2), np.int64)
+    clusters = clusters.take(np.argsort(clusters.ids, kind="stable"))
+    t = time.time()
+    _, edges, _ = rac_on_clusters(clusters, eps, metric, None, seed)
+    beam.metrics.Metrics.counter("hac", "merges_final").inc(len(edges))
+    beam.metrics.Metrics.counter("hac", "clusters").inc(len(clusters) - len(edges))
+    LOG.info("sharded hac: final round on one worker: %d clusters -> %d (%.1f s)", len(clusters),
+             len(clusters) - len(edges), time.time() - t)
+    return edges
+
+
+class ShardedHac(beam.PTransform):
+    """PCollection of (row ids int64, embeddings) batches, rows 0..n-1 -> singleton
+    PCollection: merge edges (parent row, child row) of all rounds (an (m, 2) int64
+    array); the flat clusters are the connected components (see `labels_from_edges`).
+    """
+
+    def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, shrink=4, max_rounds=8,
+                 seed=0):
+        super().__init__()
+        self.eps = hac._check_threshold(distance_threshold)
+        if metric not in hac.METRICS:
+            raise hac.HacError(f"unknown metric {metric!r}")
+        check_shard_params(shards, halo_cells, shrink, max_rounds)
+        self.metric, self.shards, self.halo_cells = metric, shards, halo_cells
+        self.shrink, self.max_rounds, self.seed = shrink, max_rounds, seed
+
+    def expand(self, batches):
+        clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
+        all_edges = []
+        parts, rnd = self.shards, 0
+        while parts > 1 and rnd < self.max_rounds:
+            name = f"Round{rnd + 1}"
+            seed = self.seed + rnd
+            centroids = (clusters
+                         | f"{name}Sample" >> beam.CombineGlobally(_Sample(parts * 64, seed)).without_defaults()
+                         | f"{name}Train" >> beam.Map(_train, parts, seed))
+            result = (clusters
+                      | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
+                                                     beam.pvalue.AsSingleton(centroids))
+                      | f"{name}Group" >> beam.GroupByKey()
+                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.eps, self.metric, seed, f"round_{rnd + 1}"))
+                      .with_outputs(_LocalRac.EDGES, main="clusters"))
+            clusters = result.clusters
+            all_edges.append(result[_LocalRac.EDGES])
+            parts = max(1, parts // self.shrink)
+            rnd += 1
+        final = (clusters
+                 | "FinalGather" >> beam.combiners.ToList()
+                 | "FinalRac" >> beam.Map(_finish, self.eps, self.metric, self.seed))
+        all_edges.append(final)
+        return (tuple(all_edges) | "AllEdges" >> beam.Flatten()
+                | "GatherEdges" >> beam.combiners.ToList()
+                | "Concat" >> beam.Map(lambda es: np.concatenate([e for e in es] or [np.zeros((0, 2), np.int64)])))
+
+
+def labels_from_edges(n, edges):
+    """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 from merge edges."""
+    return _labels_from_edges(n, np.asarray(edges, np.int64).reshape(-1, 2))

@@ -1,0 +1,173 @@
+"""Sharded average-linkage HAC (clusmar_beam.hac_sharded): quality against exact average linkage,
+the same answer whatever the number of shards, the Beam transforms and `clusmar cluster --hac-shards`."""
+import glob
+import json
+import os
+
+import apache_beam as beam
+import fastcluster
+import numpy as np
+import pytest
+from scipy.cluster.hierarchy import fcluster
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.metrics import adjusted_rand_score
+
+from clusmar_beam import cli, hac, hac_sharded
+from clusmar_beam.hac import HacError
+
+
+def _threshold(Z, quantile):
+    heights = np.unique(Z[:, 2])
+    i = int(quantile * (heights.size - 1))
+    return float((heights[i] + heights[i + 1]) / 2)
+
+
+def _diffuse_and_bursts(n=5000, d=16, seed=0):
+    """Large diffuse groups plus near-duplicate bursts, like web data."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(30, d))
+    x = centers[rng.integers(0, 30, n)] + 0.6 * rng.normal(size=(n, d))
+    burst = rng.choice(n, size=n // 6, replace=False)
+    x[burst] = x[rng.choice(burst[:40], size=burst.size)] + 1e-3 * rng.normal(size=(burst.size, d))
+    return x
+
+
+DATASETS = {
+    "digits": lambda: load_digits().data,
+    "breast_cancer": lambda: (lambda x: (x - x.mean(0)) / x.std(0))(load_breast_cancer().data),
+    "diffuse_bursts": lambda: _diffuse_and_bursts(2500, seed=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_matches_exact_average_linkage(name, metric):
+    X = DATASETS[name]()
+    if metric == "cosine":
+        Z = fastcluster.linkage(X / np.linalg.norm(X, axis=1, keepdims=True), "average", metric="cosine")
+    else:
+        Z = fastcluster.linkage(X, "average", metric="sqeuclidean")
+    for quantile in (0.5, 0.9):
+        eps = _threshold(Z, quantile)
+        labels, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16)
+        assert adjusted_rand_score(fcluster(Z, eps, "distance"), labels) >= 0.99, (name, metric, quantile)
+        assert info["rounds"][0]["partitions"] == 16
+
+
+@pytest.mark.parametrize("metric,eps", [("cosine", 0.08), ("cosine", 0.3), ("sqeuclidean", 1.5),
+                                        ("sqeuclidean", 6.0)])
+def test_same_clusters_with_1_and_64_shards(metric, eps):
+    X = _diffuse_and_bursts()
+    one, _ = hac_sharded.sharded_average_linkage(X, eps, metric, shards=1)
+    many, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=64)
+    assert adjusted_rand_score(one, many) >= 0.99
+    assert np.array_equal(one, hac.average_linkage(X, eps, metric).labels)   # 1 shard = single-machine RAC
+    assert [r["partitions"] for r in info["rounds"]] == [64, 16, 4, 1]
+    assert sum(r["merges"] for r in info["rounds"]) == len(X) - info["num_clusters"]
+    assert info["rounds"][0]["merges"] > 0                                     # the partitions did real work
+
+
+def test_max_rounds_zero_is_one_worker():
+    X = _diffuse_and_bursts(800)
+    labels, info = hac_sharded.sharded_average_linkage(X, 0.2, "cosine", shards=64, max_rounds=0)
+    assert [r["partitions"] for r in info["rounds"]] == [1]
+    assert np.array_equal(labels, hac.average_linkage(X, 0.2, "cosine").labels)
+
+
+def test_frozen_neighbours_block_merges():
+    # a - b are close, c is frozen and nearer to a than b is: a must not merge with b
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [-0.5, 0.0]])
+    members = hac_sharded.initial_clusters(X[:2])
+    frozen = hac_sharded.initial_clusters(X[2:], np.array([2]))
+    out, edges, _ = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
+    assert len(out) == 2 and len(edges) == 0
+    out, edges, _ = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
+    assert len(out) == 1 and edges.tolist() == [[0, 1]]
+
+
+def test_beam_transform_matches_in_process_rounds(tmp_path):
+    X = _diffuse_and_bursts(3000, seed=2).astype(np.float32)
+    rows = np.arange(len(X))
+    out = tmp_path / "edges.npy"
+    with beam.Pipeline() as p:
+        _ = (p | beam.Create([(rows[s:s + 700], X[s:s + 700]) for s in range(0, len(X), 700)], reshuffle=False)
+             | hac_sharded.ShardedHac(0.25, "cosine", shards=32)
+             | beam.Map(lambda e: np.save(out, e)))
+    labels = hac_sharded.labels_from_edges(len(X), np.load(out))
+    expected, _ = hac_sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
+    assert np.array_equal(labels, expected)
+    assert adjusted_rand_score(labels, hac.average_linkage(X, 0.25, "cosine").labels) >= 0.99
+
+
+@pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"shrink": 1}, {"max_rounds": -1}])
+def test_bad_parameters(kwargs):
+    with pytest.raises(HacError):
+        hac_sharded.sharded_average_linkage(np.eye(4), 0.5, "cosine", **kwargs)
+    with pytest.raises(HacError):
+        hac_sharded.ShardedHac(0.5, "cosine", **kwargs)
+
+
+@pytest.mark.parametrize("eps", [0, -1, float("nan")])
+def test_bad_threshold(eps):
+    with pytest.raises(HacError):
+        hac_sharded.sharded_average_linkage(np.eye(4), eps, "cosine")
+
+
+def test_identical_and_single_points():
+    labels, _ = hac_sharded.sharded_average_linkage(np.ones((40, 3)), 0.1, "cosine", shards=8)
+    assert labels.tolist() == [0] * 40
+    labels, _ = hac_sharded.sharded_average_linkage(np.ones((1, 3)), 0.1, "sqeuclidean", shards=8)
+    assert labels.tolist() == [0]
+
+
+def _files(directory):
+    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(directory, "clusters-*")))}
+
+
+def test_cli_hac_shards_gives_the_same_files(tmp_path):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "4000", "--dim", "16",
+                     "--num-classes", "5", "--seed", "7", "--num-shards", "3"]) == 0
+    pool = str(tmp_path / "pool" / "pool-*.parquet")
+    for name, flags in (("one", []), ("many", ["--hac-shards", "64"]),
+                        ("many2", ["--hac-shards", "64", "--direct_num_workers=2",
+                                   "--direct_running_mode=multi_processing"])):
+        assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / name), "--distance-threshold", "0.2",
+                         "--num-shards", "2", *flags]) == 0
+    assert _files(tmp_path / "one") == _files(tmp_path / "many") == _files(tmp_path / "many2")
+    info = json.load(open(tmp_path / "many" / "clustering.json"))
+    assert info["parameters"]["hac_shards"] == 64 and info["num_points"] == 4000
+
+
+def test_cli_hac_shards_with_text_ids_and_bad_input(tmp_path, rng, capsys):
+    from conftest import write_parquet
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    ids = np.array([f"u{i:04d}".encode() for i in rng.permutation(300)], dtype=object)
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": ids, "embedding": x})
+    pool = str(tmp_path / "pool" / "*")
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "a"), "--distance-threshold", "0.3"]) == 0
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "b"), "--distance-threshold", "0.3",
+                     "--hac-shards", "8"]) == 0
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    for flags, fragment in ((["--hac-shards", "0"], "--hac-shards"), (["--max-rounds", "-1"], "--max-rounds"),
+                            (["--hac-shards", "4", "--target-mean-cluster-size", "5"], "--target-mean-cluster-size")):
+        code = cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), *flags]
+                        + ([] if "--target-mean-cluster-size" in flags else ["--distance-threshold", "0.3"]))
+        assert code == 2 and fragment in capsys.readouterr().err
+    x[[4, 9]] = 0
+    write_parquet(str(tmp_path / "pool2" / "p.parquet"), {"id": np.arange(300), "embedding": x})
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool2" / "*"), "--output", str(tmp_path / "z"),
+                     "--distance-threshold", "0.3", "--hac-shards", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 of" in err and "zero norm" in err
+
+
+def test_beam_transform_sqeuclidean_across_batches(tmp_path):
+    X = (_diffuse_and_bursts(2000, seed=3) + 5.0).astype(np.float32)   # an offset: batches must share one origin
+    rows = np.arange(len(X))
+    out = tmp_path / "edges.npy"
+    with beam.Pipeline() as p:
+        _ = (p | beam.Create([(rows[s:s + 300], X[s:s + 300]) for s in range(0, len(X), 300)], reshuffle=False)
+             | hac_sharded.ShardedHac(3.0, "sqeuclidean", shards=16)
+             | beam.Map(lambda e: np.save(out, e)))
+    labels = hac_sharded.labels_from_edges(len(X), np.load(out))
+    assert adjusted_rand_score(labels, hac.average_linkage(X, 3.0, "sqeuclidean").labels) >= 0.99
