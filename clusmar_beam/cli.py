@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "cluster": ("pipelines.cluster", "average-linkage HAC of the pool's embeddings, cut at a distance"),
     "select": ("pipelines.select", "choose the next batch (cluster-margin, margin or random) and write the manifest"),
     "score": ("pipelines.score", "embeddings, probabilities and margins from a TensorFlow model"),
+    "round": ("pipelines.round", "one whole active-learning round from a config file (resumable)"),
+    "status": ("pipelines.status", "a table of the rounds in a `clusmar round` work directory"),
 }
 
 USAGE = "usage: clusmar {" + ",".join(SUBCOMMANDS) + "} [flags] [Beam pipeline flags]\n\n" + "\n".join(

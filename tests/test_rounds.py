@@ -1,0 +1,379 @@
+"""`clusmar round` / `clusmar status`: rounds in a row with simulated labeling, resume after
+injected faults, idempotent re-runs, the lock, config and round-number errors."""
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clusmar_beam import cli, rounds
+from clusmar_beam.selection import margins_from_probs
+from conftest import read_manifest, write_parquet
+from reference import reference_select
+
+K_T = 100
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    from pipelines import generate_pool
+    root = tmp_path_factory.mktemp("rounds-pool")
+    generate_pool.run(["--output", str(root / "pool"), "--num-examples", "2500", "--dim", "16",
+                       "--num-classes", "5", "--seed", "7"])
+    table = pq.read_table(str(root / "pool" / "pool-00000-of-00001.parquet"))
+    ids = table.column("id").to_numpy()
+    probs = np.stack(table.column("probs").to_numpy(zero_copy_only=False)).astype(np.float32)
+    labels = table.column("label").to_numpy()
+    return {"glob": str(root / "pool" / "*.parquet"), "ids": ids, "probs": probs,
+            "label_of": dict(zip(ids.tolist(), labels.tolist()))}
+
+
+def _config(tmp_path, pool, name="round.yaml", **overrides):
+    cfg = {"pool": pool["glob"], "workdir": str(tmp_path / "wd"), "batch_size": K_T, "candidate_multiplier": 4,
+           "target_mean_cluster_size": 5, "seed": 3, **overrides}
+    path = tmp_path / name
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+    return str(path)
+
+
+def _label(pool, workdir, round_index, fraction=1.0):
+    """The labelers return labels for (a fraction of) the round's manifest."""
+    rows = read_manifest(os.path.join(workdir, "rounds", f"round-{round_index:04d}", "manifest"))
+    ids = np.array([r["id"] for r in rows[:int(len(rows) * fraction)]], dtype=np.int64)
+    write_parquet(os.path.join(workdir, "labels", f"labels-round-{round_index}.parquet"),
+                  {"id": ids, "label": np.array([pool["label_of"][i] for i in ids.tolist()], dtype=np.int64)})
+    return ids
+
+
+def _manifest_ids(workdir, round_index):
+    return [r["id"] for r in read_manifest(os.path.join(workdir, "rounds", f"round-{round_index:04d}", "manifest"))]
+
+
+def _state(workdir):
+    return json.load(open(os.path.join(workdir, "state.json")))
+
+
+def test_three_rounds_with_labeling(tmp_path, pool, capsys, caplog):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    assert cli.main(["round", "--config", config, "--round", "1"]) == 0
+    labeled = set(_label(pool, wd, 1).tolist())
+    # the labelers also return ids that are not in the pool: warned about with the count, ignored
+    write_parquet(os.path.join(wd, "labels", "stray.parquet"), {"id": np.array([10**12, 10**12 + 1]),
+                                                               "label": np.array([0, 1])})
+    with caplog.at_level(logging.WARNING, logger="clusmar"):
+        assert cli.main(["round", "--config", config]) == 0          # no --round: the next one
+    assert "2 labeled/sent ids are not in the pool" in caplog.text
+    # round 2's labels come back only half: the other half must still not be selected again
+    labeled |= set(_label(pool, wd, 2, fraction=0.5).tolist())
+    assert cli.main(["round", "--config", config, "--round", "3"]) == 0
+
+    manifests = {r: _manifest_ids(wd, r) for r in (1, 2, 3)}
+    everything = sum(manifests.values(), [])
+    assert all(len(m) == K_T for m in manifests.values())
+    assert len(everything) == len(set(everything)), "an id was selected twice"
+    assert {row["round"] for row in read_manifest(os.path.join(wd, "rounds", "round-0003", "manifest"))} == {3}
+
+    # round 3 follows the paper's rule over the pool minus everything labeled or sent out before
+    clusters = pq.read_table(os.path.join(wd, "clusters", "clusters-00000-of-00001.parquet")).to_pydict()
+    cluster_of = dict(zip(clusters["id"], clusters["cluster_id"]))
+    margins = dict(zip(pool["ids"].tolist(), margins_from_probs(pool["probs"]).tolist()))
+    expected = reference_select(pool["ids"].tolist(), margins, cluster_of, manifests[1] + manifests[2],
+                                K_T, 4 * K_T, 3, 3)
+    assert manifests[3] == expected
+
+    state = _state(wd)
+    assert state["version"] == rounds.STATE_VERSION
+    assert [state["rounds"][r]["status"] for r in ("1", "2", "3")] == ["completed"] * 3
+    r3 = state["rounds"]["3"]
+    assert r3["selected"] == K_T and r3["manifest"].endswith("rounds/round-0003/manifest")
+    assert r3["stages"]["cluster"]["reused_from_round"] == 1           # clustered once
+    assert r3["stages"]["exclude"]["labeled"] == len(labeled) + 2
+    assert r3["stages"]["exclude"]["sent_earlier"] == 2 * K_T
+    assert all("elapsed_s" in s for s in r3["stages"].values())
+    assert not os.path.exists(os.path.join(wd, "lock.json"))
+
+    # idempotent: a completed round does nothing and says where its manifest is
+    manifest_file = os.path.join(wd, "rounds", "round-0003", "manifest", "manifest-00000-of-00001.tfrecord")
+    before = os.stat(manifest_file).st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["round", "--config", config, "--round", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and os.path.join(wd, "rounds", "round-0003", "manifest") in out
+    assert os.stat(manifest_file).st_mtime_ns == before
+
+    # --force re-runs the latest round: same inputs, same manifest
+    assert cli.main(["round", "--config", config, "--round", "3", "--force"]) == 0
+    assert _manifest_ids(wd, 3) == manifests[3] and _state(wd)["rounds"]["3"]["status"] == "completed"
+
+    # round numbers that skip ahead or go back
+    state_before = open(os.path.join(wd, "state.json")).read()
+    assert cli.main(["round", "--config", config, "--round", "5"]) == 2
+    assert "skips ahead: the next round is 4" in capsys.readouterr().err
+    assert cli.main(["round", "--config", config, "--round", "2", "--force"]) == 2
+    assert "goes back" in capsys.readouterr().err
+    assert cli.main(["round", "--config", config, "--round", "0"]) == 2
+    assert open(os.path.join(wd, "state.json")).read() == state_before
+
+    # the status table
+    assert cli.main(["status", "--workdir", wd]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:6] == ["round", "status", "model", "pool", "labeled", "selected"]
+    assert [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
+    assert table[3].split()[1] == "completed" and table[3].split()[5] == str(K_T)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("stage,when", [("cluster", "after"), ("select", "before"), ("select", "after")])
+def test_fault_inside_a_stage_then_resume(tmp_path, pool, monkeypatch, stage, when):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    calls = []
+
+    def hook(name, moment):
+        calls.append((name, moment))
+        if (name, moment) == (stage, when):
+            raise Boom(f"killed in {stage} ({when})")
+
+    monkeypatch.setattr(rounds, "FAULT_HOOK", hook)
+    with pytest.raises(Boom):
+        rounds.run_round(config, 1)
+    state = _state(wd)
+    assert state["rounds"]["1"]["status"] == "running"
+    assert state["rounds"]["1"]["stages"].get(stage, {}).get("status") != "done"
+    assert not os.path.exists(os.path.join(wd, "lock.json"))        # released on failure
+
+    monkeypatch.setattr(rounds, "FAULT_HOOK", lambda *a: calls.append(("resume",) + a))
+    info = rounds.run_round(config)                                  # resumes round 1
+    assert info["round"] == 1 and info["status"] == "completed" and info["attempts"] == 2
+    resumed = [c[1] for c in calls if c[0] == "resume" and c[2] == "before"]
+    done_before = {"cluster": ["score"], "select": ["score", "cluster", "exclude"]}[stage]
+    assert not set(resumed) & set(done_before)                      # finished stages are not run again
+    ids = _manifest_ids(wd, 1)
+    assert len(ids) == K_T == len(set(ids))
+    # the same selection as an uninterrupted round
+    clean = tmp_path / "clean"
+    monkeypatch.setattr(rounds, "FAULT_HOOK", None)
+    rounds.run_round(_config(clean.parent, pool, name="clean.yaml", workdir=str(clean)), 1)
+    assert _manifest_ids(str(clean), 1) == ids
+
+
+def test_changed_settings_of_unfinished_round(tmp_path, pool, monkeypatch, capsys):
+    wd = str(tmp_path / "wd")
+    monkeypatch.setenv("CLUSMAR_FAIL_STAGE", "exclude")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        rounds.run_round(_config(tmp_path, pool), 1)
+    monkeypatch.delenv("CLUSMAR_FAIL_STAGE")
+    changed = _config(tmp_path, pool, batch_size=50)
+    assert cli.main(["round", "--config", changed]) == 2
+    assert "round 1 was started with different settings (batch_size)" in capsys.readouterr().err
+    info = rounds.run_round(changed, force=True)
+    assert info["selected"] == 50 and len(_manifest_ids(wd, 1)) == 50
+
+
+def test_lock_refusal_stale_and_break(tmp_path, pool, capsys):
+    config = _config(tmp_path, pool, strategy="margin")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    lock = wd / "lock.json"
+    lock.write_text(json.dumps({"host": "other-host", "pid": 4242, "started_at": "2026-01-01T00:00:00Z",
+                                "round": 1, "token": "x"}))
+    assert cli.main(["round", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "locked by another run" in err and "other-host" in err and "4242" in err and "--break-lock" in err
+    assert not (wd / "state.json").exists() and json.loads(lock.read_text())["host"] == "other-host"
+    # a lock of this host whose process is gone is stale and taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started_at": "x", "round": 1,
+                                "token": "y"}))
+    assert cli.main(["round", "--config", config, "--round", "1"]) == 0
+    assert not lock.exists()
+    # a live holder on this host: refused, then broken with --break-lock
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": "x", "round": 2,
+                                "token": "z"}))
+    assert cli.main(["round", "--config", config]) == 2
+    assert "locked by another run" in capsys.readouterr().err
+    assert cli.main(["round", "--config", config, "--break-lock"]) == 0
+    assert not lock.exists()
+    a, b = _manifest_ids(str(wd), 1), _manifest_ids(str(wd), 2)
+    assert len(set(a) | set(b)) == 2 * K_T
+
+
+def test_resend_after(tmp_path, pool):
+    config = _config(tmp_path, pool, strategy="margin", resend_after=1)
+    wd = str(tmp_path / "wd")
+    rounds.run_round(config)
+    rounds.run_round(config)
+    labeled = _label(pool, wd, 1, fraction=0.3)
+    info = rounds.run_round(config)                    # round 3: round 1's unlabeled ids may go out again
+    assert info["stages"]["exclude"]["resendable"] == K_T - len(labeled)
+    r1, r2, r3 = (set(_manifest_ids(wd, r)) for r in (1, 2, 3))
+    assert not r3 & r2 and not r3 & set(labeled.tolist()) and not r1 & r2
+    assert r3 & (r1 - set(labeled.tolist()))         # margin picks the lowest margins again
+
+
+@pytest.mark.parametrize("content,message", [
+    ("pool: P\nworkdir: W\nbatch_size: 10\nbatchsize: 3\n", "unknown key(s): batchsize"),
+    ("pool: P\nworkdir: W\n", "missing required key 'batch_size'"),
+    ("pool: P\nworkdir: W\nbatch_size: ten\n", "key 'batch_size' must be int"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\ncandidates: 40\ncandidate_multiplier: 4\ndistance_threshold: 0.1\n",
+     "not both"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\n", "exactly one of distance_threshold and target_mean_cluster_size"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: best\n", "strategy 'best'"),
+    ("pool: /nonexistent/*.parquet\nworkdir: W\nbatch_size: 10\nstrategy: margin\n", "no files match"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\nmodel: /nonexistent/model.keras\n", "does not exist"),
+    ("[1, 2", "cannot parse"),
+])
+def test_config_errors(tmp_path, pool, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content.replace("P", pool["glob"]).replace("W", str(tmp_path / "wd")))
+    assert cli.main(["round", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "wd" / "state.json").exists()
+
+
+def test_missing_config_and_incompatible_state(tmp_path, pool, capsys):
+    assert cli.main(["round", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    config = _config(tmp_path, pool, strategy="margin")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    old = json.dumps({"format": rounds.STATE_FORMAT, "version": 99, "rounds": {}})
+    (wd / "state.json").write_text(old)
+    assert cli.main(["round", "--config", config]) == 2
+    assert "incompatible clusmar version" in capsys.readouterr().err
+    assert (wd / "state.json").read_text() == old and not (wd / "rounds").exists()
+    assert not (wd / "lock.json").exists()
+    assert cli.main(["status", "--workdir", str(wd)]) == 2
+
+
+def test_rounds_with_a_model(tmp_path, pool):
+    """With a model: scored every round (embeddings only when clustering), clustered once, and
+    clustered again when the embedding model changes."""
+    import keras
+    dim = 6
+    rng = np.random.default_rng(5)
+    n = 1200
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    write_parquet(str(tmp_path / "raw" / "raw-0.parquet"),
+                  {"id": ids, "features": rng.normal(size=(n, dim)).astype(np.float32)})
+    for seed, name in ((1, "m1.keras"), (2, "m2.keras")):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((dim,), name="features")
+        emb = keras.layers.Dense(8, activation="tanh", name="embedding")(inputs)
+        keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="probs")(emb)).save(tmp_path / name)
+    wd = str(tmp_path / "wd")
+    raw = {"glob": str(tmp_path / "raw" / "*.parquet")}
+    base = dict(batch_size=50, distance_threshold=0.05, target_mean_cluster_size=None, candidate_multiplier=4)
+    one = _config(tmp_path, raw, name="m1.yaml", model=str(tmp_path / "m1.keras"), **base)
+    info1 = rounds.run_round(one)
+    assert info1["stages"]["score"]["with_embeddings"] and info1["stages"]["cluster"]["num_points"] == n
+    info2 = rounds.run_round(one)
+    assert not info2["stages"]["score"]["with_embeddings"]
+    assert info2["stages"]["cluster"]["reused_from_round"] == 1
+    scoring = json.load(open(os.path.join(wd, "rounds", "round-0002", "scores", "scoring.json")))
+    assert not scoring["with_embeddings"]
+    two = _config(tmp_path, raw, name="m2.yaml", model=str(tmp_path / "m2.keras"), **base)
+    info3 = rounds.run_round(two)
+    assert info3["stages"]["score"]["with_embeddings"] and "num_clusters" in info3["stages"]["cluster"]
+    assert _state(wd)["clustering"]["round"] == 3
+    chosen = sum((_manifest_ids(wd, r) for r in (1, 2, 3)), [])
+    assert len(chosen) == 150 == len(set(chosen))
+
+
+def test_killed_process_then_resume(tmp_path, pool):
+    """A real `clusmar round` process killed with SIGKILL mid-round; the next run takes over its
+    stale lock and finishes the round."""
+    import signal
+    import time
+    config = _config(tmp_path, pool)
+    wd = tmp_path / "wd"
+    env = {**os.environ, "CLUSMAR_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clusmar_beam.cli", "round", "--config", config, "--round", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        state = json.loads((wd / "state.json").read_text()) if (wd / "state.json").exists() else {}
+        if state.get("rounds", {}).get("1", {}).get("stages", {}).get("cluster", {}).get("status") == "done":
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (wd / "lock.json").exists()                  # the dead run's lock is left behind
+    info = rounds.run_round(config, 1)
+    assert info["status"] == "completed" and info["stages"]["cluster"]["status"] == "done"
+    assert len(set(_manifest_ids(str(wd), 1))) == K_T
+    assert not (wd / "lock.json").exists()
+
+
+def test_recluster_survives_a_crash(tmp_path, pool, monkeypatch, capsys):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    rounds.run_round(config)
+    monkeypatch.setenv("CLUSMAR_FAIL_STAGE", "cluster:before")
+    with pytest.raises(RuntimeError):
+        rounds.run_round(config, recluster=True)
+    monkeypatch.delenv("CLUSMAR_FAIL_STAGE")
+    assert cli.main(["status", "--workdir", wd]) == 0
+    assert "failed in cluster (score done)" in capsys.readouterr().out
+    info = rounds.run_round(config)                 # resumed without the flag: still re-clusters
+    assert info["round"] == 2 and "num_clusters" in info["stages"]["cluster"]
+    assert _state(wd)["clustering"]["round"] == 2
+    assert not set(_manifest_ids(wd, 1)) & set(_manifest_ids(wd, 2))
+
+
+def test_id_files_round_trip_string_ids(tmp_path):
+    from clusmar_beam import io
+    ids = np.array([b"img-3", b"img-1", b"img-2", b"img-1"], dtype=object)
+    write_parquet(str(tmp_path / "labels" / "a.parquet"), {"id": pa_strings(ids), "label": np.arange(4)})
+    got = rounds.read_ids(str(tmp_path / "labels" / "*"), "labels", "string")
+    assert got.tolist() == [b"img-1", b"img-2", b"img-3"]
+    rounds.write_ids(str(tmp_path / "ex.parquet"), got, "string")
+    assert pq.read_table(str(tmp_path / "ex.parquet")).column("id").to_pylist() == ["img-1", "img-2", "img-3"]
+    io.write_tfrecords(str(tmp_path / "m.tfrecord"), io.batch_to_examples({"id": ids, "rank": np.arange(4)}))
+    assert rounds._tfrecord_ids([str(tmp_path / "m.tfrecord")], "bytes").tolist() == ids.tolist()
+    with pytest.raises(Exception, match="pool's ids are integers"):
+        rounds.read_ids(str(tmp_path / "labels" / "*"), "labels", "int64")
+    assert len(rounds.read_ids(str(tmp_path / "none" / "*"), "labels", "int64", missing_ok=True)) == 0
+
+
+def pa_strings(ids):
+    import pyarrow as pa
+    return pa.array([i.decode() for i in ids], type=pa.string())
+
+
+def test_grown_pool_is_clustered_again(tmp_path, pool):
+    import shutil
+    src = os.path.dirname(pool["glob"])
+    shutil.copytree(src, tmp_path / "pool")
+    config = _config(tmp_path, {"glob": str(tmp_path / "pool" / "*.parquet")}, strategy="cluster-margin")
+    rounds.run_round(config)
+    extra = np.arange(10**9, 10**9 + 200, dtype=np.int64)
+    rng = np.random.default_rng(1)
+    write_parquet(str(tmp_path / "pool" / "pool-extra.parquet"),
+                  {"id": extra, "embedding": rng.normal(size=(200, 16)).astype(np.float32),
+                   "probs": rng.dirichlet(np.ones(5), 200).astype(np.float32), "label": np.zeros(200, np.int64)})
+    info = rounds.run_round(config)
+    assert info["stages"]["cluster"]["num_points"] == 2700
+    assert info["stages"]["select"]["pool_count"] == 2700
+
+
+def test_json_config(tmp_path, pool, capsys):
+    path = tmp_path / "round.json"
+    path.write_text(json.dumps({"pool": pool["glob"], "workdir": "wd", "batch_size": 10, "strategy": "random",
+                                "beam_options": {"direct_num_workers": 1}}))
+    cfg = rounds.load_config(str(path))
+    assert cfg["workdir"] == str(tmp_path / "wd") and cfg["labels"] == str(tmp_path / "wd" / "labels" / "*")
+    assert rounds.beam_flags(cfg) == ["--direct_num_workers=1"]
+    path.write_text(json.dumps({"pool": pool["glob"], "workdir": "wd", "batch_size": 10, "k_t": 5}))
+    assert cli.main(["round", "--config", str(path)]) == 2
+    assert "unknown key(s): k_t" in capsys.readouterr().err
