@@ -289,6 +289,18 @@ class _Rac:
         self.index = None
         self.heights = []
         self.pairs = []
+        # Each cluster's last search results (cluster ids, sorted; -1 = none) and a
+        # lower bound on its linkage to every cluster not in that list; see _resolve.
+        u = S.shape[0]
+        self.cand = np.full((u, k), -1, np.int64)
+        self.bound = np.full(u, -np.inf)
+        # Slack for float32 ranking inside FAISS: |error| of an augmented L2
+        # distance is a few float32 ulps of the squared norms involved.
+        if self.cos:
+            self.tol = 2e-5
+        else:
+            sq = np.einsum("ij,ij->i", S, S) / (cnt * cnt) * self.scale ** 2
+            self.tol = 2e-5 * max(1.0, float(sq.max()) if sq.size else 1.0) / self.scale ** 2
 
     # --- linkage and vectors
 
@@ -348,33 +360,103 @@ class _Rac:
     def _search(self, ids):
         """Nearest active cluster of each id: FAISS candidates, exact re-ranking.
 
-        Ties go to the lower id.
+        Ties go to the lower id.  Keeps the candidates and a lower bound on the
+        linkage to every other cluster for _resolve.
         """
         nn = np.full(ids.size, -1, np.int64)
         nd = np.full(ids.size, np.inf)
         k = min(self.k, self.index.ntotal)
         if k == 0:
             return nn, nd
+        everything = self.index.ntotal <= k  # every indexed cluster was returned
         cand = self.index.search(ids, lambda part: self._vectors(part, False), k)
-        rows = np.arange(min(_CHUNK, ids.size))
         for s in range(0, ids.size, _CHUNK):
             q = ids[s:s + _CHUNK]
             c = cand[s:s + _CHUNK]
             c[c == q[:, None]] = -1
             c.sort(axis=1)
+            nn[s:s + q.size], nd[s:s + q.size], dist = self._nearest_of(q, c)
             valid = c >= 0
-            c[~valid] = q[np.nonzero(~valid)[0]]  # any valid row; masked below
-            mu_q = self._mu(q)
-            var_q = None if self.cos else self._var(q)
-            dist = np.empty(c.shape)
-            for j in range(k):
-                dist[:, j] = self._linkage(mu_q, var_q, c[:, j])
-            dist[~valid] = np.inf
-            best = dist.argmin(axis=1)
-            r = rows[:q.size]
-            nd[s:s + q.size] = dist[r, best]
-            nn[s:s + q.size] = np.where(np.isfinite(dist[r, best]), c[r, best], -1)
+            # Whatever FAISS did not return ranked (in float32) after its k-th
+            # result, so it is at least as far as the farthest one returned,
+            # up to float32 error.  An IVF search gives no such guarantee, but
+            # the bound is only as approximate as the search itself.
+            farthest = np.where(valid, dist, -np.inf).max(axis=1) - 2 * self.tol
+            full = valid.sum(axis=1) >= k - 1
+            self.bound[q] = np.inf if everything else np.where(full, farthest, -np.inf)
+            self.cand[q, :k] = c
+            self.cand[q, k:] = -1
         return nn, nd
+
+    def _nearest_of(self, q, c):
+        """Exact nearest of each q among its candidate row c (-1 = none), ties to the lower id."""
+        valid = c >= 0
+        c = np.where(valid, c, q[:, None])  # any valid row; masked below
+        mu_q = self._mu(q)
+        var_q = None if self.cos else self._var(q)
+        dist = np.empty(c.shape)
+        for j in range(c.shape[1]):
+            dist[:, j] = self._linkage(mu_q, var_q, c[:, j])
+        dist[~valid] = np.inf
+        best = dist.argmin(axis=1)
+        r = np.arange(q.size)
+        nd = dist[r, best]
+        nn = np.where(np.isfinite(nd), c[r, best], -1)
+        return nn, nd, dist
+
+    def _resolve(self, ids, parent, active):
+        """Nearest clusters found from the kept candidates, without a search.
+
+        A candidate that merged stands for its merged cluster.  Every cluster
+        outside the list is at least `bound` away: it was when the list was
+        made, and average linkage is reducible, so a merge never brings a
+        cluster closer than the nearer of its two parts.  If the best
+        candidate is within the bound it is the nearest cluster; if the bound
+        and every candidate are beyond eps the cluster can retire.  Returns
+        (resolved mask, nn, nd) for `ids`.
+        """
+        done = np.zeros(ids.size, bool)
+        nn = np.full(ids.size, -1, np.int64)
+        nd = np.full(ids.size, np.inf)
+        for s in range(0, ids.size, _CHUNK):
+            q = ids[s:s + _CHUNK]
+            bound = self.bound[q]
+            c = self.cand[q]
+            c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
+            c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
+            c.sort(axis=1)
+            c[:, 1:][c[:, 1:] == c[:, :-1]] = -1  # the same merged cluster twice
+            self.cand[q] = c
+            near, near_d, _ = self._nearest_of(q, c)
+            found = near_d < bound
+            gone = ~found & (bound > self.eps) & (near_d > self.eps)
+            done[s:s + q.size] = found | gone
+            nn[s:s + q.size] = np.where(found, near, -1)
+            nd[s:s + q.size] = np.where(found, near_d, np.inf)
+        return done, nn, nd
+
+    def _combine(self, a, b, parent, active):
+        """Candidates of merged cluster a (which absorbed b): the nearest of both lists.
+
+        The union bounds everything else by min(bound a, bound b), since a
+        linkage to the merged cluster is a weighted mean of the linkages to
+        its parts; candidates dropped to keep k lower the bound to their
+        distance.
+        """
+        k = self.cand.shape[1]
+        for s in range(0, a.size, _CHUNK):
+            q, other = a[s:s + _CHUNK], b[s:s + _CHUNK]
+            c = np.concatenate([self.cand[q], self.cand[other]], axis=1)
+            c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
+            c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
+            c.sort(axis=1)
+            c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
+            _, _, dist = self._nearest_of(q, c)
+            order = np.lexsort((c, dist), axis=1)
+            c = np.take_along_axis(c, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
+            self.cand[q] = c[:, :k]
+            self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dist[:, k])
 
     # --- rounds
 
@@ -383,7 +465,7 @@ class _Rac:
         eps = self.eps
         parent = np.arange(u, dtype=np.int64)
         active = np.ones(u, bool)
-        stale = np.ones(u, bool)
+        stale = ~self.frozen  # frozen clusters are only ever searched for, never searched from
         nn = np.full(u, -1, np.int64)
         nd = np.full(u, np.inf)
         free = ~self.frozen
@@ -396,10 +478,20 @@ class _Rac:
                 # neighbour, repairing what the IVF index may have missed.
                 self._build_index(np.flatnonzero(active))
                 stale[act] = True
+                self.bound[:] = -np.inf
             todo = np.flatnonzero(stale & active)
+            known = todo[self.bound[todo] > -np.inf]
+            if known.size:
+                done, nn_k, nd_k = self._resolve(known, parent, active)
+                nn[known[done]], nd[known[done]] = nn_k[done], nd_k[done]
+                resolved = known[done]
+                todo = np.setdiff1d(todo, resolved, assume_unique=True)
+            else:
+                resolved = known
             if todo.size:
                 nn[todo], nd[todo] = self._search(todo)
             stale[todo] = False
+            stale[resolved] = False
             _symmetrise(act, nn, nd)
 
             # Beyond eps now means beyond eps forever (reducibility).
@@ -415,7 +507,10 @@ class _Rac:
             self.pairs.append(np.stack([a, b], axis=1))
             self._merge(a, b)
             parent[b] = a
+            parent = parent[parent]  # every cluster points at its root again
             active[b] = False
+            if a.size:
+                self._combine(a, b, parent, active)
 
             gone = np.concatenate([retired, a, b])
             if gone.size:
@@ -439,7 +534,8 @@ class _Rac:
             if a.size == 0 and retired.size == 0 and self.frozen.any():
                 break  # every member left waits on a frozen neighbour: nothing can change any more
             if self.log is not None:
-                self.log(f"round {len(merges_per_round)}: searched {todo.size}, merged {merged}, "
+                self.log(f"round {len(merges_per_round)}: searched {todo.size}, resolved without search "
+                         f"{resolved.size}, merged {merged}, "
                          f"retired {retired.size}, active {act.size}, "
                          f"{'exact' if self.index.exact else 'ivf'}, "
                          f"{time.perf_counter() - self.t0:.1f}s")

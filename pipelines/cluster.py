@@ -75,6 +75,19 @@ def size_histogram(labels: np.ndarray) -> dict:
     return histogram
 
 
+def every_few_seconds(log, seconds: float = 10.0):
+    """A log function that passes on a RAC round line at most every `seconds`
+    (a 1M pool takes hundreds of rounds); other lines always pass."""
+    last = [-math.inf]
+
+    def emit(line: str) -> None:
+        now = time.monotonic()
+        if not line.startswith("round ") or now - last[0] >= seconds:
+            last[0] = now
+            log("cluster: hac " + line)
+    return emit
+
+
 def _validated(batch: io.Batch) -> io.Batch:
     io.check_finite(batch, ("embedding",))
     beam.metrics.Metrics.counter("cluster", "points_read").inc(len(batch))
@@ -106,13 +119,13 @@ def cluster_pool(batches, opts_dict: dict, pool_glob: str) -> dict:
         if eps is None:
             choice = hac.choose_threshold(embeddings, opts_dict["metric"], opts_dict["target_mean_cluster_size"],
                                           sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
-                                          log=LOG.info)
+                                          log=every_few_seconds(LOG.info))
             eps = choice.distance_threshold
             beam.metrics.Metrics.counter("cluster", "threshold_sample_points").inc(choice.sample_points_with_margin)
         result = hac.average_linkage(
             embeddings, eps, opts_dict["metric"], k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
-            log=LOG.info)
+            log=every_few_seconds(LOG.info))
     except hac.HacError as exc:
         raise InputError(f"--pool {pool_glob!r}: {exc}") from exc
     elapsed = time.time() - start
