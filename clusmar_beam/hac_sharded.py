@@ -233,8 +233,9 @@ class _Sample(beam.CombineFn):
         return acc
 
 
-def _train(sample, parts, seed):
+def _train(sample, parts, seed, round_name="round"):
     ids, means = sample
+    LOG.info("sharded hac %s: %d partitions (centroids from a sample of %d clusters)", round_name, parts, ids.size)
     order = np.argsort(ids)
     fake = Clusters(ids[order], np.ones(ids.size), means[order], np.zeros(ids.size))
     return _partition_centroids(fake, parts, seed)
@@ -319,7 +320,7 @@ class ShardedHac(beam.PTransform):
             seed = self.seed + rnd
             centroids = (clusters
                          | f"{name}Sample" >> beam.CombineGlobally(_Sample(parts * 64, seed)).without_defaults()
-                         | f"{name}Train" >> beam.Map(_train, parts, seed))
+                         | f"{name}Train" >> beam.Map(_train, parts, seed, f"round {rnd + 1}"))
             result = (clusters
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
                                                      beam.pvalue.AsSingleton(centroids))

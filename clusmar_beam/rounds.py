@@ -21,6 +21,7 @@ Work directory layout (local path or any Beam filesystem, e.g. gs://bucket/al/):
       lock.json                     present while a run holds the work directory: host, pid,
                                     start time, round (break a stale one with --break-lock)
       clusters/                     clusters-*.parquet + clustering.json (from `clusmar cluster`)
+      embeddings/                   scores of `embedding_model` (only when it is not `model`)
       labels/                       labels coming back (Parquet or TFRecord with `id`, `label`);
                                     the default labels glob is WORKDIR/labels/*
       rounds/round-0001/
@@ -42,6 +43,10 @@ Config keys (YAML or JSON; unknown keys are an error):
     workdir: DIR                    required; relative paths are relative to the config file
     model: PATH                     optional Keras file / SavedModel; without it the pool must
                                     carry embedding and probs (or margin)
+    embedding_model: PATH           optional: the model whose embeddings are clustered (default:
+                                    `model`). Keep it fixed while `model` changes every round to
+                                    cluster once, as the paper does; a changed embedding model
+                                    clusters again
     score_args: [FLAG, ...]         optional extra `clusmar score` flags (e.g. --inputs x=f1,f2)
     batch_size: K_T                 required (k_t)
     candidates: K_M                 or candidate_multiplier: X (default 10); not both
@@ -82,7 +87,8 @@ STATE_FORMAT = "clusmar-round-state"
 STATE_VERSION = 1
 STRATEGIES = ("cluster-margin", "margin", "random")
 CONFIG_KEYS = {
-    "pool": str, "workdir": str, "model": (str, type(None)), "score_args": list,
+    "pool": str, "workdir": str, "model": (str, type(None)), "embedding_model": (str, type(None)),
+    "score_args": list,
     "batch_size": int, "candidates": (int, type(None)), "candidate_multiplier": (int, float, type(None)),
     "strategy": str, "seed": int, "distance_threshold": (int, float, type(None)),
     "target_mean_cluster_size": (int, float, type(None)), "metric": str, "cluster_args": list,
@@ -145,7 +151,7 @@ def load_config(path: str) -> dict:
     for key in ("pool", "workdir", "batch_size"):
         if raw.get(key) is None:
             raise InputError(f"--config {path!r}: missing required key {key!r}")
-    cfg = {"model": None, "score_args": [], "candidates": None, "candidate_multiplier": None,
+    cfg = {"model": None, "embedding_model": None, "score_args": [], "candidates": None, "candidate_multiplier": None,
            "strategy": "cluster-margin", "seed": 0, "distance_threshold": None, "target_mean_cluster_size": None,
            "metric": "cosine", "cluster_args": [], "labels": None, "resend_after": None, "beam_args": [],
            "beam_options": {}, **raw}
@@ -154,7 +160,7 @@ def load_config(path: str) -> dict:
     def resolve(value):
         return value if value is None or "://" in value or os.path.isabs(value) else os.path.join(base, value)
 
-    for key in ("pool", "workdir", "model", "labels"):
+    for key in ("pool", "workdir", "model", "embedding_model", "labels"):
         cfg[key] = resolve(cfg[key])
     cfg["workdir"] = cfg["workdir"].rstrip("/")
     if cfg["labels"] is None:
@@ -187,8 +193,11 @@ def load_config(path: str) -> dict:
             raise InputError(f"{where}: {key} must be a list of strings (flags)")
     # Names that do not exist: a clear message now, not a stack trace in stage 3.
     io.match_files(cfg["pool"], f"{where}: pool")
-    if cfg["model"] is not None and not FileSystems.exists(cfg["model"]):
-        raise InputError(f"{where}: model {cfg['model']!r} does not exist")
+    for key in ("model", "embedding_model"):
+        if cfg[key] is not None and not FileSystems.exists(cfg[key]):
+            raise InputError(f"{where}: {key} {cfg[key]!r} does not exist")
+    if cfg["embedding_model"] is not None and cfg["model"] is None:
+        raise InputError(f"{where}: embedding_model needs model (the pool is scored by model every round)")
     return cfg
 
 
@@ -218,9 +227,18 @@ def pool_fingerprint(glob_: str) -> str:
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
+def embedding_model(cfg: dict) -> str | None:
+    return cfg["embedding_model"] or cfg["model"]
+
+
+def separate_embedding_model(cfg: dict) -> bool:
+    return cfg["embedding_model"] is not None and cfg["embedding_model"] != cfg["model"]
+
+
 def clustering_parameters(cfg: dict) -> dict:
-    return {key: cfg[key] for key in ("pool", "model", "distance_threshold", "target_mean_cluster_size",
-                                      "metric", "cluster_args")}
+    params = {key: cfg[key] for key in ("pool", "distance_threshold", "target_mean_cluster_size", "metric",
+                                        "cluster_args")}
+    return {**params, "embedding_model": embedding_model(cfg)}
 
 
 # ---------------------------------------------------------------- state
@@ -523,10 +541,12 @@ class Round:
         start = time.time()
         self.round_start = start
         need_cluster = self.cfg["strategy"] == "cluster-margin" and self._must_cluster(info)
+        with_embeddings = need_cluster and not separate_embedding_model(self.cfg)
         score = info["stages"].get("score", {})
-        if need_cluster and self.cfg["model"] and score.get("status") == "done" and not score.get("with_embeddings"):
+        if with_embeddings and self.cfg["model"] and score.get("status") == "done" \
+                and not score.get("with_embeddings"):
             info["stages"].pop("score")   # scored without embeddings earlier, but now this round must cluster
-        self._stage(n, info, "score", lambda: self._score(n, need_cluster, force_outputs))
+        self._stage(n, info, "score", lambda: self._score(n, with_embeddings, force_outputs))
         self._stage(n, info, "cluster", lambda: self._cluster(n, info, need_cluster))
         self._stage(n, info, "exclude", lambda: self._exclude(n))
         self._stage(n, info, "select", lambda: self._select(n, info, force_outputs))
@@ -621,7 +641,10 @@ class Round:
             return {"reused_from_round": current["round"], "num_clusters": current["num_clusters"],
                     "path": self.clusters_dir}
         from pipelines import cluster
-        argv = ["--pool", self._scored_pool(n), "--output", self.clusters_dir, "--metric", self.cfg["metric"],
+        embedded = self._scored_pool(n)
+        if separate_embedding_model(self.cfg):
+            embedded = self._embed()
+        argv = ["--pool", embedded, "--output", self.clusters_dir, "--metric", self.cfg["metric"],
                 "--seed", str(self.cfg["seed"]), "--overwrite", *self.cfg["cluster_args"], *self.beam]
         if self.cfg["distance_threshold"] is not None:
             argv += ["--distance-threshold", repr(float(self.cfg["distance_threshold"]))]
@@ -629,13 +652,21 @@ class Round:
             argv += ["--target-mean-cluster-size", repr(float(self.cfg["target_mean_cluster_size"]))]
         summary = cluster.run(argv)
         self.state["clustering"] = {
-            "round": n, "parameters": clustering_parameters(self.cfg), "model": self.cfg["model"],
+            "round": n, "parameters": clustering_parameters(self.cfg), "model": embedding_model(self.cfg),
             "pool_fingerprint": pool_fingerprint(self.cfg["pool"]),
             "num_points": summary.get("num_points"), "num_clusters": summary.get("num_clusters"),
             "distance_threshold": summary.get("parameters", {}).get("distance_threshold"),
             "completed_at": _now(), "path": self.clusters_dir}
         return {"num_points": summary.get("num_points"), "num_clusters": summary.get("num_clusters"),
                 "path": self.clusters_dir}
+
+    def _embed(self) -> str:
+        """Embeddings of the pool by `embedding_model`, for clustering only."""
+        from pipelines import score
+        out = _join(self.workdir, "embeddings")
+        score.run(["--pool", self.cfg["pool"], "--model", self.cfg["embedding_model"], "--output", out,
+                   "--overwrite", *self.cfg["score_args"], *self.beam])
+        return _join(out, "scores-*.parquet")
 
     # stage: exclude
     def _exclude(self, n: int) -> dict:

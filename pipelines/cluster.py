@@ -84,7 +84,7 @@ def every_few_seconds(log, seconds: float = 10.0):
         now = time.monotonic()
         if not line.startswith("round ") or now - last[0] >= seconds:
             last[0] = now
-            log("cluster: hac " + line)
+            log("cluster: " + (line if line.startswith("hac") else "hac " + line))
     return emit
 
 

@@ -231,6 +231,9 @@ def test_resend_after(tmp_path, pool):
     ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: best\n", "strategy 'best'"),
     ("pool: /nonexistent/*.parquet\nworkdir: W\nbatch_size: 10\nstrategy: margin\n", "no files match"),
     ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\nmodel: /nonexistent/model.keras\n", "does not exist"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\nembedding_model: /nonexistent/e.keras\n",
+     "embedding_model '/nonexistent/e.keras' does not exist"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\nembedding_model: .\n", "embedding_model needs model"),
     ("[1, 2", "cannot parse"),
 ])
 def test_config_errors(tmp_path, pool, capsys, content, message):
@@ -377,3 +380,39 @@ def test_json_config(tmp_path, pool, capsys):
     path.write_text(json.dumps({"pool": pool["glob"], "workdir": "wd", "batch_size": 10, "k_t": 5}))
     assert cli.main(["round", "--config", str(path)]) == 2
     assert "unknown key(s): k_t" in capsys.readouterr().err
+
+
+def test_fixed_embedding_model_clusters_once(tmp_path):
+    """`model` changes every round, `embedding_model` stays: the pool is scored by each
+    round's model without embeddings and clustered once, from the embedding model's scores."""
+    import keras
+    dim, n = 6, 900
+    rng = np.random.default_rng(6)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    write_parquet(str(tmp_path / "raw" / "raw-0.parquet"),
+                  {"id": ids, "features": rng.normal(size=(n, dim)).astype(np.float32)})
+    for seed in (0, 1, 2, 3):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((dim,), name="features")
+        emb = keras.layers.Dense(8, activation="tanh", name="embedding")(inputs)
+        keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="probs")(emb)).save(
+            tmp_path / f"m{seed}.keras")
+    wd = str(tmp_path / "wd")
+    raw = {"glob": str(tmp_path / "raw" / "*.parquet")}
+    base = dict(batch_size=40, distance_threshold=0.05, target_mean_cluster_size=None, candidate_multiplier=4,
+                embedding_model=str(tmp_path / "m0.keras"))
+    for r, model in ((1, "m1.keras"), (2, "m2.keras"), (3, "m3.keras")):
+        info = rounds.run_round(_config(tmp_path, raw, name=f"r{r}.yaml", model=str(tmp_path / model), **base))
+        assert info["round"] == r and not info["stages"]["score"]["with_embeddings"]
+        if r == 1:
+            assert info["stages"]["cluster"]["num_points"] == n
+        else:
+            assert info["stages"]["cluster"]["reused_from_round"] == 1
+    assert _state(wd)["clustering"]["model"] == str(tmp_path / "m0.keras")
+    assert os.path.exists(os.path.join(wd, "embeddings", "_SUCCESS"))
+    import glob
+    scores = pq.read_table(sorted(glob.glob(os.path.join(wd, "rounds", "round-0003", "scores", "scores-*.parquet"))))
+    scores = scores.to_pydict()
+    assert "embedding" not in scores and len(scores["id"]) == n
+    chosen = sum((_manifest_ids(wd, r) for r in (1, 2, 3)), [])
+    assert len(chosen) == 120 == len(set(chosen))
