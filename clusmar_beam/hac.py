@@ -23,6 +23,8 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
+from clusmar_beam import progress
+
 METRICS = ("cosine", "sqeuclidean")
 
 # Default neighbours asked from FAISS per query (self included).  More than the
@@ -531,6 +533,7 @@ class _Rac:
 
             merged = int(a.size) + (first_round_extra if not merges_per_round else 0)
             merges_per_round.append(merged)
+            progress.set_value("clusters left to merge", act.size)
             if a.size == 0 and retired.size == 0 and self.frozen.any():
                 break  # every member left waits on a frozen neighbour: nothing can change any more
             if self.log is not None:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from clusmar_beam import progress
 from clusmar_beam.errors import InputError
 
 LOG = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ def table_to_batch(table: pa.Table, path: str) -> Batch:
                 raise InputError(f"{path}: column {name!r} has {array.null_count} null rows")
             values = array.to_numpy()
             columns[name] = values.astype(np.float32) if name == "margin" else values
+    progress.add("rows read", table.num_rows)
     return Batch(path, columns, id_type)
 
 
@@ -329,6 +331,7 @@ class _ReadTFRecordFile(beam.DoFn):
                         columns[name] = np.array(list(values), dtype=object)
                     else:
                         columns[name] = values
+            progress.add("rows read", len(lengths))
             yield Batch(path, columns, id_type)
 
 

@@ -78,7 +78,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from clusmar_beam import io
+from clusmar_beam import io, progress
 from clusmar_beam.errors import InputError
 
 LOG = logging.getLogger("clusmar")
@@ -414,7 +414,9 @@ def write_ids(path: str, ids: np.ndarray, kind: str) -> None:
 # ---------------------------------------------------------------- the round
 
 class _Ticker:
-    """On a terminal, a live 'stage: N s' line redrawn every second while a stage runs."""
+    """On a terminal, a live line redrawn every second while a stage runs: elapsed time
+    and the stage's counts so far (clusmar_beam.progress: rows read, rows scored,
+    clusters left to merge) when its work runs in this process."""
 
     def __init__(self, label: str):
         import sys
@@ -422,12 +424,15 @@ class _Ticker:
         self._stream = sys.stderr
         self._stop = threading.Event()
         self._thread = None
+        progress.reset()
         if getattr(self._stream, "isatty", lambda: False)() and not os.environ.get("CLUSMAR_NO_PROGRESS"):
             start = time.time()
 
             def tick():
                 while not self._stop.wait(1.0):
-                    self._stream.write(f"\r{label}: running, {time.time() - start:.0f} s elapsed \x1b[K")
+                    counts = progress.describe()
+                    self._stream.write(f"\r{label}: {time.time() - start:.0f} s{', ' + counts if counts else ''}"
+                                       "\x1b[K")
                     self._stream.flush()
 
             self._thread = threading.Thread(target=tick, daemon=True)

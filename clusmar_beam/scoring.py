@@ -32,7 +32,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from clusmar_beam import io
+from clusmar_beam import io, progress
 from clusmar_beam.errors import InputError
 
 LOG = logging.getLogger("clusmar")
@@ -664,6 +664,7 @@ def score_batch(scorer: Scorer, batch: io.Batch, feeds: list[Feed], batch_size: 
         _check_finite(emb, scorer.embedding_name, f"{batch.source}: model {config.path!r}", batch.ids)
     if metrics is not None:
         metrics.examples.inc(n)
+    progress.add("rows scored", n)
     return {"id": batch.ids, "id_type": batch.id_type, "source": batch.source, "embedding": emb, "probs": probs,
             "margin": margins(probs, config.multi_label, config.classes)}
 

@@ -19,9 +19,14 @@ import math
 import sys
 import time
 
+import io as pyio
+import uuid
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam import hac, io, runner
 from clusmar_beam.errors import InputError
@@ -94,22 +99,50 @@ def _validated(batch: io.Batch) -> io.Batch:
     return batch
 
 
-def cluster_pool(batches, opts_dict: dict, pool_glob: str) -> dict:
+def spill(batch: io.Batch, temp_dir: str) -> dict:
+    """Write a batch's ids and embeddings to a temporary file and pass on only its name.
+
+    The one-worker HAC needs every embedding in one place, but a runner moves one
+    element in one message (gRPC caps it at 2 GB: 8M x 64 float32), so the gather
+    collects file names, not arrays.
+    """
+    path = FileSystems.join(temp_dir, f"gather-{uuid.uuid4().hex}.npy")
+    with FileSystems.create(path) as handle:
+        np.save(handle, batch.columns["embedding"])
+        np.save(handle, batch.ids, allow_pickle=batch.id_type != "int64")
+    return {"path": path, "rows": len(batch), "width": int(batch.columns["embedding"].shape[1]),
+            "source": batch.source, "id_type": batch.id_type}
+
+
+def _load_spilled(spilled: list[dict]) -> list[io.Batch]:
+    batches = []
+    for part in sorted(spilled, key=lambda s: s["path"]):
+        with FileSystems.open(part["path"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            data = pyio.BytesIO(handle.read())
+        embedding = np.load(data)
+        ids = np.load(data, allow_pickle=part["id_type"] != "int64")
+        batches.append(io.Batch(part["source"], {"id": ids, "embedding": embedding}, part["id_type"]))
+    return batches
+
+
+def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     """All batches -> id-sorted ids, labels and clustering statistics (one worker)."""
     widths = {}
-    for batch in batches:
-        widths.setdefault(batch.columns["embedding"].shape[1], batch.source)
+    for part in spilled:
+        widths.setdefault(part["width"], part["source"])
     if len(widths) > 1:
         detail = "; ".join(f"{width} in {source}" for width, source in sorted(widths.items()))
         raise InputError(f"--pool: column 'embedding' has different lengths across files: {detail}")
+    batches = _load_spilled(spilled)
     pool = io.concat_batches(batches)
+    del batches
     if pool is None:
         raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
     count, examples = io.find_duplicates(pool.ids)
     if count:
         raise InputError(f"--pool {pool_glob!r}: column 'id' has {count} duplicated ids (e.g. {examples})")
     LOG.info("cluster: gathered %d points (dim %d) from %d batches", len(pool), pool.columns["embedding"].shape[1],
-             len(batches))
+             len(spilled))
     order = np.argsort(pool.ids, kind="stable")   # a fixed row order makes the clustering deterministic
     ids = pool.ids[order]
     embeddings = pool.columns["embedding"][order]
@@ -269,6 +302,7 @@ def run(argv=None) -> dict:
         result = (pipeline
                   | reader
                   | "Check" >> beam.Map(_validated)
+                  | "Spill" >> beam.Map(spill, output.temp)
                   | "Gather" >> beam.combiners.ToList()
                   | "Cluster" >> beam.Map(cluster_pool, params, pool_glob))
     _ = (result

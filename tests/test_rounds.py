@@ -416,3 +416,29 @@ def test_fixed_embedding_model_clusters_once(tmp_path):
     assert "embedding" not in scores and len(scores["id"]) == n
     chosen = sum((_manifest_ids(wd, r) for r in (1, 2, 3)), [])
     assert len(chosen) == 120 == len(set(chosen))
+
+
+def test_live_progress_shows_counts_on_a_terminal(tmp_path, pool, monkeypatch):
+    """The live line of a stage shows rows read by the stage's pipeline as it runs."""
+    import io as stdio
+    import time as stdtime
+    from clusmar_beam import io as cio, progress
+    import apache_beam as beam
+
+    class Terminal(stdio.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("CLUSMAR_NO_PROGRESS", raising=False)
+    ticker = rounds._Ticker("[round 1] select")
+    with beam.Pipeline() as p:
+        _ = p | cio.ReadTable(pool["glob"], required=["id", "probs"])
+    assert progress.snapshot()["rows read"] == len(pool["ids"])
+    for _ in range(100):           # wait for at least one redraw after the read
+        if "rows read 2,500" in terminal.getvalue():
+            break
+        stdtime.sleep(0.1)
+    ticker.stop()
+    assert "[round 1] select: " in terminal.getvalue() and "rows read 2,500" in terminal.getvalue()
