@@ -668,40 +668,32 @@ class _IvfIndex:
                 query_vectors(ids[rows]), k, probe, np.zeros(probe.shape, np.float32))[1]
         if crowded.any():
             group_lists = sorted_lists[starts[crowded]]
-            snap_ids, snap_vecs, begin, end = self._snapshot(np.unique(self.probe[group_lists]))
+            views = {p: self._list_view(p) for p in np.unique(self.probe[group_lists]).tolist()}
             for lst, start, size in zip(group_lists, starts[crowded], sizes[crowded]):
                 rows = order[start:start + size]
-                probe = self.probe[lst]
-                db_ids = np.concatenate([snap_ids[begin[p]:end[p]] for p in probe])
+                probe = self.probe[lst].tolist()
+                db_ids = np.concatenate([views[p][0] for p in probe])
                 if db_ids.size == 0:
                     continue
-                db_vecs = np.concatenate([snap_vecs[begin[p]:end[p]] for p in probe])
+                db_vecs = np.concatenate([views[p][1] for p in probe])
                 found = faiss.knn(query_vectors(ids[rows]), db_vecs, min(k, db_ids.size))[1]
                 cand[rows, :found.shape[1]] = np.where(found >= 0, db_ids[found], -1)
         return cand
 
-    def _snapshot(self, lists):
-        """Copy of the ids and vectors of `lists`, and where each list sits."""
+    def _list_view(self, lst: int):
+        """(ids, vectors) of one inverted list as numpy views of FAISS's own memory.
+
+        No copy: the index is not changed while a search runs, and an
+        ArrayInvertedLists keeps its arrays where they are until it is.
+        """
         invlists = self.index.invlists
+        size = invlists.list_size(lst)
         dim = self.index.d
-        sizes = np.array([invlists.list_size(int(lst)) for lst in lists], np.int64)
-        begin = np.zeros(self.probe.shape[0], np.int64)
-        end = np.zeros(self.probe.shape[0], np.int64)
-        end[lists] = np.cumsum(sizes)
-        begin[lists] = end[lists] - sizes
-        ids = np.empty(int(sizes.sum()), np.int64)
-        vecs = np.empty((ids.size, dim), np.float32)
-        for lst, size in zip(lists.tolist(), sizes.tolist()):
-            if size == 0:
-                continue
-            b = int(begin[lst])
-            ptr = invlists.get_ids(lst)
-            faiss.memcpy(faiss.swig_ptr(ids[b:b + size]), ptr, size * 8)
-            invlists.release_ids(lst, ptr)
-            ptr = invlists.get_codes(lst)
-            faiss.memcpy(faiss.swig_ptr(vecs[b:b + size]), ptr, size * dim * 4)
-            invlists.release_codes(lst, ptr)
-        return ids, vecs, begin, end
+        if size == 0:
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+        codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * dim * 4)
+        return ids, codes.view(np.float32).reshape(size, dim)
 
 
 # ------------------------------------------------- threshold from a target size

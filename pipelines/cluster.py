@@ -146,6 +146,8 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     order = np.argsort(pool.ids, kind="stable")   # a fixed row order makes the clustering deterministic
     ids = pool.ids[order]
     embeddings = pool.columns["embedding"][order]
+    id_type = pool.id_type
+    del pool, order   # the id-ordered copies are all the HAC needs
     start = time.time()
     eps, choice = opts_dict["distance_threshold"], None
     try:
@@ -170,7 +172,7 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
         beam.metrics.Metrics.counter("cluster", f"merges_round_{i + 1:04d}").inc(merged)
     LOG.info("cluster: %d points -> %d clusters in %d rounds (%.1f s)", len(ids), result.num_clusters,
              result.rounds, elapsed)
-    return {"ids": ids, "labels": result.labels, "id_type": pool.id_type, "rounds": result.rounds,
+    return {"ids": ids, "labels": result.labels, "id_type": id_type, "rounds": result.rounds,
             "distance_threshold": eps, "threshold_choice": choice.as_dict() if choice else None,
             "merges": result.merges, "merges_per_round": list(result.merges_per_round), "hac_seconds": elapsed,
             "dim": embeddings.shape[1]}

@@ -49,6 +49,8 @@ def test_generated_pool_matches_exact_average_linkage(tmp_path, metric, eps):
     assert 1 < info["num_clusters"] < 4000
     assert sum(info["cluster_size_histogram"].values()) == info["num_clusters"]
     assert info["parameters"]["metric"] == metric and info["parameters"]["distance_threshold"] == eps
+    # the embeddings reached the HAC as temporary files; none is left behind
+    assert sorted(os.listdir(tmp_path / "c")) == ["clustering.json", "clusters-00000-of-00001.parquet"]
 
 
 def test_tfrecord_pool_with_text_ids(tmp_path, rng):

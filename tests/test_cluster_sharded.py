@@ -85,15 +85,21 @@ def test_frozen_neighbours_block_merges():
     assert len(out) == 1 and edges.tolist() == [[0, 1]]
 
 
-def test_beam_transform_matches_in_process_rounds(tmp_path):
-    X = _diffuse_and_bursts(3000, seed=2).astype(np.float32)
+def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows):
+    """Labels from the ShardedHac transform run on DirectRunner over batches of `batch_rows`."""
     rows = np.arange(len(X))
     out = tmp_path / "edges.npy"
     with beam.Pipeline() as p:
-        _ = (p | beam.Create([(rows[s:s + 700], X[s:s + 700]) for s in range(0, len(X), 700)], reshuffle=False)
-             | hac_sharded.ShardedHac(0.25, "cosine", shards=32)
+        _ = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows]) for s in range(0, len(X), batch_rows)],
+                             reshuffle=False)
+             | hac_sharded.ShardedHac(eps, metric, shards=shards)
              | beam.Map(lambda e: np.save(out, e)))
-    labels = hac_sharded.labels_from_edges(len(X), np.load(out))
+    return hac_sharded.labels_from_edges(len(X), np.load(out))
+
+
+def test_beam_transform_matches_in_process_rounds(tmp_path):
+    X = _diffuse_and_bursts(3000, seed=2).astype(np.float32)
+    labels = _beam_labels(tmp_path, X, 0.25, "cosine", shards=32, batch_rows=700)
     expected, _ = hac_sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
     assert np.array_equal(labels, expected)
     assert adjusted_rand_score(labels, hac.average_linkage(X, 0.25, "cosine").labels) >= 0.99
@@ -163,11 +169,5 @@ def test_cli_hac_shards_with_text_ids_and_bad_input(tmp_path, rng, capsys):
 
 def test_beam_transform_sqeuclidean_across_batches(tmp_path):
     X = (_diffuse_and_bursts(2000, seed=3) + 5.0).astype(np.float32)   # an offset: batches must share one origin
-    rows = np.arange(len(X))
-    out = tmp_path / "edges.npy"
-    with beam.Pipeline() as p:
-        _ = (p | beam.Create([(rows[s:s + 300], X[s:s + 300]) for s in range(0, len(X), 300)], reshuffle=False)
-             | hac_sharded.ShardedHac(3.0, "sqeuclidean", shards=16)
-             | beam.Map(lambda e: np.save(out, e)))
-    labels = hac_sharded.labels_from_edges(len(X), np.load(out))
+    labels = _beam_labels(tmp_path, X, 3.0, "sqeuclidean", shards=16, batch_rows=300)
     assert adjusted_rand_score(labels, hac.average_linkage(X, 3.0, "sqeuclidean").labels) >= 0.99

@@ -1,0 +1,86 @@
+"""HAC speed against the exact and the graph-restricted references, side by side in one run.
+
+Usage:
+  .venv/bin/python benchmarks/bench_hac_speed.py [--small 20000] [--large 100000] [--eps 0.15] [--knn 16]
+
+Data: the first rows of the synthetic pool (`synthetic.generate_rows`, 64-d, 100 classes,
+seed 0: the same generator as `clusmar generate-pool`), cosine distance.
+
+- small: `hac.average_linkage` (its own FAISS neighbour search included) against
+  fastcluster's exact average linkage cut at the same distance; ARI between the two;
+- large: `hac.average_linkage` against scikit-learn's
+  `AgglomerativeClustering(linkage="average", connectivity=kNN graph)` (the kNN graph's
+  construction included in its time); ARI between the two.
+
+Prints one JSON line per comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from clusmar_beam import hac, synthetic  # noqa: E402
+
+
+def pool(n):
+    plan = synthetic.make_plan(n, 64, 100, 0)
+    return synthetic.generate_rows(plan, 0, n)["embedding"].astype(np.float32)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def against_fastcluster(n, eps):
+    import fastcluster
+    from scipy.cluster.hierarchy import fcluster
+    X = pool(n)
+    ours, t_ours = timed(lambda: hac.average_linkage(X, eps, "cosine").labels)
+    ref, t_ref = timed(lambda: fcluster(fastcluster.linkage(X.astype(np.float64), "average", metric="cosine"),
+                                        eps, "distance"))
+    return {"n": n, "reference": "fastcluster exact average linkage", "ours_s": round(t_ours, 2),
+            "reference_s": round(t_ref, 2), "speedup": round(t_ref / t_ours, 1),
+            "ari": round(float(adjusted_rand_score(ref, ours)), 5)}
+
+
+def against_sklearn(n, eps, knn):
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.neighbors import kneighbors_graph
+    X = pool(n)
+    ours, t_ours = timed(lambda: hac.average_linkage(X, eps, "cosine").labels)
+
+    def sklearn_run():
+        graph = kneighbors_graph(X, knn, metric="cosine", include_self=False)
+        model = AgglomerativeClustering(n_clusters=None, distance_threshold=eps, linkage="average",
+                                        metric="cosine", connectivity=graph, compute_full_tree=True)
+        return model.fit_predict(X)
+
+    ref, t_ref = timed(sklearn_run)
+    return {"n": n, "reference": f"sklearn AgglomerativeClustering average, connectivity {knn}-NN graph",
+            "ours_s": round(t_ours, 2), "reference_s": round(t_ref, 2), "speedup": round(t_ref / t_ours, 1),
+            "ari": round(float(adjusted_rand_score(ref, ours)), 5)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", type=int, default=20_000)
+    ap.add_argument("--large", type=int, default=100_000)
+    ap.add_argument("--eps", type=float, default=0.15)
+    ap.add_argument("--knn", type=int, default=16)
+    args = ap.parse_args(argv)
+    hac.average_linkage(pool(1000), args.eps, "cosine")   # warm-up: library loading, thread pools
+    print(json.dumps(against_fastcluster(args.small, args.eps)), flush=True)
+    print(json.dumps(against_sklearn(args.large, args.eps, args.knn)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
