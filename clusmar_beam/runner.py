@@ -12,21 +12,32 @@ from clusmar_beam.errors import InputError
 LOG = logging.getLogger("clusmar")
 
 
-class CommonOptions(PipelineOptions):
-    """Flags every subcommand shares.
+class SubcommandOptions(PipelineOptions):
+    """Base of every subcommand's options class.
 
-    Each subcommand's own options class derives from this one rather than from
+    Subcommand options derive from this flagless class rather than from
     PipelineOptions: Beam builds one parser from all *direct* subclasses of
     PipelineOptions, so subcommands may then reuse a flag name (--batch-size,
-    --num-shards) with their own meaning without clashing.
+    --round) with their own meaning without clashing.
     """
+
+
+class OutputOptions(SubcommandOptions):
+    """Flags of every pipeline that writes an output directory."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--output", help="output directory")
+        parser.add_argument("--overwrite", action="store_true", help="replace a completed output directory")
+        parser.add_argument("--seed", type=int, default=0, help="seed of every hash-based random choice")
+
+
+class CommonOptions(OutputOptions):
+    """Flags of the pipelines that read a pool and write an output directory."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--pool", help="glob of the pool (Parquet or TFRecord)")
-        parser.add_argument("--output", help="output directory")
-        parser.add_argument("--overwrite", action="store_true", help="replace a completed output directory")
-        parser.add_argument("--seed", type=int, default=0, help="seed of every hash-based random choice")
 
 
 def _parser(classes):
@@ -58,7 +69,8 @@ def parse_options(options_class, argv):
 def options_class_of(module):
     """The subcommand options class a pipeline module defines."""
     return next(value for value in vars(module).values()
-                if isinstance(value, type) and issubclass(value, CommonOptions) and value is not CommonOptions)
+                if isinstance(value, type) and issubclass(value, SubcommandOptions)
+                and value not in (SubcommandOptions, OutputOptions, CommonOptions))
 
 
 def require(value, flag: str):

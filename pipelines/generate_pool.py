@@ -19,7 +19,7 @@ from clusmar_beam.errors import InputError
 LOG = logging.getLogger("clusmar")
 
 
-class GeneratePoolOptions(runner.CommonOptions):
+class GeneratePoolOptions(runner.OutputOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--num-examples", dest="num_examples", type=int, help="rows in the pool")

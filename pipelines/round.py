@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 
 from clusmar_beam import rounds, runner
-from clusmar_beam.errors import InputError
 
 
-class RoundOptions(runner.CommonOptions):
+class RoundOptions(runner.SubcommandOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--config", help="round config, YAML or JSON (keys: see clusmar_beam.rounds)")
@@ -31,7 +30,7 @@ class RoundOptions(runner.CommonOptions):
 
 def _beam_argv(argv):
     own = [cls for cls in RoundOptions.mro() if "_add_argparse_args" in cls.__dict__
-           and issubclass(cls, runner.CommonOptions)]
+           and issubclass(cls, runner.SubcommandOptions)]
     _, rest = runner._parser(own).parse_known_args(list(argv or []))
     return rest
 
@@ -39,9 +38,6 @@ def _beam_argv(argv):
 def run(argv=None) -> dict:
     _, opts = runner.parse_options(RoundOptions, argv)
     config = runner.require(opts.config, "--config")
-    for flag, value in (("--pool", opts.pool), ("--output", opts.output), ("--overwrite", opts.overwrite)):
-        if value:
-            raise InputError(f"{flag} is not a `clusmar round` flag: the config file gives the pool and work directory")
     return rounds.run_round(config, opts.round_index, opts.force, opts.recluster, opts.break_lock,
                             _beam_argv(argv))
 

@@ -12,7 +12,7 @@ import sys
 from clusmar_beam import rounds, runner
 
 
-class StatusOptions(runner.CommonOptions):
+class StatusOptions(runner.SubcommandOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--workdir", help="the work directory of `clusmar round`")

@@ -442,3 +442,12 @@ def test_live_progress_shows_counts_on_a_terminal(tmp_path, pool, monkeypatch):
         stdtime.sleep(0.1)
     ticker.stop()
     assert "[round 1] select: " in terminal.getvalue() and "rows read 2,500" in terminal.getvalue()
+
+
+def test_round_and_status_take_only_their_own_flags(tmp_path, pool, capsys):
+    config = _config(tmp_path, pool)
+    assert cli.main(["round", "--config", config, "--pool", pool["glob"]]) == 2
+    assert "unknown flag(s): --pool" in capsys.readouterr().err
+    assert cli.main(["status", "--workdir", str(tmp_path / "wd"), "--output", "x"]) == 2
+    assert "unknown flag(s): --output" in capsys.readouterr().err
+    assert not (tmp_path / "wd" / "state.json").exists()
