@@ -23,7 +23,8 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from clusmar_beam import progress
+from clusmar_beam import knn, progress
+from clusmar_beam.selection import mix64
 
 METRICS = ("cosine", "sqeuclidean")
 
@@ -186,16 +187,6 @@ def _prepare(embeddings, metric: str) -> np.ndarray:
 # ------------------------------------------------------------ duplicate rows
 
 
-def _mix64(v: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: makes the row hash non-linear in the float bits."""
-    v = v ^ (v >> np.uint64(30))
-    v *= np.uint64(0xBF58476D1CE4E5B9)
-    v ^= v >> np.uint64(27)
-    v *= np.uint64(0x94D049BB133111EB)
-    v ^= v >> np.uint64(31)
-    return v
-
-
 def _collapse_duplicates(X: np.ndarray):
     """Group bit-identical rows: (group of each row, first row of each group, sizes).
 
@@ -210,7 +201,8 @@ def _collapse_duplicates(X: np.ndarray):
     h = np.empty(n, np.uint64)
     with np.errstate(over="ignore"):
         for s in range(0, n, _CHUNK):
-            h[s:s + _CHUNK] = (_mix64(bits[s:s + _CHUNK].copy()) * mult).sum(axis=1)
+            # mix64 makes the row hash non-linear in the float bits
+            h[s:s + _CHUNK] = (mix64(bits[s:s + _CHUNK]) * mult).sum(axis=1)
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     group, rep = _renumber(first, inverse.reshape(-1))
     if rep.size < n and not _rows_match(X, group, rep):
@@ -731,18 +723,24 @@ def threshold_from_heights(heights: np.ndarray, n: int, target: float) -> float:
     put midway between two consecutive heights, never on one.
     """
     h = np.sort(np.asarray(heights, np.float64))
-    want = int(np.clip(round(n - n / float(target)), 0, h.size))
-    positive = h[h > 0]
-    if positive.size == 0:
+    if not (h > 0).any():
         return 1.0  # all points identical: any threshold gives one cluster
-    while 0 < want < h.size and h[want] == h[want - 1]:
-        want += 1  # a cut cannot split tied heights
-    if want >= h.size:
+    return _cut_keeping(h, int(np.clip(round(n - n / float(target)), 0, h.size)))
+
+
+def _cut_keeping(h: np.ndarray, m: int) -> float:
+    """Threshold keeping the m lowest of the sorted merge heights h (some > 0).
+
+    Midway between two distinct heights, never on one: a cut cannot split tied
+    heights, so ties move it up.
+    """
+    while 0 < m < h.size and h[m] == h[m - 1]:
+        m += 1
+    if m >= h.size:
         return float(h[-1] * 1.5 + 1e-12)
-    if want == 0 or h[want - 1] <= 0:
-        # as few merges as possible: below the smallest positive height
-        return float(positive[0] / 2)
-    return float((h[want - 1] + h[want]) / 2)
+    if m == 0 or h[m - 1] <= 0:
+        return float(h[h > 0][0] / 2)  # as few merges as possible: below the smallest positive height
+    return float((h[m - 1] + h[m]) / 2)
 
 
 def choose_threshold(
@@ -815,8 +813,7 @@ def _threshold_for_core(result: HacResult, core: np.ndarray, target: float):
     order = np.argsort(result.heights, kind="stable")
     h = result.heights[order]
     pairs = result.pairs[order]
-    positive = h[h > 0]
-    if positive.size == 0:
+    if not (h > 0).any():
         return 1.0, float(n)  # all points identical: any threshold gives one cluster
 
     def mean_size(m):  # estimate after the m lowest merges
@@ -834,16 +831,7 @@ def _threshold_for_core(result: HacResult, core: np.ndarray, target: float):
             hi = mid
         else:
             lo = mid + 1
-    m = lo
-    # the cut must fall between two distinct heights; ties move m up
-    while m < h.size and m > 0 and h[m] == h[m - 1]:
-        m += 1
-    if m == 0 or h[m - 1] <= 0:
-        eps = float(positive[0] / 2)
-    elif m >= h.size:
-        eps = float(h[-1] * 1.5 + 1e-12)
-    else:
-        eps = float((h[m - 1] + h[m]) / 2)
+    eps = _cut_keeping(h, lo)
     return eps, float(mean_size(int(np.count_nonzero(h <= eps))))
 
 
@@ -855,13 +843,11 @@ def _sample_cells(X, metric, num_cells, sample_size, margin_cells, seed):
     nearest centroids: the border region where a drawn cell's clusters
     continue.
     """
-    n, d = X.shape
+    n = X.shape[0]
     rng = np.random.default_rng([seed, 0xCE11])
     train_rows = np.sort(rng.choice(n, size=min(n, 64 * num_cells), replace=False))
     train = _prepare(X[train_rows], metric).astype(np.float32)
-    kmeans = faiss.Kmeans(d, num_cells, niter=10, seed=int(seed) & 0x7FFFFFFF, min_points_per_centroid=1,
-                          max_points_per_centroid=1 << 30)
-    kmeans.train(train)
+    centroids = knn.train_centroids(train, num_cells, seed, niter=10)
     offset = X[train_rows].astype(np.float64).mean(axis=0)
     near = max(1, min(int(margin_cells), num_cells))
     cell = np.empty((n, near), np.int64)
@@ -871,7 +857,7 @@ def _sample_cells(X, metric, num_cells, sample_size, margin_cells, seed):
             part = part / np.linalg.norm(part, axis=1, keepdims=True)
         else:
             part = part - offset
-        cell[s:s + part.shape[0]] = kmeans.index.search(np.ascontiguousarray(part, np.float32), near)[1]
+        cell[s:s + part.shape[0]] = knn.probe_cells(centroids, np.ascontiguousarray(part, np.float32), near)
     home = cell[:, 0]
     order = np.argsort(home, kind="stable")
     sizes = np.bincount(home, minlength=num_cells)

@@ -33,10 +33,9 @@ import logging
 import time
 
 import apache_beam as beam
-import faiss
 import numpy as np
 
-from clusmar_beam import hac
+from clusmar_beam import hac, knn
 
 LOG = logging.getLogger("clusmar")
 
@@ -90,7 +89,6 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     rac = hac._Rac(S, cnt, metric, eps, 50_000, None, 32, seed, None, time.perf_counter(), k, W=W,
                    frozen=is_frozen)
     parent, _ = rac.run(first_round_extra=0)
-    pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     alive = np.flatnonzero(parent[:m] == np.arange(m))
     # a merged cluster is named by the smallest point id it holds
@@ -104,37 +102,36 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     return out, edges, heights
 
 
+PARTITION_KMEANS_ITERATIONS = 15
+
+
 def _partition_centroids(clusters: Clusters, parts: int, seed: int, sample_per_part: int = 64):
     """k-means centroids of cluster means, on the clusters with the lowest id hashes."""
-    from clusmar_beam.knn import hash_ids
     parts = max(1, min(parts, len(clusters)))
-    order = np.lexsort((clusters.ids, hash_ids(clusters.ids, seed)))[:parts * sample_per_part]
+    order = np.lexsort((clusters.ids, knn.hash_ids(clusters.ids, seed)))[:parts * sample_per_part]
     order = np.sort(order)
     sample = np.ascontiguousarray(clusters.means()[order], np.float32)
-    if parts == 1:
-        return sample.mean(axis=0, keepdims=True)
-    km = faiss.Kmeans(sample.shape[1], parts, niter=15, seed=int(seed) & 0x7FFFFFFF, min_points_per_centroid=1,
-                      max_points_per_centroid=1 << 30)
-    km.train(sample)
-    return np.ascontiguousarray(km.centroids, np.float32)
+    return knn.train_centroids(sample, parts, seed, niter=PARTITION_KMEANS_ITERATIONS)
 
 
 def route(clusters: Clusters, centroids: np.ndarray, halo_cells: int):
-    """(home cell, cells where the cluster is a frozen neighbour (-1 = none))."""
-    near = min(1 + halo_cells, centroids.shape[0])
-    cells = faiss.knn(np.ascontiguousarray(clusters.means(), np.float32), centroids, near)[1].astype(np.int64)
+    """(home cell, cells where the cluster is a frozen neighbour)."""
+    cells = knn.probe_cells(centroids, np.ascontiguousarray(clusters.means(), np.float32), 1 + halo_cells)
     return cells[:, 0], cells[:, 1:]
+
+
+def _halo_rows(halo: np.ndarray) -> dict:
+    """cell -> rows of the clusters that are frozen neighbours in that cell."""
+    return {c: pos // halo.shape[1] for c, pos in knn.split_by_key(halo.reshape(-1))}
 
 
 def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed):
     centroids = _partition_centroids(clusters, parts, seed)
     home, halo = route(clusters, centroids, halo_cells)
+    frozen_rows = _halo_rows(halo)
     outs, edges, merges = [], [], 0
-    for c in range(centroids.shape[0]):
-        mem = np.flatnonzero(home == c)
-        if mem.size == 0:
-            continue
-        fro = np.flatnonzero((halo == c).any(axis=1))
+    for c, mem in knn.split_by_key(home):
+        fro = frozen_rows.get(c, np.zeros(0, np.int64))
         out, e, _ = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed)
         outs.append(out)
         edges.append(e)
@@ -142,7 +139,9 @@ def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed):
     return Clusters.concat(outs), np.concatenate(edges), merges
 
 
-def _labels_from_edges(n, edges):
+def labels_from_edges(n, edges):
+    """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 from merge edges."""
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
     parent = np.arange(n, dtype=np.int64)
     if len(edges):
         parent[edges[:, 1]] = edges[:, 0]
@@ -188,7 +187,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     _, e, _ = rac_on_clusters(clusters, eps, metric, None, seed)
     edges.append(e)
     info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
-    labels = _labels_from_edges(n, np.concatenate(edges))
+    labels = labels_from_edges(n, np.concatenate(edges))
     info["num_clusters"] = int(labels.max()) + 1
     return labels, info
 
@@ -207,38 +206,16 @@ def _to_clusters(batch, metric):
     return initial_clusters(prepared, np.asarray(rows, np.int64))
 
 
-class _Sample(beam.CombineFn):
-    def __init__(self, size, seed):
-        self.size, self.seed = size, seed
-
-    def create_accumulator(self):
-        return None
-
-    def _trim(self, ids, means):
-        from clusmar_beam.knn import hash_ids
-        order = np.lexsort((ids, hash_ids(ids, self.seed)))[:self.size]
-        return ids[order], means[order]
-
-    def add_input(self, acc, clusters):
-        part = self._trim(clusters.ids, clusters.means())
-        return part if acc is None else self.merge_accumulators([acc, part])
-
-    def merge_accumulators(self, accs):
-        accs = [a for a in accs if a is not None]
-        if not accs:
-            return None
-        return self._trim(np.concatenate([a[0] for a in accs]), np.concatenate([a[1] for a in accs]))
-
-    def extract_output(self, acc):
-        return acc
+def _ids_and_means(clusters: Clusters):
+    return clusters.ids, clusters.means()
 
 
 def _train(sample, parts, seed, round_name="round"):
-    ids, means = sample
+    """Centroids from the bottom-k sample, in id order (as `_partition_centroids` takes them)."""
+    _, ids, means = sample
     LOG.info("sharded hac %s: %d partitions (centroids from a sample of %d clusters)", round_name, parts, ids.size)
-    order = np.argsort(ids)
-    fake = Clusters(ids[order], np.ones(ids.size), means[order], np.zeros(ids.size))
-    return _partition_centroids(fake, parts, seed)
+    return knn.train_centroids(np.ascontiguousarray(means[np.argsort(ids)], np.float32), parts, seed,
+                               niter=PARTITION_KMEANS_ITERATIONS)
 
 
 class _RouteClusters(beam.DoFn):
@@ -249,10 +226,10 @@ class _RouteClusters(beam.DoFn):
         if not len(clusters):
             return
         home, halo = route(clusters, centroids, self.halo_cells)
-        for c in np.unique(home):
-            yield int(c), ("m", clusters.take(home == c))
-        for c in np.unique(halo):
-            yield int(c), ("f", clusters.take((halo == c).any(axis=1)))
+        for c, rows in knn.split_by_key(home):
+            yield c, ("m", clusters.take(rows))
+        for c, rows in _halo_rows(halo).items():
+            yield c, ("f", clusters.take(rows))
 
 
 class _LocalRac(beam.DoFn):
@@ -319,7 +296,7 @@ class ShardedHac(beam.PTransform):
             name = f"Round{rnd + 1}"
             seed = self.seed + rnd
             centroids = (clusters
-                         | f"{name}Sample" >> beam.CombineGlobally(_Sample(parts * 64, seed)).without_defaults()
+                         | f"{name}Sample" >> beam.CombineGlobally(knn.BottomKByHash(parts * 64, seed, _ids_and_means)).without_defaults()
                          | f"{name}Train" >> beam.Map(_train, parts, seed, f"round {rnd + 1}"))
             result = (clusters
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
@@ -339,7 +316,3 @@ class ShardedHac(beam.PTransform):
                 | "GatherEdges" >> beam.combiners.ToList()
                 | "Concat" >> beam.Map(lambda es: np.concatenate([e for e in es] or [np.zeros((0, 2), np.int64)])))
 
-
-def labels_from_edges(n, edges):
-    """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 from merge edges."""
-    return _labels_from_edges(n, np.asarray(edges, np.int64).reshape(-1, 2))

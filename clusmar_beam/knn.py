@@ -21,6 +21,7 @@ minus the squared Euclidean distance for sqeuclidean; larger is nearer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from clusmar_beam.errors import InputError
+from clusmar_beam.selection import mix64
 
 LOG = logging.getLogger("clusmar")
 METRICS = ("cosine", "sqeuclidean")
@@ -82,14 +84,18 @@ def check_params(k, num_cells, nprobe, metric):
 
 def hash_ids(ids: np.ndarray, seed: int) -> np.ndarray:
     """A seeded 64-bit hash of int64 ids (splitmix64), the sampling order."""
-    v = np.asarray(ids, np.int64).view(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
     with np.errstate(over="ignore"):
-        v = v ^ (v >> np.uint64(30))
-        v = v * np.uint64(0xBF58476D1CE4E5B9)
-        v = v ^ (v >> np.uint64(27))
-        v = v * np.uint64(0x94D049BB133111EB)
-        v = v ^ (v >> np.uint64(31))
-    return v
+        return mix64(np.asarray(ids, np.int64).view(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64)))
+
+
+def split_by_key(keys: np.ndarray):
+    """(key, positions) for each distinct value of a 1-D int array: keys ascending,
+    positions ascending within a key."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    bounds = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        yield int(ordered[s]), order[s:e]
 
 
 def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
@@ -213,11 +219,15 @@ class _Loaded:
 # ------------------------------------------------------------- Beam pieces
 
 
-class _BottomKSample(beam.CombineFn):
-    """The `size` rows with the lowest id hash: the same sample on any sharding."""
+class BottomKByHash(beam.CombineFn):
+    """The `size` rows with the lowest id hash: the same sample on any sharding.
 
-    def __init__(self, size: int, seed: int, metric: str):
-        self.size, self.seed, self.metric = size, seed, metric
+    `rows_of(element)` gives an element's (int64 ids, vectors); the output is
+    (hashes, ids, vectors) of the sample, or None when there were no rows.
+    """
+
+    def __init__(self, size: int, seed: int, rows_of):
+        self.size, self.seed, self.rows_of = size, seed, rows_of
 
     def create_accumulator(self):
         return None
@@ -226,9 +236,9 @@ class _BottomKSample(beam.CombineFn):
         order = np.lexsort((ids, hashes))[:self.size]
         return hashes[order], ids[order], vecs[order]
 
-    def add_input(self, acc, batch):
-        ids = np.asarray(batch[0], np.int64)
-        x = prepare_vectors(batch[1], self.metric)
+    def add_input(self, acc, element):
+        ids, x = self.rows_of(element)
+        ids = np.asarray(ids, np.int64)
         part = self._trim(hash_ids(ids, self.seed), ids, x)
         return part if acc is None else self.merge_accumulators([acc, part])
 
@@ -266,12 +276,9 @@ class _Route(beam.DoFn):
         beam.metrics.Metrics.counter("knn", "points").inc(ids.size)
         for role, cells, rows in (("db", probes[:, 0], np.arange(ids.size)),
                                   ("q", probes.reshape(-1), np.repeat(np.arange(ids.size), probes.shape[1]))):
-            order = np.argsort(cells, kind="stable")
-            cells, rows = cells[order], rows[order]
-            bounds = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1], True])
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                r = rows[s:e]
-                yield int(cells[s]), (role, ids[r], x[r])
+            for cell, pos in split_by_key(cells):
+                r = rows[pos]
+                yield cell, (role, ids[r], x[r])
 
 
 class _SearchCell(beam.DoFn):
@@ -314,12 +321,8 @@ class _SearchCell(beam.DoFn):
             yield 0, (cell, q_ids, nbrs, scores)
             return
         shard = (hash_ids(q_ids, 0x5EA) % np.uint64(self.merge_shards)).astype(np.int64)
-        order = np.argsort(shard, kind="stable")
-        shard = shard[order]
-        bounds = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1], True])
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            r = order[s:e]
-            yield int(shard[s]), (cell, q_ids[r], nbrs[r], scores[r])
+        for s, r in split_by_key(shard):
+            yield s, (cell, q_ids[r], nbrs[r], scores[r])
 
 
 def _merge_shard(element, k):
@@ -332,6 +335,10 @@ def _merge_shard(element, k):
     out = merge_candidate_rows(cells, qids, nbrs, scores, k)
     beam.metrics.Metrics.counter("knn", "edges").inc(int((out.neighbors >= 0).sum()))
     return out
+
+
+def _prepared_rows(batch, metric):
+    return batch[0], prepare_vectors(batch[1], metric)
 
 
 class TrainCentroids(beam.PTransform):
@@ -359,7 +366,8 @@ class TrainCentroids(beam.PTransform):
 
         return (batches
                 | "Sample" >> beam.CombineGlobally(
-                    _BottomKSample(self.num_cells * self.train_per_cell, self.seed, self.metric)).without_defaults()
+                    BottomKByHash(self.num_cells * self.train_per_cell, self.seed,
+                                  functools.partial(_prepared_rows, metric=self.metric))).without_defaults()
                 | "Train" >> beam.Map(train))
 
 
@@ -400,9 +408,8 @@ def _edges(batch: KnnBatch, shards: int):
     src, dst, sc = src[keep], dst[keep], sc[keep]
     lo, hi = np.minimum(src, dst), np.maximum(src, dst)
     shard = (hash_ids(lo, 0xED6E) % np.uint64(shards)).astype(np.int64)
-    for s in np.unique(shard):
-        m = shard == s
-        yield int(s), (lo[m], hi[m], sc[m])
+    for s, m in split_by_key(shard):
+        yield s, (lo[m], hi[m], sc[m])
 
 
 def _dedupe_edges(element):

@@ -361,13 +361,7 @@ def _parquet_ids(files: list[str]) -> np.ndarray:
     for path in files:
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             table = pq.read_table(handle, columns=["id"])
-        column = table.column("id").combine_chunks()
-        if pa.types.is_integer(column.type):
-            parts.append(column.to_numpy(zero_copy_only=False).astype(np.int64))
-        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            parts.append(np.array([s.encode() for s in column.to_pylist()], dtype=object))
-        else:
-            parts.append(np.array(column.to_pylist(), dtype=object))
+        parts.append(io.table_to_batch(table, path).ids)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -400,12 +394,7 @@ def _empty(kind: str) -> np.ndarray:
 
 
 def write_ids(path: str, ids: np.ndarray, kind: str) -> None:
-    if kind == "int64":
-        array = pa.array(ids, type=pa.int64())
-    elif kind == "string":
-        array = pa.array([i.decode() for i in ids], type=pa.string())
-    else:
-        array = pa.array(list(ids), type=pa.binary())
+    array = io.ids_to_arrow(ids, "binary" if kind == "bytes" else kind)
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.table({"id": array}), buffer, row_group_size=1 << 20)
     io.write_bytes_atomic(path, buffer.getvalue().to_pybytes())

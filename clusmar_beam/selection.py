@@ -30,7 +30,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 # ---------------------------------------------------------------- hashing
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a bijective, well-spread 64-bit mix."""
     x = x.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
@@ -55,8 +55,8 @@ def seeded_hash(ids: np.ndarray, *salts: int) -> np.ndarray:
     state = np.uint64(0)
     with np.errstate(over="ignore"):
         for salt in salts:
-            state = _mix64(np.array([state ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)]) + _GOLDEN)[0]
-        return _mix64(id_keys(ids) ^ state)
+            state = mix64(np.array([state ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)]) + _GOLDEN)[0]
+        return mix64(id_keys(ids) ^ state)
 
 
 def tiebreak_hash(ids, seed: int) -> np.ndarray:
@@ -141,7 +141,7 @@ def order_candidates(candidates: Batch, strategy: str, k_t: int) -> Batch:
 # ---------------------------------------------------------------- sharded join
 
 def bucket_of(ids: np.ndarray, num_buckets: int) -> np.ndarray:
-    return (_mix64(id_keys(ids)) % np.uint64(num_buckets)).astype(np.int64)
+    return (mix64(id_keys(ids)) % np.uint64(num_buckets)).astype(np.int64)
 
 
 class _SplitByBucket(beam.DoFn):

@@ -110,13 +110,13 @@ def spill(batch: io.Batch, temp_dir: str) -> dict:
     with FileSystems.create(path) as handle:
         np.save(handle, batch.columns["embedding"])
         np.save(handle, batch.ids, allow_pickle=batch.id_type != "int64")
-    return {"path": path, "rows": len(batch), "width": int(batch.columns["embedding"].shape[1]),
-            "source": batch.source, "id_type": batch.id_type}
+    return {"path": path, "width": int(batch.columns["embedding"].shape[1]), "source": batch.source,
+            "id_type": batch.id_type}
 
 
 def _load_spilled(spilled: list[dict]) -> list[io.Batch]:
     batches = []
-    for part in sorted(spilled, key=lambda s: s["path"]):
+    for part in spilled:   # any order: the rows are put in id order next
         with FileSystems.open(part["path"], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             data = pyio.BytesIO(handle.read())
         embedding = np.load(data)
@@ -125,22 +125,32 @@ def _load_spilled(spilled: list[dict]) -> list[io.Batch]:
     return batches
 
 
-def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
-    """All batches -> id-sorted ids, labels and clustering statistics (one worker)."""
+def _one_width(width_and_source) -> int:
+    """The embedding length shared by every batch; an error naming the files otherwise."""
     widths = {}
-    for part in spilled:
-        widths.setdefault(part["width"], part["source"])
+    for width, source in width_and_source:
+        widths.setdefault(width, source)
     if len(widths) > 1:
         detail = "; ".join(f"{width} in {source}" for width, source in sorted(widths.items()))
         raise InputError(f"--pool: column 'embedding' has different lengths across files: {detail}")
+    return next(iter(widths), 0)
+
+
+def _check_ids(ids, pool_glob: str) -> None:
+    if ids is None or not len(ids):
+        raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
+    count, examples = io.find_duplicates(ids)
+    if count:
+        raise InputError(f"--pool {pool_glob!r}: column 'id' has {count} duplicated ids (e.g. {examples})")
+
+
+def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
+    """All batches -> id-sorted ids, labels and clustering statistics (one worker)."""
+    _one_width((part["width"], part["source"]) for part in spilled)
     batches = _load_spilled(spilled)
     pool = io.concat_batches(batches)
     del batches
-    if pool is None:
-        raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
-    count, examples = io.find_duplicates(pool.ids)
-    if count:
-        raise InputError(f"--pool {pool_glob!r}: column 'id' has {count} duplicated ids (e.g. {examples})")
+    _check_ids(pool.ids if pool is not None else None, pool_glob)
     LOG.info("cluster: gathered %d points (dim %d) from %d batches", len(pool), pool.columns["embedding"].shape[1],
              len(spilled))
     order = np.argsort(pool.ids, kind="stable")   # a fixed row order makes the clustering deterministic
@@ -180,20 +190,11 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
 
 def _row_numbers(id_batches, pool_glob: str) -> dict:
     """All ids (only ids) on one worker -> sorted ids; a point's row is its rank."""
-    widths = {}
-    for _, width, source in id_batches:
-        widths.setdefault(width, source)
-    if len(widths) > 1:
-        detail = "; ".join(f"{width} in {source}" for width, source in sorted(widths.items()))
-        raise InputError(f"--pool: column 'embedding' has different lengths across files: {detail}")
+    dim = _one_width((width, source) for _, width, source in id_batches)
     parts = [ids for ids, _, _ in id_batches if len(ids)]
-    if not parts:
-        raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
-    ids = np.concatenate(parts)
-    count, examples = io.find_duplicates(ids)
-    if count:
-        raise InputError(f"--pool {pool_glob!r}: column 'id' has {count} duplicated ids (e.g. {examples})")
-    return {"ids": np.sort(ids, kind="stable"), "dim": next(iter(widths))}
+    ids = np.concatenate(parts) if parts else None
+    _check_ids(ids, pool_glob)
+    return {"ids": np.sort(ids, kind="stable"), "dim": dim}
 
 
 def _to_rows(batch: io.Batch, index: dict, metric: str, pool_glob: str):
