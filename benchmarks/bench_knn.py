@@ -106,7 +106,6 @@ def main(argv=None):
     options = PipelineOptions(beam_args)
     t = time.perf_counter()
     pipeline = runner.make_pipeline(options)
-    collected = []
 
     def keep_queries(batch: knn.KnnBatch):
         m = np.isin(batch.ids, qid_arr)
