@@ -35,6 +35,15 @@ DEFAULT_K = 8
 _CHUNK = 1 << 15
 # Training sample for the IVF coarse quantiser, in points per list.
 _TRAIN_PER_LIST = 32
+# IVF lists hold at most about this many clusters on average (more lists than
+# 4*sqrt(n) above 1M clusters): a search scans nprobe lists, so a bounded list
+# size keeps the cost of a search independent of the pool size.
+_LIST_SIZE = 250
+# Up to this many lists a point's list is found among all centroids; above, a
+# coarse k-means picks a group of lists first (_TwoLevelQuantiser).
+_FLAT_QUANTISER_MAX = 8192
+# Groups whose lists are compared when a point is given its list.
+_GROUPS_SEARCHED = 8
 # Queries in one IVF list from which the list is searched as one block.
 _CROWDED_LIST = 16
 
@@ -82,7 +91,8 @@ def average_linkage(
     'distance')``; cosine distance is 1 - cosine similarity.  Labels are
     numbered 0..C-1 by first appearance.  Nearest clusters are searched exactly
     while at most `exact_search_max` clusters are active, otherwise with an
-    IVF index (`nlist` lists, default ~4*sqrt(n); `nprobe` lists probed), which
+    IVF index (`nlist` lists, default the larger of 4*sqrt(n) and n/250;
+    `nprobe` lists probed), which
     may miss a few neighbours.  `log`, if given, gets one line per round.
     Deterministic for a given input order and `seed`.
     """
@@ -340,7 +350,7 @@ class _Rac:
         if ids.size <= self.exact_search_max:
             self.index = _FlatIndex(dim)
         else:
-            nlist = self.nlist or int(round(4 * math.sqrt(ids.size)))
+            nlist = self.nlist or max(int(round(4 * math.sqrt(ids.size))), -(-ids.size // _LIST_SIZE))
             nlist = max(1, min(nlist, ids.size))
             rng = np.random.default_rng(self.seed)
             m = min(ids.size, _TRAIN_PER_LIST * nlist)
@@ -610,16 +620,17 @@ class _IvfIndex:
 
     def __init__(self, train_vecs, nlist, nprobe, seed, size):
         dim = train_vecs.shape[1]
-        self.quantizer = faiss.IndexFlatL2(dim)  # the IVF index does not own it
-        index = faiss.IndexIVFFlat(self.quantizer, dim, nlist, faiss.METRIC_L2)
-        index.cp.seed = seed
-        index.cp.niter = 10
-        index.cp.min_points_per_centroid = 1  # small pools: no warning
-        index.cp.max_points_per_centroid = 1 << 30
-        index.train(train_vecs)
+        self.quantiser = _TwoLevelQuantiser(train_vecs, nlist, seed)
+        centroids = self.quantiser.centroids
+        nlist = centroids.shape[0]
+        # The IVF index only stores the lists: points are assigned by the
+        # quantiser above and searched through search_preassigned or as blocks.
+        self.flat = faiss.IndexFlatL2(dim)  # the IVF index does not own it
+        self.flat.add(centroids)
+        index = faiss.IndexIVFFlat(self.flat, dim, nlist, faiss.METRIC_L2)
+        assert index.is_trained  # a quantiser holding nlist centroids
         self.nprobe = min(nprobe, nlist)
         index.nprobe = self.nprobe
-        centroids = self.quantizer.reconstruct_n(0, nlist)
         probe = faiss.knn(centroids, centroids, self.nprobe)[1]
         own = np.arange(nlist)
         missing = ~(probe == own[:, None]).any(axis=1)  # only with duplicate centroids
@@ -634,7 +645,7 @@ class _IvfIndex:
 
     def add(self, ids, vecs):
         ids = np.ascontiguousarray(ids, np.int64)
-        lists = np.ascontiguousarray(self.quantizer.search(vecs, 1)[1][:, 0])
+        lists = np.ascontiguousarray(self.quantiser.assign(vecs))
         self.list_of[ids] = lists
         # add_with_ids would assign the lists again; we need them for search.
         self.index.add_core(ids.size, faiss.swig_ptr(vecs), faiss.swig_ptr(ids),
@@ -686,6 +697,63 @@ class _IvfIndex:
         ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
         codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * dim * 4)
         return ids, codes.view(np.float32).reshape(size, dim)
+
+
+class _TwoLevelQuantiser:
+    """Coarse IVF centroids that stay cheap to train and to search at any count.
+
+    A flat quantiser costs nlist distances per assigned point, and nlist grows
+    with the pool (n / _LIST_SIZE), so at 10M points assigning the points
+    would cost more than searching them.  Above _FLAT_QUANTISER_MAX lists,
+    a k-means of sqrt(nlist) groups is trained first and each group's sample
+    gets lists of its own in proportion to its size: a point goes to the
+    nearest list among its _GROUPS_SEARCHED nearest groups, about
+    (1 + _GROUPS_SEARCHED) * sqrt(nlist) distances.  (Searching the nearest
+    group only put a quarter of the points of a 1M pool outside their nearest
+    list, and since a search probes the lists nearest to the query's own list,
+    1-NN recall fell from 0.99 to 0.91.)
+    """
+
+    def __init__(self, train, nlist, seed):
+        nlist = max(1, min(int(nlist), train.shape[0]))
+        if nlist <= _FLAT_QUANTISER_MAX:
+            self.groups = knn.train_centroids(train, nlist, seed, niter=10)
+            self.centroids, self.first = self.groups, None
+            return
+        self.groups = knn.train_centroids(train, int(round(math.sqrt(nlist))), seed, niter=10)
+        group = _nearest(train, self.groups)
+        parts, first = [], [0]
+        for g in range(self.groups.shape[0]):
+            rows = train[group == g]
+            if rows.shape[0] == 0:
+                part = self.groups[g:g + 1]
+            else:
+                part = knn.train_centroids(rows, max(1, int(round(nlist * rows.shape[0] / train.shape[0]))),
+                                           seed + 1 + g, niter=10)
+            parts.append(part)
+            first.append(first[-1] + part.shape[0])
+        self.centroids = np.ascontiguousarray(np.concatenate(parts), np.float32)
+        self.first = np.asarray(first, np.int64)
+
+    def assign(self, vecs):
+        if self.first is None:
+            return _nearest(vecs, self.groups)
+        vecs = np.ascontiguousarray(vecs, np.float32)
+        groups = faiss.knn(vecs, self.groups, min(_GROUPS_SEARCHED, self.groups.shape[0]))[1]
+        best = np.full(vecs.shape[0], np.inf, np.float32)
+        lists = np.zeros(vecs.shape[0], np.int64)
+        for g, pos in knn.split_by_key(groups.reshape(-1)):
+            rows = pos // groups.shape[1]
+            lo, hi = self.first[g], self.first[g + 1]
+            d, i = faiss.knn(vecs[rows], self.centroids[lo:hi], 1)
+            better = d[:, 0] < best[rows]
+            best[rows[better]] = d[better, 0]
+            lists[rows[better]] = lo + i[better, 0]
+        return lists
+
+
+def _nearest(vecs, centroids):
+    return faiss.knn(np.ascontiguousarray(vecs, np.float32), centroids, 1)[1][:, 0].astype(np.int64)
 
 
 # ------------------------------------------------- threshold from a target size
