@@ -774,6 +774,10 @@ class ThresholdChoice:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        return (f"eps={self.distance_threshold:.6g} for mean cluster size {self.target_mean_cluster_size:g} from "
+                f"{self.sample_points_with_margin} points in {self.sample_cells} of {self.num_cells} cells")
+
 
 def merge_all_threshold(X: np.ndarray, metric: str) -> float:
     """A threshold above every average-linkage merge height of X (float64 rows)."""
@@ -835,37 +839,43 @@ def choose_threshold(
     `margin_cells` nearest centroids are added as a margin, so that clusters
     crossing a cell border are not cut short.  The sample's whole dendrogram
     (exact RAC, merges recorded) is then cut at the eps where the core
-    points' estimated mean cluster size reaches the target.  Deterministic
-    for a given row order and seed.
+    points' estimated mean cluster size reaches the target.
+
+    This is the in-memory run of the steps below (threshold_cells,
+    training_rows, SampleCells, draw_cells, threshold_from_sample);
+    hac_sharded.ThresholdFromTarget runs the same steps as a Beam pipeline.
+    Rows are numbered 0..n-1 in the given order; the choice depends only on
+    each row's number and vector and the seed.
     """
+    target = check_target(target_mean_cluster_size)
+    if metric not in METRICS:
+        raise HacError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    _check_count("sample_size", sample_size)
+    X = np.asarray(embeddings)
+    if X.ndim != 2:
+        raise HacError(f"embeddings must be a 2-D array (rows x dims), got shape {X.shape}")
+    n = X.shape[0]
+    t0 = time.perf_counter()
+    num_cells = threshold_cells(n, sample_size, cell_size)
+    cells = SampleCells.train(X[training_rows(n, num_cells, seed)], metric, num_cells, margin_cells, seed)
+    near = cells.assign(X)
+    draw = draw_cells(np.bincount(near[:, 0], minlength=num_cells), sample_size, seed)
+    pos, core = draw.select(np.arange(n), near)
+    choice = threshold_from_sample(X[pos], core, metric, target, seed, draw)
+    if log is not None:
+        log(f"threshold: {choice.describe()} ({time.perf_counter() - t0:.1f}s)")
+    return choice
+
+
+def check_target(target_mean_cluster_size) -> float:
+    """The target mean cluster size as a float; HacError unless a finite number >= 1."""
     try:
         target = float(target_mean_cluster_size)
     except (TypeError, ValueError):
         raise HacError(f"target mean cluster size must be a number >= 1, got {target_mean_cluster_size!r}") from None
     if not math.isfinite(target) or target < 1:
         raise HacError(f"target mean cluster size must be a finite number >= 1, got {target_mean_cluster_size!r}")
-    if metric not in METRICS:
-        raise HacError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    _check_count("sample_size", sample_size)
-    X = np.asarray(embeddings)
-    n = X.shape[0] if X.ndim == 2 else 0
-    t0 = time.perf_counter()
-    num_cells = sample_cells = 1
-    if n <= sample_size:
-        rows, core = np.arange(n), np.ones(n, bool)
-    else:
-        cell_size = cell_size or max(1, sample_size // 4)
-        num_cells = max(2, int(round(n / cell_size)))
-        rows, core, sample_cells = _sample_cells(X, metric, num_cells, sample_size, margin_cells, seed)
-    sample = _prepare(X[rows], metric)
-    result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed)
-    eps, mean_size = _threshold_for_core(result, core, target)
-    choice = ThresholdChoice(eps, target, int(core.sum()), int(rows.size), int(sample_cells), int(num_cells),
-                             mean_size)
-    if log is not None:
-        log(f"threshold: eps={eps:.6g} for mean cluster size {target:g} from {rows.size} points in "
-            f"{sample_cells} of {num_cells} cells ({time.perf_counter() - t0:.1f}s)")
-    return choice
+    return target
 
 
 def _threshold_for_core(result: HacResult, core: np.ndarray, target: float):
@@ -903,45 +913,124 @@ def _threshold_for_core(result: HacResult, core: np.ndarray, target: float):
     return eps, float(mean_size(int(np.count_nonzero(h <= eps))))
 
 
-def _sample_cells(X, metric, num_cells, sample_size, margin_cells, seed):
-    """Whole k-means cells drawn at random until sample_size rows are taken, plus a margin.
+TRAIN_PER_CELL = 64  # training rows per k-means cell of the threshold sample
+_ASSIGN_BLOCK = 1 << 17
 
-    Returns (rows, core mask over rows, cells drawn).  The margin is every
-    point of another cell that has a drawn cell among its `margin_cells`
-    nearest centroids: the border region where a drawn cell's clusters
-    continue.
+
+def threshold_cells(n: int, sample_size: int, cell_size: int | None = None) -> int:
+    """Number of k-means cells the threshold sample is drawn from; 1: the whole pool is the sample."""
+    if n <= sample_size:
+        return 1
+    return max(2, int(round(n / (cell_size or max(1, sample_size // 4)))))
+
+
+def lowest_hash_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """The k rows of 0..n-1 with the lowest knn.hash_ids(row, seed), ascending.
+
+    A row's hash depends only on its number and the seed, so a pipeline that
+    sees the rows in any order and batching takes the same rows.  The hashes
+    are distinct (splitmix64 is a bijection), so the k lowest are one set.
     """
-    n = X.shape[0]
+    rows = np.arange(n, dtype=np.int64)
+    if k >= n:
+        return rows
+    if k <= 0:
+        return rows[:0]
+    return np.sort(rows[np.argpartition(knn.hash_ids(rows, seed), k - 1)[:k]])
+
+
+def training_rows(n: int, num_cells: int, seed: int) -> np.ndarray:
+    """Rows whose vectors train the cell centroids (bottom-k by hash; none for one cell)."""
+    return lowest_hash_rows(n, TRAIN_PER_CELL * num_cells if num_cells > 1 else 0, seed)
+
+
+@dataclasses.dataclass
+class SampleCells:
+    """The k-means cells of the threshold sample; small enough to ship to every worker."""
+
+    centroids: np.ndarray | None  # (num_cells, d) float32 of prepared vectors; None for one cell
+    offset: np.ndarray | None     # sqeuclidean: the training rows' mean, the origin of the centroids
+    metric: str
+    num_cells: int
+    near: int                     # cells given to each row: its home cell and margin cells
+
+    @classmethod
+    def train(cls, train_x, metric: str, num_cells: int, margin_cells: int, seed: int) -> "SampleCells":
+        """Cells from the raw vectors of the training rows, in row order."""
+        near = max(1, min(int(margin_cells), num_cells))
+        if num_cells == 1:
+            return cls(None, None, metric, 1, near)
+        train = _prepare(train_x, metric).astype(np.float32)
+        centroids = knn.train_centroids(train, num_cells, seed, niter=10)
+        return cls(centroids, np.asarray(train_x, np.float64).mean(axis=0), metric, num_cells, near)
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """(rows, near) nearest cells of a block of raw vectors, home cell first."""
+        if self.centroids is None:
+            return np.zeros((x.shape[0], 1), np.int64)
+        cells = np.empty((x.shape[0], self.near), np.int64)
+        for s in range(0, x.shape[0], _ASSIGN_BLOCK):
+            part = x[s:s + _ASSIGN_BLOCK]
+            if self.metric == "cosine":
+                part = part / np.linalg.norm(part, axis=1, keepdims=True)
+            else:
+                part = part - self.offset
+            cells[s:s + part.shape[0]] = knn.probe_cells(self.centroids, np.ascontiguousarray(part, np.float32),
+                                                         self.near)
+        return cells
+
+
+@dataclasses.dataclass
+class CellDraw:
+    """Which rows the threshold sample takes: those near the drawn cells, or fixed rows."""
+
+    drawn: np.ndarray | None          # bool per cell; None: every cell was too big
+    fallback_rows: np.ndarray | None  # then a uniform sample: these rows (ascending)
+    sample_cells: int
+    num_cells: int
+
+    def select(self, rows: np.ndarray, cells: np.ndarray):
+        """(positions, ascending, of a block's rows in the sample; which of those are core).
+
+        A row is in the sample when one of its nearest cells was drawn (the
+        margin, where a drawn cell's clusters continue), core when its home
+        cell was.  `rows` are the block's row numbers, `cells` SampleCells.assign's.
+        """
+        if self.drawn is None:
+            pos = np.flatnonzero(np.isin(rows, self.fallback_rows))
+            return pos, np.ones(pos.size, bool)
+        pos = np.flatnonzero(self.drawn[cells].any(axis=1))
+        return pos, self.drawn[cells[pos, 0]]
+
+
+def draw_cells(sizes: np.ndarray, sample_size: int, seed: int) -> CellDraw:
+    """Whole cells in a seeded random order until `sample_size` rows are taken.
+
+    `sizes` are the rows per home cell.  Cells over 2 * sample_size rows are
+    skipped; when every cell is (degenerate data), the sample is the
+    `sample_size` rows of lowest hash instead.
+    """
+    sizes = np.asarray(sizes, np.int64)
     rng = np.random.default_rng([seed, 0xCE11])
-    train_rows = np.sort(rng.choice(n, size=min(n, 64 * num_cells), replace=False))
-    train = _prepare(X[train_rows], metric).astype(np.float32)
-    centroids = knn.train_centroids(train, num_cells, seed, niter=10)
-    offset = X[train_rows].astype(np.float64).mean(axis=0)
-    near = max(1, min(int(margin_cells), num_cells))
-    cell = np.empty((n, near), np.int64)
-    for s in range(0, n, 1 << 17):
-        part = X[s:s + (1 << 17)]
-        if metric == "cosine":
-            part = part / np.linalg.norm(part, axis=1, keepdims=True)
-        else:
-            part = part - offset
-        cell[s:s + part.shape[0]] = knn.probe_cells(centroids, np.ascontiguousarray(part, np.float32), near)
-    home = cell[:, 0]
-    order = np.argsort(home, kind="stable")
-    sizes = np.bincount(home, minlength=num_cells)
-    begin = np.r_[0, np.cumsum(sizes)[:-1]]
-    picked, total = [], 0
-    for c in rng.permutation(num_cells):
+    drawn = np.zeros(sizes.size, bool)
+    total = 0
+    for c in rng.permutation(sizes.size):
         if sizes[c] == 0 or sizes[c] > 2 * sample_size:
             continue
-        picked.append(order[begin[c]:begin[c] + sizes[c]])
+        drawn[c] = True
         total += sizes[c]
         if total >= sample_size:
             break
-    if not picked:  # every cell is huge: fall back to a uniform sample
-        rows = np.sort(rng.choice(n, size=sample_size, replace=False))
-        return rows, np.ones(rows.size, bool), 0
-    drawn = np.zeros(num_cells, bool)
-    drawn[home[np.concatenate(picked)]] = True
-    rows = np.flatnonzero(drawn[cell].any(axis=1))
-    return rows, drawn[home[rows]], len(picked)
+    if not drawn.any():
+        return CellDraw(None, lowest_hash_rows(int(sizes.sum()), sample_size, seed), 0, sizes.size)
+    return CellDraw(drawn, None, int(drawn.sum()), sizes.size)
+
+
+def threshold_from_sample(sample_x: np.ndarray, core: np.ndarray, metric: str, target: float, seed: int,
+                          draw: CellDraw) -> ThresholdChoice:
+    """The sample's raw vectors (in row order) clustered completely, cut where its core reaches the target."""
+    sample = _prepare(sample_x, metric)
+    result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed)
+    eps, mean_size = _threshold_for_core(result, core, target)
+    return ThresholdChoice(eps, target, int(core.sum()), int(core.size), draw.sample_cells, draw.num_cells,
+                           mean_size)

@@ -25,6 +25,8 @@ clusters a partition could not see; shard-count invariance is tested.
 
 `sharded_average_linkage` runs the rounds in one process (reference and
 tests); `ShardedHac` is the same as Beam transforms (GroupByKey per round).
+`ThresholdFromTarget` picks eps for a target mean cluster size inside the
+pipeline, by the same steps as hac.choose_threshold.
 """
 from __future__ import annotations
 
@@ -122,6 +124,8 @@ def route(clusters: Clusters, centroids: np.ndarray, halo_cells: int):
 
 def _halo_rows(halo: np.ndarray) -> dict:
     """cell -> rows of the clusters that are frozen neighbours in that cell."""
+    if halo.size == 0:  # no halo cells, or fewer cells than 2
+        return {}
     return {c: pos // halo.shape[1] for c, pos in knn.split_by_key(halo.reshape(-1))}
 
 
@@ -235,10 +239,10 @@ class _RouteClusters(beam.DoFn):
 class _LocalRac(beam.DoFn):
     EDGES = "edges"
 
-    def __init__(self, eps, metric, seed, round_name):
-        self.eps, self.metric, self.seed, self.round_name = eps, metric, seed, round_name
+    def __init__(self, metric, seed, round_name):
+        self.metric, self.seed, self.round_name = metric, seed, round_name
 
-    def process(self, element):
+    def process(self, element, eps):
         _, parts = element
         parts = list(parts)
         mem = [p[1] for p in parts if p[0] == "m"]
@@ -250,7 +254,7 @@ class _LocalRac(beam.DoFn):
         frozen = Clusters.concat(fro) if fro else None
         if frozen is not None:
             frozen = frozen.take(np.argsort(frozen.ids, kind="stable"))
-        out, edges, _ = rac_on_clusters(members, self.eps, self.metric, frozen, self.seed)
+        out, edges, _ = rac_on_clusters(members, eps, self.metric, frozen, self.seed)
         beam.metrics.Metrics.counter("hac", f"merges_{self.round_name}").inc(len(edges))
         beam.metrics.Metrics.counter("hac", f"clusters_after_{self.round_name}").inc(len(out))
         beam.metrics.Metrics.counter("hac", f"partitions_{self.round_name}").inc(1)
@@ -258,7 +262,7 @@ class _LocalRac(beam.DoFn):
         yield beam.pvalue.TaggedOutput(self.EDGES, edges)
 
 
-def _finish(cluster_parts, eps, metric, seed, n_hint=None):
+def _finish(cluster_parts, eps, metric, seed):
     clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
     if clusters is None or not len(clusters):
         return np.zeros((0, 2), np.int64)
@@ -276,12 +280,18 @@ class ShardedHac(beam.PTransform):
     """PCollection of (row ids int64, embeddings) batches, rows 0..n-1 -> singleton
     PCollection: merge edges (parent row, child row) of all rounds (an (m, 2) int64
     array); the flat clusters are the connected components (see `labels_from_edges`).
+
+    `distance_threshold` is a number, or a singleton PCollection holding it (an
+    eps computed in the same pipeline, e.g. by ThresholdFromTarget).
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, shrink=4, max_rounds=8,
                  seed=0):
         super().__init__()
-        self.eps = hac._check_threshold(distance_threshold)
+        if isinstance(distance_threshold, beam.pvalue.PCollection):
+            self.eps = distance_threshold  # checked when it is computed (expand)
+        else:
+            self.eps = hac._check_threshold(distance_threshold)
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
         check_shard_params(shards, halo_cells, shrink, max_rounds)
@@ -289,6 +299,9 @@ class ShardedHac(beam.PTransform):
         self.shrink, self.max_rounds, self.seed = shrink, max_rounds, seed
 
     def expand(self, batches):
+        eps = self.eps
+        if isinstance(eps, beam.pvalue.PCollection):
+            eps = beam.pvalue.AsSingleton(eps | "CheckEps" >> beam.Map(hac._check_threshold))
         clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
         all_edges = []
         parts, rnd = self.shards, 0
@@ -302,7 +315,7 @@ class ShardedHac(beam.PTransform):
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
                                                      beam.pvalue.AsSingleton(centroids))
                       | f"{name}Group" >> beam.GroupByKey()
-                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.eps, self.metric, seed, f"round_{rnd + 1}"))
+                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, f"round_{rnd + 1}"), eps)
                       .with_outputs(_LocalRac.EDGES, main="clusters"))
             clusters = result.clusters
             all_edges.append(result[_LocalRac.EDGES])
@@ -310,9 +323,110 @@ class ShardedHac(beam.PTransform):
             rnd += 1
         final = (clusters
                  | "FinalGather" >> beam.combiners.ToList()
-                 | "FinalRac" >> beam.Map(_finish, self.eps, self.metric, self.seed))
+                 | "FinalRac" >> beam.Map(_finish, eps, self.metric, self.seed))
         all_edges.append(final)
         return (tuple(all_edges) | "AllEdges" >> beam.Flatten()
                 | "GatherEdges" >> beam.combiners.ToList()
                 | "Concat" >> beam.Map(lambda es: np.concatenate([e for e in es] or [np.zeros((0, 2), np.int64)])))
 
+
+# ------------------------------------------------- threshold from a target size
+
+
+def _row_count(batch):
+    return len(batch[0])
+
+
+def _layout(n, sample_size, seed):
+    """The pool size -> number of threshold cells and the rows that train them (one worker)."""
+    num_cells = hac.threshold_cells(n, sample_size)
+    return {"num_cells": num_cells, "training_rows": hac.training_rows(n, num_cells, seed)}
+
+
+def _training_part(batch, layout):
+    rows, x = batch
+    keep = np.isin(rows, layout["training_rows"])
+    return rows[keep], x[keep]
+
+
+def _in_row_order(parts):
+    """(rows, columns...) pieces from many batches -> one of each, sorted by row: delivery order must not matter."""
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return None
+    rows = np.concatenate([p[0] for p in parts])
+    order = np.argsort(rows)
+    return [np.concatenate([p[i] for p in parts])[order] for i in range(1, len(parts[0]))]
+
+
+def _train_cells(training_parts, layout, metric, margin_cells, seed):
+    gathered = _in_row_order(training_parts)
+    train_x = gathered[0] if gathered else None
+    return hac.SampleCells.train(train_x, metric, layout["num_cells"], margin_cells, seed)
+
+
+def _assign(batch, cells):
+    rows, x = batch
+    return rows, x, cells.assign(x)
+
+
+def _cell_counts(assigned, cells):
+    return np.bincount(assigned[2][:, 0], minlength=cells.num_cells)
+
+
+def _draw(sizes, cells, sample_size, seed):
+    sizes = np.zeros(cells.num_cells, np.int64) + sizes  # sum() of no batches is 0
+    return hac.draw_cells(sizes, sample_size, seed)
+
+
+def _sample_part(assigned, draw):
+    rows, x, cells = assigned
+    pos, core = draw.select(rows, cells)
+    return rows[pos], x[pos], core
+
+
+def _threshold(sample_parts, draw, metric, target, seed):
+    gathered = _in_row_order(sample_parts)
+    x, core = gathered if gathered else (np.zeros((0, 0), np.float32), np.zeros(0, bool))
+    return hac.threshold_from_sample(x, core, metric, target, seed, draw)
+
+
+class ThresholdFromTarget(beam.PTransform):
+    """PCollection of (row ids int64, embeddings) batches, rows 0..n-1 -> singleton
+    PCollection: the hac.ThresholdChoice that hac.choose_threshold gives on the same
+    rows, whatever the batching, order or number of workers.
+
+    Each step of hac.choose_threshold runs where its data is: counting rows and
+    assigning cells per batch, training the cells (on the rows of lowest hash),
+    drawing cells from the summed cell counts and the final clustering of the
+    gathered sample on one worker.  Only small arrays (training rows, centroids,
+    a mask over cells) travel as side inputs.
+    """
+
+    def __init__(self, target_mean_cluster_size, metric="cosine", sample_size=10_000, margin_cells=3, seed=0):
+        super().__init__()
+        self.target = hac.check_target(target_mean_cluster_size)
+        if metric not in hac.METRICS:
+            raise hac.HacError(f"unknown metric {metric!r}")
+        hac._check_count("sample_size", sample_size)
+        self.metric, self.sample_size, self.margin_cells, self.seed = metric, sample_size, margin_cells, seed
+
+    def expand(self, batches):
+        side = beam.pvalue.AsSingleton
+        layout = (batches
+                  | "CountRows" >> beam.Map(_row_count)
+                  | "SumRows" >> beam.CombineGlobally(sum)
+                  | "Layout" >> beam.Map(_layout, self.sample_size, self.seed))
+        cells = (batches
+                 | "TrainingRows" >> beam.Map(_training_part, side(layout))
+                 | "GatherTraining" >> beam.combiners.ToList()
+                 | "TrainCells" >> beam.Map(_train_cells, side(layout), self.metric, self.margin_cells, self.seed))
+        assigned = batches | "AssignCells" >> beam.Map(_assign, side(cells))
+        draw = (assigned
+                | "CellCounts" >> beam.Map(_cell_counts, side(cells))
+                | "SumCellCounts" >> beam.CombineGlobally(sum)
+                | "DrawCells" >> beam.Map(_draw, side(cells), self.sample_size, self.seed))
+        return (assigned
+                | "SampleRows" >> beam.Map(_sample_part, side(draw))
+                | "GatherSample" >> beam.combiners.ToList()
+                | "Threshold" >> beam.Map(_threshold, side(draw), self.metric, self.target, self.seed))

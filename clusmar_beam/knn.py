@@ -90,7 +90,9 @@ def hash_ids(ids: np.ndarray, seed: int) -> np.ndarray:
 
 def split_by_key(keys: np.ndarray):
     """(key, positions) for each distinct value of a 1-D int array: keys ascending,
-    positions ascending within a key."""
+    positions ascending within a key.  Nothing for an empty array."""
+    if keys.size == 0:
+        return
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     bounds = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])

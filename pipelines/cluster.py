@@ -9,8 +9,10 @@ S partitions by coarse cell, reciprocal-nearest merges inside each with the
 neighbouring cells' clusters visible but frozen, S/4 partitions next round,
 ..., the remainder on one worker).  `--target-mean-cluster-size M` picks the
 threshold on a sample of whole k-means cells plus their border
-(hac.choose_threshold) and reports it in clustering.json.  The assignments
-are written back out in parallel shards, then clustering.json last.
+(hac.choose_threshold on the one worker; with --hac-shards, the same steps as
+Beam transforms, hac_sharded.ThresholdFromTarget) and reports it in
+clustering.json.  The assignments are written back out in parallel shards,
+then clustering.json last.
 """
 from __future__ import annotations
 
@@ -165,8 +167,7 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
             choice = hac.choose_threshold(embeddings, opts_dict["metric"], opts_dict["target_mean_cluster_size"],
                                           sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
                                           log=every_few_seconds(LOG.info))
-            eps = choice.distance_threshold
-            beam.metrics.Metrics.counter("cluster", "threshold_sample_points").inc(choice.sample_points_with_margin)
+            eps = _count_choice(choice).distance_threshold
         result = hac.average_linkage(
             embeddings, eps, opts_dict["metric"], k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
@@ -188,6 +189,18 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
             "dim": embeddings.shape[1]}
 
 
+def _count_choice(choice: hac.ThresholdChoice) -> hac.ThresholdChoice:
+    """Both paths count the points the threshold sample clustered (its cost)."""
+    beam.metrics.Metrics.counter("cluster", "threshold_sample_points").inc(choice.sample_points_with_margin)
+    return choice
+
+
+def _reported_choice(choice: hac.ThresholdChoice) -> hac.ThresholdChoice:
+    """The sharded path's choice, counted and logged as the one-worker path does."""
+    LOG.info("cluster: hac threshold: %s", choice.describe())
+    return _count_choice(choice)
+
+
 def _row_numbers(id_batches, pool_glob: str) -> dict:
     """All ids (only ids) on one worker -> sorted ids; a point's row is its rank."""
     dim = _one_width((width, source) for _, width, source in id_batches)
@@ -205,7 +218,8 @@ def _to_rows(batch: io.Batch, index: dict, metric: str, pool_glob: str):
     return np.searchsorted(index["ids"], batch.ids).astype(np.int64), batch.columns["embedding"]
 
 
-def _sharded_result(edges, index: dict, id_type: str, started: float) -> dict:
+def _sharded_result(edges, index: dict, id_type: str, started: float, eps: float | None,
+                    choice: hac.ThresholdChoice | None) -> dict:
     from clusmar_beam import hac_sharded
     n = len(index["ids"])
     labels = hac_sharded.labels_from_edges(n, edges)
@@ -214,7 +228,9 @@ def _sharded_result(edges, index: dict, id_type: str, started: float) -> dict:
     beam.metrics.Metrics.counter("cluster", "clusters").inc(num_clusters)
     beam.metrics.Metrics.counter("cluster", "merges").inc(len(edges))
     LOG.info("cluster: sharded HAC: %d points -> %d clusters (%.1f s)", n, num_clusters, time.time() - started)
-    return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": None, "merges": int(len(edges)),
+    return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": None,
+            "distance_threshold": choice.distance_threshold if choice else eps,
+            "threshold_choice": choice.as_dict() if choice else None, "merges": int(len(edges)),
             "merges_per_round": None, "hac_seconds": time.time() - started, "dim": index["dim"]}
 
 
@@ -256,9 +272,6 @@ def run(argv=None) -> dict:
         raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
     if opts.max_rounds < 0:
         raise InputError(f"--max-rounds must be >= 0 (got {opts.max_rounds})")
-    if opts.hac_shards > 1 and target is not None:
-        raise InputError("--target-mean-cluster-size is not supported with --hac-shards > 1 yet; pick epsilon "
-                         "with --hac-shards 1 (clustering.json reports it) and pass it as --distance-threshold")
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num-shards must be positive (got {opts.num_shards})")
     reader = io.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
@@ -294,13 +307,20 @@ def run(argv=None) -> dict:
                  | "RowNumbers" >> beam.Map(_row_numbers, pool_glob))
         id_type = (batches | "IdType" >> beam.Map(lambda b: b.id_type)
                    | "OneIdType" >> beam.CombineGlobally(lambda types: sorted(set(types))[0] if types else "int64"))
-        edges = (batches
-                 | "Rows" >> beam.Map(_to_rows, beam.pvalue.AsSingleton(index), opts.metric, pool_glob)
-                 | "ShardedHac" >> hac_sharded.ShardedHac(eps, opts.metric, shards=opts.hac_shards,
-                                                          halo_cells=opts.hac_halo_cells,
-                                                          max_rounds=opts.max_rounds, seed=opts.seed))
+        rows = batches | "Rows" >> beam.Map(_to_rows, beam.pvalue.AsSingleton(index), opts.metric, pool_glob)
+        threshold, choice = eps, None
+        if target is not None:
+            choice = (rows
+                      | "ChooseThreshold" >> hac_sharded.ThresholdFromTarget(
+                          target, opts.metric, sample_size=opts.threshold_sample_size, seed=opts.seed)
+                      | "ReportThreshold" >> beam.Map(_reported_choice))
+            threshold = choice | "Eps" >> beam.Map(lambda c: c.distance_threshold)
+        edges = rows | "ShardedHac" >> hac_sharded.ShardedHac(threshold, opts.metric, shards=opts.hac_shards,
+                                                               halo_cells=opts.hac_halo_cells,
+                                                               max_rounds=opts.max_rounds, seed=opts.seed)
         result = edges | "Labels" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
-                                              beam.pvalue.AsSingleton(id_type), time.time())
+                                              beam.pvalue.AsSingleton(id_type), time.time(), eps,
+                                              beam.pvalue.AsSingleton(choice) if choice is not None else None)
     else:
         result = (pipeline
                   | reader

@@ -85,14 +85,14 @@ def test_frozen_neighbours_block_merges():
     assert len(out) == 1 and edges.tolist() == [[0, 1]]
 
 
-def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows):
+def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
     """Labels from the ShardedHac transform run on DirectRunner over batches of `batch_rows`."""
     rows = np.arange(len(X))
     out = tmp_path / "edges.npy"
     with beam.Pipeline() as p:
         _ = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows]) for s in range(0, len(X), batch_rows)],
                              reshuffle=False)
-             | hac_sharded.ShardedHac(eps, metric, shards=shards)
+             | hac_sharded.ShardedHac(eps, metric, shards=shards, **kwargs)
              | beam.Map(lambda e: np.save(out, e)))
     return hac_sharded.labels_from_edges(len(X), np.load(out))
 
@@ -103,6 +103,14 @@ def test_beam_transform_matches_in_process_rounds(tmp_path):
     expected, _ = hac_sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
     assert np.array_equal(labels, expected)
     assert adjusted_rand_score(labels, hac.average_linkage(X, 0.25, "cosine").labels) >= 0.99
+
+
+def test_beam_transform_without_halo_and_on_one_point(tmp_path):
+    X = _diffuse_and_bursts(600, seed=7).astype(np.float32)
+    labels = _beam_labels(tmp_path, X, 0.25, "cosine", shards=8, batch_rows=200, halo_cells=0)
+    expected, _ = hac_sharded.sharded_average_linkage(X, 0.25, "cosine", shards=8, halo_cells=0)
+    assert np.array_equal(labels, expected)
+    assert _beam_labels(tmp_path, X[:1], 0.25, "cosine", shards=8, batch_rows=1).tolist() == [0]
 
 
 @pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"shrink": 1}, {"max_rounds": -1}])
@@ -155,7 +163,7 @@ def test_cli_hac_shards_with_text_ids_and_bad_input(tmp_path, rng, capsys):
                      "--hac-shards", "8"]) == 0
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     for flags, fragment in ((["--hac-shards", "0"], "--hac-shards"), (["--max-rounds", "-1"], "--max-rounds"),
-                            (["--hac-shards", "4", "--target-mean-cluster-size", "5"], "--target-mean-cluster-size")):
+                            (["--hac-shards", "4", "--target-mean-cluster-size", "0"], "--target-mean-cluster-size")):
         code = cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), *flags]
                         + ([] if "--target-mean-cluster-size" in flags else ["--distance-threshold", "0.3"]))
         assert code == 2 and fragment in capsys.readouterr().err
@@ -171,3 +179,57 @@ def test_beam_transform_sqeuclidean_across_batches(tmp_path):
     X = (_diffuse_and_bursts(2000, seed=3) + 5.0).astype(np.float32)   # an offset: batches must share one origin
     labels = _beam_labels(tmp_path, X, 3.0, "sqeuclidean", shards=16, batch_rows=300)
     assert adjusted_rand_score(labels, hac.average_linkage(X, 3.0, "sqeuclidean").labels) >= 0.99
+
+
+def _beam_choice(tmp_path, X, target, metric, batch_rows, **kwargs):
+    """The ThresholdChoice of the ThresholdFromTarget transform over batches of `batch_rows`, in reverse order."""
+    rows = np.arange(len(X))
+    starts = list(range(0, len(X), batch_rows))[::-1]
+    out = tmp_path / "choice.json"
+    with beam.Pipeline() as p:
+        _ = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows]) for s in starts], reshuffle=False)
+             | hac_sharded.ThresholdFromTarget(target, metric, **kwargs)
+             | beam.Map(lambda c: out.write_text(json.dumps(c.as_dict()))))
+    return hac.ThresholdChoice(**json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("metric,batch_rows,offset", [("cosine", 700, 0.0), ("sqeuclidean", 450, 5.0)])
+def test_threshold_transform_matches_choose_threshold(tmp_path, metric, batch_rows, offset):
+    X = (_diffuse_and_bursts(4000, seed=4) + offset).astype(np.float32)
+    choice = _beam_choice(tmp_path, X, 8, metric, batch_rows, sample_size=1000, seed=3)
+    assert choice == hac.choose_threshold(X, metric, 8, sample_size=1000, seed=3)   # equal floats
+    assert choice.sample_cells >= 2 and choice.sample_points_with_margin > choice.sample_points
+
+
+def test_threshold_transform_on_a_small_pool_takes_every_row(tmp_path):
+    X = _diffuse_and_bursts(300, seed=6).astype(np.float32)
+    choice = _beam_choice(tmp_path, X, 5, "cosine", 64, sample_size=1000)
+    assert choice == hac.choose_threshold(X, "cosine", 5, sample_size=1000)
+    assert choice.sample_points == 300 and choice.num_cells == 1
+
+
+def test_threshold_transform_bad_parameters():
+    with pytest.raises(HacError, match="target mean cluster size"):
+        hac_sharded.ThresholdFromTarget(0.5)
+    with pytest.raises(HacError):
+        hac_sharded.ThresholdFromTarget(5, "l1")
+    with pytest.raises(HacError):
+        hac_sharded.ThresholdFromTarget(5, sample_size=0)
+
+
+def test_cli_target_mean_cluster_size_with_hac_shards(tmp_path):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "4000", "--dim", "16",
+                     "--num-classes", "5", "--seed", "7", "--num-shards", "3"]) == 0
+    pool = str(tmp_path / "pool" / "pool-*.parquet")
+    infos = {}
+    for name, flags in (("one", []), ("many", ["--hac-shards", "8", "--direct_num_workers=2",
+                                               "--direct_running_mode=multi_processing"])):
+        assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / name), "--target-mean-cluster-size",
+                         "10", "--threshold-sample-size", "2000", *flags]) == 0
+        infos[name] = json.load(open(tmp_path / name / "clustering.json"))
+    one, many = infos["one"]["parameters"], infos["many"]["parameters"]
+    assert many["hac_shards"] == 8 and many["target_mean_cluster_size"] == 10
+    assert many["distance_threshold"] == one["distance_threshold"] > 0      # the same epsilon, to the bit
+    assert many["threshold_choice"] == one["threshold_choice"]
+    assert many["threshold_choice"]["sample_cells"] >= 2
+    assert 8 <= infos["many"]["mean_cluster_size"] <= 12                       # within +-20% of the target
