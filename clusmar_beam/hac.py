@@ -31,6 +31,11 @@ METRICS = ("cosine", "sqeuclidean")
 # Default neighbours asked from FAISS per query (self included).  More than the
 # one we need, so that the exact float64 re-ranking can repair float32 near-ties.
 DEFAULT_K = 8
+# Up to this many active clusters nearest clusters are searched exactly (FAISS
+# flat), above it with the IVF index.  Switching to exact search re-searches
+# every active cluster (n^2 work), so it is kept small enough to be cheap:
+# at 100K points a switch at 50K active clusters was half of the HAC's time.
+EXACT_SEARCH_MAX = 20_000
 # Queries per FAISS call / re-ranking batch: bounds temporary memory.
 _CHUNK = 1 << 15
 # Training sample for the IVF coarse quantiser, in points per list.
@@ -78,7 +83,7 @@ def average_linkage(
     distance_threshold: float,
     metric: str = "cosine",
     *,
-    exact_search_max: int = 50_000,
+    exact_search_max: int = EXACT_SEARCH_MAX,
     nlist: int | None = None,
     nprobe: int = 32,
     seed: int = 0,
@@ -309,7 +314,9 @@ class _Rac:
     # --- linkage and vectors
 
     def _mu(self, ids):
-        return self.S[ids] / self.cnt[ids, None]
+        mu = self.S[ids]
+        mu /= self.cnt[ids, None]  # in place: one temporary, not two
+        return mu
 
     def _var(self, ids):
         return self.W[ids] / self.cnt[ids]
@@ -322,9 +329,11 @@ class _Rac:
         """
         mu_b = self._mu(ids_b)
         if self.cos:
-            return 1.0 - (mu_a * mu_b).sum(axis=1)
-        diff = mu_a - mu_b
-        return (diff * diff).sum(axis=1) + (var_a + self._var(ids_b))
+            mu_b *= mu_a
+            return 1.0 - mu_b.sum(axis=1)
+        mu_b -= mu_a  # the sign does not change the square
+        mu_b *= mu_b
+        return mu_b.sum(axis=1) + (var_a + self._var(ids_b))
 
     def _vectors(self, ids, database: bool):
         """FAISS rows: [mu, e] for the database, [mu, 0] for queries.
@@ -348,7 +357,7 @@ class _Rac:
     def _build_index(self, ids):
         dim = self.S.shape[1] + 1
         if ids.size <= self.exact_search_max:
-            self.index = _FlatIndex(dim)
+            self.index = _FlatIndex(dim, self.cos)
         else:
             nlist = self.nlist or max(int(round(4 * math.sqrt(ids.size))), -(-ids.size // _LIST_SIZE))
             nlist = max(1, min(nlist, ids.size))
@@ -356,7 +365,7 @@ class _Rac:
             m = min(ids.size, _TRAIN_PER_LIST * nlist)
             sample = np.sort(rng.choice(ids.size, size=m, replace=False))
             self.index = _IvfIndex(self._vectors(ids[sample], True), nlist, self.nprobe,
-                                   self.seed, self.S.shape[0])
+                                   self.seed, self.S.shape[0], inner_product=self.cos)
         for s in range(0, ids.size, 1 << 18):
             part = ids[s:s + (1 << 18)]
             self.index.add(part, self._vectors(part, True))
@@ -581,12 +590,17 @@ def _symmetrise(act, nn, nd):
 
 
 class _FlatIndex:
-    """Exact L2 search over the active clusters' augmented vectors."""
+    """Exact search over the active clusters' augmented vectors.
+
+    For cosine every database row has norm 1, so the inner-product order is
+    the L2 order, and FAISS's inner-product search skips the norms (12% faster
+    on 20K x 20K here).
+    """
 
     exact = True
 
-    def __init__(self, dim):
-        self.index = faiss.IndexIDMap(faiss.IndexFlatL2(dim))
+    def __init__(self, dim, inner_product=False):
+        self.index = faiss.IndexIDMap(faiss.IndexFlatIP(dim) if inner_product else faiss.IndexFlatL2(dim))
 
     @property
     def ntotal(self):
@@ -618,8 +632,9 @@ class _IvfIndex:
 
     exact = False
 
-    def __init__(self, train_vecs, nlist, nprobe, seed, size):
+    def __init__(self, train_vecs, nlist, nprobe, seed, size, inner_product=False):
         dim = train_vecs.shape[1]
+        self.metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2  # see _FlatIndex
         self.quantiser = _TwoLevelQuantiser(train_vecs, nlist, seed)
         centroids = self.quantiser.centroids
         nlist = centroids.shape[0]
@@ -627,7 +642,7 @@ class _IvfIndex:
         # quantiser above and searched through search_preassigned or as blocks.
         self.flat = faiss.IndexFlatL2(dim)  # the IVF index does not own it
         self.flat.add(centroids)
-        index = faiss.IndexIVFFlat(self.flat, dim, nlist, faiss.METRIC_L2)
+        index = faiss.IndexIVFFlat(self.flat, dim, nlist, self.metric)
         assert index.is_trained  # a quantiser holding nlist centroids
         self.nprobe = min(nprobe, nlist)
         index.nprobe = self.nprobe
@@ -679,7 +694,7 @@ class _IvfIndex:
                 if db_ids.size == 0:
                     continue
                 db_vecs = np.concatenate([views[p][1] for p in probe])
-                found = faiss.knn(query_vectors(ids[rows]), db_vecs, min(k, db_ids.size))[1]
+                found = faiss.knn(query_vectors(ids[rows]), db_vecs, min(k, db_ids.size), metric=self.metric)[1]
                 cand[rows, :found.shape[1]] = np.where(found >= 0, db_ids[found], -1)
         return cand
 

@@ -88,7 +88,7 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     S = np.array(both.S, np.float64)
     cnt = np.array(both.cnt, np.float64)
     W = np.array(both.W, np.float64)
-    rac = hac._Rac(S, cnt, metric, eps, 50_000, None, 32, seed, None, time.perf_counter(), k, W=W,
+    rac = hac._Rac(S, cnt, metric, eps, hac.EXACT_SEARCH_MAX, None, 32, seed, None, time.perf_counter(), k, W=W,
                    frozen=is_frozen)
     parent, _ = rac.run(first_round_extra=0)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)

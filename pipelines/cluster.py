@@ -53,7 +53,7 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--knn", type=int, default=hac.DEFAULT_K,
                             help="neighbours fetched per nearest-cluster search (self included), re-ranked by "
                                  "exact linkage")
-        parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=50_000,
+        parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=hac.EXACT_SEARCH_MAX,
                             help="exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")
         parser.add_argument("--hac-shards", dest="hac_shards", type=int, default=1,
