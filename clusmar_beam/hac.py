@@ -303,6 +303,14 @@ class _Rac:
         u = S.shape[0]
         self.cand = np.full((u, k), -1, np.int64)
         self.bound = np.full(u, -np.inf)
+        # The exact linkage of each kept candidate, when it was computed, and
+        # when each cluster last changed (a merge), on one clock (self.now):
+        # a kept linkage is still exact while neither side has changed, so
+        # _resolve only recomputes those of candidates that merged.
+        self.cand_d = np.full((u, k), np.inf)
+        self.computed = np.full(u, -1, np.int64)
+        self.changed = np.full(u, -1, np.int64)
+        self.now = 0
         # Slack for float32 ranking inside FAISS: |error| of an augmented L2
         # distance is a few float32 ulps of the squared norms involved.
         if self.cos:
@@ -389,6 +397,7 @@ class _Rac:
             c[c == q[:, None]] = -1
             c.sort(axis=1)
             nn[s:s + q.size], nd[s:s + q.size], dist = self._nearest_of(q, c)
+            self._keep(q, c, dist)
             valid = c >= 0
             # Whatever FAISS did not return ranked (in float32) after its k-th
             # result, so it is at least as far as the farthest one returned,
@@ -397,19 +406,36 @@ class _Rac:
             farthest = np.where(valid, dist, -np.inf).max(axis=1) - 2 * self.tol
             full = valid.sum(axis=1) >= k - 1
             self.bound[q] = np.inf if everything else np.where(full, farthest, -np.inf)
-            self.cand[q, :k] = c
-            self.cand[q, k:] = -1
         return nn, nd
 
-    def _nearest_of(self, q, c):
-        """Exact nearest of each q among its candidate row c (-1 = none), ties to the lower id."""
+    def _keep(self, q, c, dist):
+        """Keep candidates c of clusters q (fewer columns than k: the rest empty) and their linkages."""
+        width = c.shape[1]
+        self.cand[q, :width] = c
+        self.cand[q, width:] = -1
+        self.cand_d[q, :width] = dist
+        self.cand_d[q, width:] = np.inf
+        self.computed[q] = self.now
+
+    def _nearest_of(self, q, c, dist=None, need=None):
+        """Exact nearest of each q among its candidate row c (-1 = none), ties to the lower id.
+
+        Given `dist` (kept linkages, same shape as c), only the entries marked
+        in `need` are computed.  Returns (nearest, its linkage, all linkages).
+        """
         valid = c >= 0
         c = np.where(valid, c, q[:, None])  # any valid row; masked below
-        mu_q = self._mu(q)
-        var_q = None if self.cos else self._var(q)
-        dist = np.empty(c.shape)
-        for j in range(c.shape[1]):
-            dist[:, j] = self._linkage(mu_q, var_q, c[:, j])
+        if dist is None:
+            mu_q = self._mu(q)
+            var_q = None if self.cos else self._var(q)
+            dist = np.empty(c.shape)
+            for j in range(c.shape[1]):
+                dist[:, j] = self._linkage(mu_q, var_q, c[:, j])
+        else:
+            rows, cols = np.nonzero(need & valid)
+            if rows.size:
+                qq = q[rows]
+                dist[rows, cols] = self._linkage(self._mu(qq), None if self.cos else self._var(qq), c[rows, cols])
         dist[~valid] = np.inf
         best = dist.argmin(axis=1)
         r = np.arange(q.size)
@@ -437,10 +463,15 @@ class _Rac:
             c = self.cand[q]
             c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
             c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
-            c.sort(axis=1)
+            order = np.argsort(c, axis=1)
+            c = np.take_along_axis(c, order, axis=1)
+            dist = np.take_along_axis(self.cand_d[q], order, axis=1)
             c[:, 1:][c[:, 1:] == c[:, :-1]] = -1  # the same merged cluster twice
-            self.cand[q] = c
-            near, near_d, _ = self._nearest_of(q, c)
+            # q has not changed since its list was made (a merged q gets a new
+            # list in _combine), so only candidates that changed are recomputed.
+            need = self.changed[np.maximum(c, 0)] >= self.computed[q][:, None]
+            near, near_d, dist = self._nearest_of(q, c, dist, need)
+            self._keep(q, c, dist)
             found = near_d < bound
             gone = ~found & (bound > self.eps) & (near_d > self.eps)
             done[s:s + q.size] = found | gone
@@ -468,7 +499,7 @@ class _Rac:
             order = np.lexsort((c, dist), axis=1)
             c = np.take_along_axis(c, order, axis=1)
             dist = np.take_along_axis(dist, order, axis=1)
-            self.cand[q] = c[:, :k]
+            self._keep(q, c[:, :k], dist[:, :k])
             self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dist[:, k])
 
     # --- rounds
@@ -485,6 +516,7 @@ class _Rac:
         self._build_index(np.arange(u, dtype=np.int64))
         merges_per_round = []
         while (active & free).any():
+            self.now = 3 * len(merges_per_round)  # searches; then merges at now + 1, new lists at now + 2
             act = np.flatnonzero(active & free)
             if not self.index.exact and np.count_nonzero(active) <= self.exact_search_max:
                 # Few enough left: switch to exact search and redo every
@@ -518,10 +550,12 @@ class _Rac:
             a, b = act[pair], partner[pair]
             self.heights.append(nd[a].copy())
             self.pairs.append(np.stack([a, b], axis=1))
+            self.now += 1
             self._merge(a, b)
             parent[b] = a
             parent = parent[parent]  # every cluster points at its root again
             active[b] = False
+            self.now += 1
             if a.size:
                 self._combine(a, b, parent, active)
 
@@ -565,6 +599,7 @@ class _Rac:
             self.W[a] += self.W[b] + (na * nb / (na + nb)) * np.einsum("ij,ij->i", diff, diff)
         self.S[a] += self.S[b]
         self.cnt[a] += self.cnt[b]
+        self.changed[a] = self.now
 
 
 def _symmetrise(act, nn, nd):

@@ -104,6 +104,52 @@ def test_ivf_search_path(metric):
     assert got.rounds > 1
 
 
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_ivf_with_two_level_quantiser(metric, monkeypatch):
+    """Pools above 1M clusters get lists of bounded size behind a two-level quantiser;
+    forced here on a small pool (tiny lists, few allowed flat lists), it must still
+    match exact average linkage."""
+    from clusmar_beam import hac
+
+    monkeypatch.setattr(hac, "_FLAT_QUANTISER_MAX", 8)
+    monkeypatch.setattr(hac, "_LIST_SIZE", 40)
+    X = _diffuse_groups_and_bursts(seed=1)
+    Z = _reference(X, metric)
+    built = []
+    real_init = hac._TwoLevelQuantiser.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(hac._TwoLevelQuantiser, "__init__", spy)
+    _check_against_reference(X, metric, _threshold(Z, 0.9), Z=Z, exact_search_max=100)
+    assert built and built[0].first is not None  # the two-level path ran
+    assert built[0].centroids.shape[0] >= len(X) // 40 - 1  # lists of about _LIST_SIZE
+
+
+def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(monkeypatch):
+    from clusmar_beam import hac
+
+    monkeypatch.setattr(hac, "_FLAT_QUANTISER_MAX", 100)
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(20000, 8)).astype(np.float32)
+    q = hac._TwoLevelQuantiser(train, 2000, seed=0)
+    assert q.first is not None and q.first[-1] == q.centroids.shape[0]
+    assert abs(q.centroids.shape[0] - 2000) <= q.groups.shape[0]  # lists shared out by group size
+    x = rng.normal(size=(3000, 8)).astype(np.float32)
+    lists = q.assign(x)
+    groups = hac.faiss.knn(x, q.groups, hac._GROUPS_SEARCHED)[1]
+    for i in range(0, 3000, 97):
+        allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
+        d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
+        assert lists[i] == allowed[np.argmin(d)]
+    # most points land in their globally nearest list
+    nearest = hac._nearest(x, q.centroids)
+    assert (nearest == lists).mean() > 0.9
+
+
 def test_large_offset_does_not_lose_precision():
     X = DATASETS["breast_cancer"]()[:300] + 1e4
     Z = _reference(X, "sqeuclidean")
