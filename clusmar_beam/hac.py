@@ -333,7 +333,11 @@ class _Rac:
         """Exact average linkage between rows mu_a and clusters ids_b.
 
         Written so that d(a, b) and d(b, a) are bit-identical; the
-        reciprocity test and the symmetrisation rely on it.
+        reciprocity test and the symmetrisation rely on it.  Clusters keep
+        vector sums (means are one division away) and the dot products use
+        numpy's pairwise sum: with means updated incrementally, or einsum,
+        the last bits change and exact ties in integer data (digits,
+        sqeuclidean) broke differently from fastcluster (ARI 0.9895).
         """
         mu_b = self._mu(ids_b)
         if self.cos:
