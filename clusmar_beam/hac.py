@@ -1084,7 +1084,9 @@ def threshold_from_sample(sample_x: np.ndarray, core: np.ndarray, metric: str, t
                           draw: CellDraw) -> ThresholdChoice:
     """The sample's raw vectors (in row order) clustered completely, cut where its core reaches the target."""
     sample = _prepare(sample_x, metric)
-    result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed)
+    # The whole dendrogram of a sample that is small by design: exact search throughout.
+    result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed,
+                             exact_search_max=max(EXACT_SEARCH_MAX, sample.shape[0]))
     eps, mean_size = _threshold_for_core(result, core, target)
     return ThresholdChoice(eps, target, int(core.sum()), int(core.size), draw.sample_cells, draw.num_cells,
                            mean_size)
