@@ -465,8 +465,7 @@ class _Rac:
             q = ids[s:s + _CHUNK]
             bound = self.bound[q]
             c = self.cand[q]
-            c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
-            c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
+            c = _live(q, c, parent, active)
             order = np.argsort(c, axis=1)
             c = np.take_along_axis(c, order, axis=1)
             dist = np.take_along_axis(self.cand_d[q], order, axis=1)
@@ -495,8 +494,7 @@ class _Rac:
         for s in range(0, a.size, _CHUNK):
             q, other = a[s:s + _CHUNK], b[s:s + _CHUNK]
             c = np.concatenate([self.cand[q], self.cand[other]], axis=1)
-            c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
-            c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
+            c = _live(q, c, parent, active)
             c.sort(axis=1)
             c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
             _, _, dist = self._nearest_of(q, c)
@@ -606,6 +604,13 @@ class _Rac:
         self.changed[a] = self.now
 
 
+def _live(q, c, parent, active):
+    """Kept candidates c of clusters q as the clusters they are now part of; -1 for none, q itself or retired."""
+    c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
+    c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
+    return c
+
+
 def _symmetrise(act, nn, nd):
     """Offer every found edge a -> b to b as well: b's nearest is at most that far.
 
@@ -632,8 +637,7 @@ class _FlatIndex:
     """Exact search over the active clusters' augmented vectors.
 
     For cosine every database row has norm 1, so the inner-product order is
-    the L2 order, and FAISS's inner-product search skips the norms (12% faster
-    on 20K x 20K here).
+    the L2 order, and FAISS's inner-product search skips the norms.
     """
 
     exact = True
@@ -775,7 +779,7 @@ class _TwoLevelQuantiser:
             self.centroids, self.first = self.groups, None
             return
         self.groups = knn.train_centroids(train, int(round(math.sqrt(nlist))), seed, niter=10)
-        group = _nearest(train, self.groups)
+        group = knn.probe_cells(self.groups, train, 1)[:, 0]
         parts, first = [], [0]
         for g in range(self.groups.shape[0]):
             rows = train[group == g]
@@ -790,10 +794,10 @@ class _TwoLevelQuantiser:
         self.first = np.asarray(first, np.int64)
 
     def assign(self, vecs):
-        if self.first is None:
-            return _nearest(vecs, self.groups)
         vecs = np.ascontiguousarray(vecs, np.float32)
-        groups = faiss.knn(vecs, self.groups, min(_GROUPS_SEARCHED, self.groups.shape[0]))[1]
+        if self.first is None:
+            return knn.probe_cells(self.groups, vecs, 1)[:, 0]
+        groups = knn.probe_cells(self.groups, vecs, _GROUPS_SEARCHED)
         best = np.full(vecs.shape[0], np.inf, np.float32)
         lists = np.zeros(vecs.shape[0], np.int64)
         for g, pos in knn.split_by_key(groups.reshape(-1)):
@@ -804,10 +808,6 @@ class _TwoLevelQuantiser:
             best[rows[better]] = d[better, 0]
             lists[rows[better]] = lo + i[better, 0]
         return lists
-
-
-def _nearest(vecs, centroids):
-    return faiss.knn(np.ascontiguousarray(vecs, np.float32), centroids, 1)[1][:, 0].astype(np.int64)
 
 
 # ------------------------------------------------- threshold from a target size

@@ -140,13 +140,13 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(mo
     assert abs(q.centroids.shape[0] - 2000) <= q.groups.shape[0]  # lists shared out by group size
     x = rng.normal(size=(3000, 8)).astype(np.float32)
     lists = q.assign(x)
-    groups = hac.faiss.knn(x, q.groups, hac._GROUPS_SEARCHED)[1]
+    groups = hac.knn.probe_cells(q.groups, x, hac._GROUPS_SEARCHED)
     for i in range(0, 3000, 97):
         allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
         assert lists[i] == allowed[np.argmin(d)]
     # most points land in their globally nearest list
-    nearest = hac._nearest(x, q.centroids)
+    nearest = hac.knn.probe_cells(q.centroids, x, 1)[:, 0]
     assert (nearest == lists).mean() > 0.9
 
 
