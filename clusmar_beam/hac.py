@@ -772,9 +772,9 @@ class _TwoLevelQuantiser:
     1-NN recall fell from 0.99 to 0.91.)
     """
 
-    def __init__(self, train, nlist, seed):
+    def __init__(self, train, nlist, seed, flat_max: int | None = None):
         nlist = max(1, min(int(nlist), train.shape[0]))
-        if nlist <= _FLAT_QUANTISER_MAX:
+        if nlist <= (_FLAT_QUANTISER_MAX if flat_max is None else flat_max):
             self.groups = knn.train_centroids(train, nlist, seed, niter=10)
             self.centroids, self.first = self.groups, None
             return
@@ -794,19 +794,37 @@ class _TwoLevelQuantiser:
         self.first = np.asarray(first, np.int64)
 
     def assign(self, vecs):
+        """The list of each row."""
+        return self.nearest(vecs, 1)[:, 0]
+
+    def nearest(self, vecs, k: int):
+        """(rows, k) nearest lists of each row among those it may search, nearest first.
+
+        Ties go to the lower list.  Every group holds a list, so a row can
+        always get one per group it searches: k is cut to that many.
+        """
         vecs = np.ascontiguousarray(vecs, np.float32)
         if self.first is None:
-            return knn.probe_cells(self.groups, vecs, 1)[:, 0]
+            return knn.probe_cells(self.groups, vecs, k)
         groups = knn.probe_cells(self.groups, vecs, _GROUPS_SEARCHED)
-        best = np.full(vecs.shape[0], np.inf, np.float32)
-        lists = np.zeros(vecs.shape[0], np.int64)
+        k = min(k, groups.shape[1])
+        best = np.full((vecs.shape[0], k), np.inf, np.float32)
+        lists = np.full((vecs.shape[0], k), -1, np.int64)
         for g, pos in knn.split_by_key(groups.reshape(-1)):
             rows = pos // groups.shape[1]
             lo, hi = self.first[g], self.first[g + 1]
-            d, i = faiss.knn(vecs[rows], self.centroids[lo:hi], 1)
-            better = d[:, 0] < best[rows]
-            best[rows[better]] = d[better, 0]
-            lists[rows[better]] = lo + i[better, 0]
+            d, i = faiss.knn(vecs[rows], self.centroids[lo:hi], min(k, hi - lo))
+            if k == 1:  # every IVF add: no sort needed
+                better = d[:, 0] < best[rows, 0]
+                best[rows[better], 0] = d[better, 0]
+                lists[rows[better], 0] = lo + i[better, 0]
+                continue
+            # groups come in ascending order, so a stable sort sends ties to the lower list
+            d = np.concatenate([best[rows], d], axis=1)
+            i = np.concatenate([lists[rows], lo + i], axis=1)
+            order = np.argsort(d, axis=1, kind="stable")[:, :k]
+            best[rows] = np.take_along_axis(d, order, axis=1)
+            lists[rows] = np.take_along_axis(i, order, axis=1)
         return lists
 
 
@@ -887,7 +905,9 @@ def choose_threshold(
     would give too large an eps (measured on a 200K pool: a uniform 20K
     sample picks an eps giving mean size 70 for a target of 10).  Instead the
     pool is cut into k-means cells of about `cell_size` (default
-    sample_size / 4) points, whole cells are drawn at random until
+    sample_size / 4) points (above _FLAT_SAMPLE_CELLS_MAX cells, behind a
+    two-level quantiser, so a row costs about 9 sqrt(cells) distances to
+    place, not one per cell), whole cells are drawn at random until
     `sample_size` points are taken (inside a cell the density is the pool's),
     and the points of neighbouring cells that have a drawn cell among their
     `margin_cells` nearest centroids are added as a margin, so that clusters
@@ -913,7 +933,7 @@ def choose_threshold(
     num_cells = threshold_cells(n, sample_size, cell_size)
     cells = SampleCells.train(X[training_rows(n, num_cells, seed)], metric, num_cells, margin_cells, seed)
     near = cells.assign(X)
-    draw = draw_cells(np.bincount(near[:, 0], minlength=num_cells), sample_size, seed)
+    draw = draw_cells(np.bincount(near[:, 0], minlength=cells.num_cells), sample_size, seed)
     pos, core = draw.select(np.arange(n), near)
     choice = threshold_from_sample(X[pos], core, metric, target, seed, draw)
     if log is not None:
@@ -998,11 +1018,16 @@ def training_rows(n: int, num_cells: int, seed: int) -> np.ndarray:
     return lowest_hash_rows(n, TRAIN_PER_CELL * num_cells if num_cells > 1 else 0, seed)
 
 
+# Above this many threshold cells they are found by a two-level quantiser:
+# a flat one costs num_cells distances per pool row (40K at 100M rows).
+_FLAT_SAMPLE_CELLS_MAX = 1024
+
+
 @dataclasses.dataclass
 class SampleCells:
     """The k-means cells of the threshold sample; small enough to ship to every worker."""
 
-    centroids: np.ndarray | None  # (num_cells, d) float32 of prepared vectors; None for one cell
+    cells: _TwoLevelQuantiser | None  # over prepared vectors; None for one cell
     offset: np.ndarray | None     # sqeuclidean: the training rows' mean, the origin of the centroids
     metric: str
     num_cells: int
@@ -1015,23 +1040,23 @@ class SampleCells:
         if num_cells == 1:
             return cls(None, None, metric, 1, near)
         train = _prepare(train_x, metric).astype(np.float32)
-        centroids = knn.train_centroids(train, num_cells, seed, niter=10)
-        return cls(centroids, np.asarray(train_x, np.float64).mean(axis=0), metric, num_cells, near)
+        cells = _TwoLevelQuantiser(train, num_cells, seed, flat_max=_FLAT_SAMPLE_CELLS_MAX)
+        # the two-level split rounds the lists per group: the count it made is the count
+        return cls(cells, np.asarray(train_x, np.float64).mean(axis=0), metric, cells.centroids.shape[0], near)
 
     def assign(self, x: np.ndarray) -> np.ndarray:
         """(rows, near) nearest cells of a block of raw vectors, home cell first."""
-        if self.centroids is None:
+        if self.cells is None:
             return np.zeros((x.shape[0], 1), np.int64)
-        cells = np.empty((x.shape[0], self.near), np.int64)
+        blocks = []
         for s in range(0, x.shape[0], _ASSIGN_BLOCK):
             part = x[s:s + _ASSIGN_BLOCK]
             if self.metric == "cosine":
                 part = part / np.linalg.norm(part, axis=1, keepdims=True)
             else:
                 part = part - self.offset
-            cells[s:s + part.shape[0]] = knn.probe_cells(self.centroids, np.ascontiguousarray(part, np.float32),
-                                                         self.near)
-        return cells
+            blocks.append(self.cells.nearest(part, self.near))
+        return np.concatenate(blocks) if blocks else np.zeros((0, self.near), np.int64)
 
 
 @dataclasses.dataclass

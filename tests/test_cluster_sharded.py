@@ -193,8 +193,12 @@ def _beam_choice(tmp_path, X, target, metric, batch_rows, **kwargs):
     return hac.ThresholdChoice(**json.loads(out.read_text()))
 
 
-@pytest.mark.parametrize("metric,batch_rows,offset", [("cosine", 700, 0.0), ("sqeuclidean", 450, 5.0)])
-def test_threshold_transform_matches_choose_threshold(tmp_path, metric, batch_rows, offset):
+@pytest.mark.parametrize("metric,batch_rows,offset,flat_cells_max", [
+    ("cosine", 700, 0.0, 1024), ("sqeuclidean", 450, 5.0, 1024),
+    ("cosine", 700, 0.0, 8)])  # 16 cells behind a two-level quantiser, as above 1024 cells
+def test_threshold_transform_matches_choose_threshold(tmp_path, metric, batch_rows, offset, flat_cells_max,
+                                                      monkeypatch):
+    monkeypatch.setattr(hac, "_FLAT_SAMPLE_CELLS_MAX", flat_cells_max)
     X = (_diffuse_and_bursts(4000, seed=4) + offset).astype(np.float32)
     choice = _beam_choice(tmp_path, X, 8, metric, batch_rows, sample_size=1000, seed=3)
     assert choice == hac.choose_threshold(X, metric, 8, sample_size=1000, seed=3)   # equal floats

@@ -148,6 +148,13 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(mo
     # most points land in their globally nearest list
     nearest = hac.knn.probe_cells(q.centroids, x, 1)[:, 0]
     assert (nearest == lists).mean() > 0.9
+    # the threshold cells ask for a row's 3 nearest lists, nearest first
+    three = q.nearest(x, 3)
+    assert (three[:, 0] == lists).all()
+    for i in range(0, 3000, 97):
+        allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
+        d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
+        assert three[i].tolist() == allowed[np.argsort(d, kind="stable")[:3]].tolist()
 
 
 def test_large_offset_does_not_lose_precision():
@@ -340,14 +347,20 @@ def test_target_mean_size_exact_on_small_pools(metric, target):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
-def test_target_mean_size_from_a_sample_of_cells(metric):
+@pytest.mark.parametrize("cell_size", [None, 100])
+def test_target_mean_size_from_a_sample_of_cells(metric, cell_size, monkeypatch):
+    """cell_size 100 makes 120 cells, above the (lowered) flat limit: the two-level cells of big pools."""
+    from clusmar_beam import hac
+
+    monkeypatch.setattr(hac, "_FLAT_SAMPLE_CELLS_MAX", 30)
     X = _blobs(12000, groups=300, seed=2, spread=0.5)
-    choice = choose_threshold(X, metric, 8, sample_size=2000, seed=4)
+    choice = choose_threshold(X, metric, 8, sample_size=2000, seed=4, cell_size=cell_size)
+    assert (choice.num_cells > 30) == (cell_size is not None)
     assert choice.sample_cells > 1 and choice.sample_points < 12000
     assert choice.sample_points_with_margin > choice.sample_points
     res = average_linkage(X, choice.distance_threshold, metric)
     assert 12000 / res.num_clusters == pytest.approx(8, rel=0.2)
-    again = choose_threshold(X, metric, 8, sample_size=2000, seed=4)
+    again = choose_threshold(X, metric, 8, sample_size=2000, seed=4, cell_size=cell_size)
     assert again == choice                                     # deterministic
 
 
