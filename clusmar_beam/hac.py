@@ -31,6 +31,14 @@ METRICS = ("cosine", "sqeuclidean")
 # Default neighbours asked from FAISS per query (self included).  More than the
 # one we need, so that the exact float64 re-ranking can repair float32 near-ties.
 DEFAULT_K = 8
+# With a target mean cluster size the pool is merged up to the sample's
+# threshold for this many times the target, then cut at the target: on a 1M
+# pool the sample's threshold for 10 gave a mean size of 6.8, its threshold
+# for 20 a mean of 12.7 (benchmarks/RESULTS.md).
+TARGET_OVERSHOOT = 2.0
+# With a target mean cluster size, merging that stopped short of it goes on
+# with the threshold raised by this factor.
+TARGET_RAISE = 1.5
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
 # flat), above it with the IVF index.  Switching to exact search re-searches
 # every active cluster (n^2 work), so it is kept small enough to be cheap:
@@ -71,11 +79,18 @@ class HacResult:
     rounds: int
     merges: int
     merges_per_round: list[int]
-    # Every merge as an edge between two input rows (one row of each side) and
-    # its linkage distance; exact duplicates merge at 0.  Cutting at eps keeps
-    # the connected components of the edges of height <= eps.
+    # Every merge made, as an edge between two input rows (one row of each
+    # side, the lower first) and its linkage distance; exact duplicates merge
+    # at 0.  Cutting at eps keeps the connected components of the edges of
+    # height <= eps.  With a target mean size the merging went past the cut,
+    # so these hold more merges than `merges` (and merges_per_round counts
+    # them all).
     heights: np.ndarray | None = None
     pairs: np.ndarray | None = None
+    # The cut: the threshold given, or the one picked for a target mean size.
+    distance_threshold: float | None = None
+    # With a target: the threshold the merging reached before it was cut.
+    merged_up_to: float | None = None
 
 
 def average_linkage(
@@ -83,6 +98,7 @@ def average_linkage(
     distance_threshold: float,
     metric: str = "cosine",
     *,
+    target_mean_cluster_size: float | None = None,
     exact_search_max: int = EXACT_SEARCH_MAX,
     nlist: int | None = None,
     nprobe: int = 32,
@@ -100,8 +116,19 @@ def average_linkage(
     `nprobe` lists probed), which
     may miss a few neighbours.  `log`, if given, gets one line per round.
     Deterministic for a given input order and `seed`.
+
+    With `target_mean_cluster_size` M, `distance_threshold` is only where
+    the merging stops first: while the clusters average fewer than M points
+    it goes on from the clusters it has, the threshold raised by
+    TARGET_RAISE each time, and the result is then the cut of the merges made
+    that leaves n / M clusters (rounded to a whole merge, and moved up past
+    tied heights), midway between two merge heights: `distance_threshold` of
+    the result.  A cut of the dendrogram below where it was merged is the
+    clustering at that threshold, so the mean size lands on M however far
+    off the first threshold was.
     """
     eps = _check_threshold(distance_threshold)
+    target = None if target_mean_cluster_size is None else check_target(target_mean_cluster_size)
     if metric not in METRICS:
         raise HacError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     _check_count("exact_search_max", exact_search_max)
@@ -112,7 +139,8 @@ def average_linkage(
     X = _prepare(embeddings, metric)
     n = X.shape[0]
     if n == 1:
-        return HacResult(np.zeros(1, np.int64), 1, 0, 0, [], np.zeros(0), np.zeros((0, 2), np.int64))
+        return HacResult(np.zeros(1, np.int64), 1, 0, 0, [], np.zeros(0), np.zeros((0, 2), np.int64), eps,
+                         None if target is None else eps)
 
     group, rep, counts = _collapse_duplicates(X)
     u = rep.size
@@ -122,23 +150,58 @@ def average_linkage(
         S = X[rep]
         del X
         S *= counts[:, None]
-    rac = _Rac(S, counts.astype(np.float64), metric, eps, exact_search_max, nlist, nprobe,
-               seed, log, t0, k)
-    parent, merges_per_round = rac.run(first_round_extra=n - u)
     dup = np.flatnonzero(rep[group] != np.arange(n))
-    pairs = np.concatenate([np.stack([rep[group[dup]], dup], axis=1),
-                            rep[np.concatenate(rac.pairs)] if rac.pairs else np.zeros((0, 2), np.int64)])
-    heights = np.concatenate([np.zeros(dup.size), np.concatenate(rac.heights) if rac.heights else np.zeros(0)])
-
-    root = _find_roots(parent)[group]
-    labels = _number_by_first_appearance(root)
+    pairs = [np.stack([rep[group[dup]], dup], axis=1)]
+    heights = [np.zeros(dup.size)]
+    parent = np.arange(u, dtype=np.int64)
+    # The clusters still to merge, as rows of `parent` and their statistics.
+    live, cnt, W = parent.copy(), counts.astype(np.float64), None
+    merges_per_round = []
+    while True:
+        rac = _Rac(S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=W)
+        local, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
+        merges_per_round += rounds
+        pairs += [rep[live[p]] for p in rac.pairs]
+        heights += rac.heights
+        parent[live] = live[_find_roots(local)]
+        left = np.flatnonzero(local == np.arange(live.size))
+        # Once eps is above every linkage all clusters merge into one, so this ends.
+        if target is None or n / left.size >= target or left.size == 1:
+            break
+        eps *= TARGET_RAISE
+        if log is not None:
+            log(f"hac: mean cluster size {n / left.size:.2f} < target {target:g}: merging on "
+                f"up to {eps:.6g}")
+        live, S, cnt = live[left], rac.S[left], rac.cnt[left]
+        W = None if rac.W is None else rac.W[left]
+        del rac
+    pairs = np.concatenate(pairs)
+    heights = np.concatenate(heights)
+    merged_up_to = eps
+    if target is None:
+        labels = _number_by_first_appearance(_find_roots(parent)[group])
+    else:
+        eps = threshold_from_heights(heights, n, target)
+        labels = labels_from_edges(n, pairs[heights <= eps])
     num_clusters = int(labels.max()) + 1
-    merges = int(sum(merges_per_round))
-    assert merges == n - num_clusters
     if log is not None:
         log(f"hac done: {n} points -> {num_clusters} clusters in {len(merges_per_round)} rounds, "
             f"{time.perf_counter() - t0:.1f}s")
-    return HacResult(labels, num_clusters, len(merges_per_round), merges, merges_per_round, heights, pairs)
+    return HacResult(labels, num_clusters, len(merges_per_round), n - num_clusters, merges_per_round, heights,
+                     pairs, eps, None if target is None else merged_up_to)
+
+
+def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:
+    """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 joined by merge edges.
+
+    Merge edges (lower row, higher row) form a forest, each row joining a lower
+    one at most once, so a row's root is found by pointer jumping.
+    """
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    parent = np.arange(n, dtype=np.int64)
+    if len(edges):
+        parent[edges[:, 1]] = edges[:, 0]
+    return _number_by_first_appearance(_find_roots(parent))
 
 
 # ---------------------------------------------------------------- input checks
@@ -833,22 +896,31 @@ class _TwoLevelQuantiser:
 
 @dataclasses.dataclass
 class ThresholdChoice:
-    """The threshold picked for a target mean cluster size, and how."""
+    """A sample's estimate of the threshold for a target mean cluster size, and where to merge up to.
 
-    distance_threshold: float
+    The estimate can be off by a factor of two in mean size on big pools (a
+    few thousand cells are drawn from hundreds of thousands), so the full
+    run merges up to `merge_threshold`, the sample's threshold for
+    TARGET_OVERSHOOT times the target, and is then cut exactly at the target
+    (average_linkage with target_mean_cluster_size).
+    """
+
+    distance_threshold: float      # the sample's estimate for the target
     target_mean_cluster_size: float
     sample_points: int
     sample_points_with_margin: int
     sample_cells: int
     num_cells: int
     sample_mean_cluster_size: float
+    merge_threshold: float         # the sample's estimate for TARGET_OVERSHOOT x the target
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        return (f"eps={self.distance_threshold:.6g} for mean cluster size {self.target_mean_cluster_size:g} from "
-                f"{self.sample_points_with_margin} points in {self.sample_cells} of {self.num_cells} cells")
+        return (f"sample eps={self.distance_threshold:.6g} for mean cluster size {self.target_mean_cluster_size:g}, "
+                f"merging up to {self.merge_threshold:.6g}, from {self.sample_points_with_margin} points in "
+                f"{self.sample_cells} of {self.num_cells} cells")
 
 
 def merge_all_threshold(X: np.ndarray, metric: str) -> float:
@@ -898,7 +970,11 @@ def choose_threshold(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> ThresholdChoice:
-    """Pick eps so that the average-linkage cut at eps averages the target cluster size.
+    """Estimate on a sample the eps whose average-linkage cut averages the target cluster size.
+
+    The estimate only says how far to merge the pool (merge_threshold: the
+    estimate for TARGET_OVERSHOOT x the target); average_linkage with
+    target_mean_cluster_size then cuts the pool's own merges at the target.
 
     A uniform subsample of a big pool is sparser than the pool (each point
     keeps a fraction of its neighbours), so its dendrogram merges later and
@@ -1113,5 +1189,6 @@ def threshold_from_sample(sample_x: np.ndarray, core: np.ndarray, metric: str, t
     result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed,
                              exact_search_max=max(EXACT_SEARCH_MAX, sample.shape[0]))
     eps, mean_size = _threshold_for_core(result, core, target)
+    merge_eps, _ = _threshold_for_core(result, core, TARGET_OVERSHOOT * target)
     return ThresholdChoice(eps, target, int(core.sum()), int(core.size), draw.sample_cells, draw.num_cells,
-                           mean_size)
+                           mean_size, max(merge_eps, eps))

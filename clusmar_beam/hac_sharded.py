@@ -77,12 +77,16 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
                     seed: int = 0, k: int = hac.DEFAULT_K):
     """RAC among `members` with `frozen` clusters visible but never merged.
 
-    Returns (merged member clusters, merge edges (parent id, child id), heights).
+    Returns (merged member clusters, merge edges, their heights).  An edge
+    joins the ids (lower, higher) of the two clusters that merged and the
+    merged cluster keeps the lower, so over all rounds the edges form a
+    forest in which every id is a child at most once (hac.labels_from_edges).
     """
-    both = members if frozen is None or not len(frozen) else Clusters.concat([members, frozen])
     m = len(members)
     if m == 0:
         return members, np.zeros((0, 2), np.int64), np.zeros(0)
+    members = members.take(np.argsort(members.ids, kind="stable"))  # lower row = lower id
+    both = members if frozen is None or not len(frozen) else Clusters.concat([members, frozen])
     is_frozen = np.zeros(len(both), bool)
     is_frozen[m:] = True
     S = np.array(both.S, np.float64)
@@ -92,16 +96,45 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
                    frozen=is_frozen)
     parent, _ = rac.run(first_round_extra=0)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
-    alive = np.flatnonzero(parent[:m] == np.arange(m))
-    # a merged cluster is named by the smallest point id it holds
-    root = hac._find_roots(parent)[:m]
-    new_id = np.full(m, np.iinfo(np.int64).max)
-    np.minimum.at(new_id, root, members.ids)
-    out = Clusters(new_id[alive], rac.cnt[alive], rac.S[alive],
+    pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
+    alive = np.flatnonzero(parent[:m] == np.arange(m))  # a root is the lowest row, so the lowest id, of its cluster
+    out = Clusters(members.ids[alive], rac.cnt[alive], rac.S[alive],
                    rac.W[alive] if rac.W is not None else np.zeros(alive.size))
-    edges = np.stack([new_id[root], members.ids], axis=1)
-    edges = edges[edges[:, 0] != edges[:, 1]]
-    return out, edges, heights
+    return out, members.ids[pairs], heights
+
+
+def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target: float | None = None,
+           n: int = 0, merged_before: int = 0):
+    """The one-worker end: RAC on all that is left.
+
+    With a target mean cluster size and n points of which `merged_before`
+    merges were made already, merging goes on with eps raised by
+    hac.TARGET_RAISE while the clusters average fewer than the target (the
+    cut comes after, see `cut`).  Returns (edges, heights, eps merged up to).
+    """
+    edges, heights = [], []
+    while True:
+        clusters, e, h = rac_on_clusters(clusters, eps, metric, None, seed)
+        edges.append(e)
+        heights.append(h)
+        merged_before += len(e)
+        # Once eps is above every linkage all clusters merge into one, so this ends.
+        if target is None or len(clusters) <= 1 or n / (n - merged_before) >= target:
+            return np.concatenate(edges), np.concatenate(heights), eps
+        eps *= hac.TARGET_RAISE
+
+
+def cut(n: int, edges, heights, eps: float, target: float | None = None):
+    """Flat labels of rows 0..n-1 and the threshold they are cut at.
+
+    Without a target that is eps, which every merge is within; with one, the
+    threshold whose cut of these merges leaves n / target clusters.
+    """
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    heights = np.asarray(heights, np.float64)
+    if target is not None:
+        eps = hac.threshold_from_heights(heights, n, target)
+    return hac.labels_from_edges(n, edges[heights <= eps]), eps
 
 
 PARTITION_KMEANS_ITERATIONS = 15
@@ -133,23 +166,14 @@ def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed):
     centroids = _partition_centroids(clusters, parts, seed)
     home, halo = route(clusters, centroids, halo_cells)
     frozen_rows = _halo_rows(halo)
-    outs, edges, merges = [], [], 0
+    outs, edges, heights = [], [], []
     for c, mem in knn.split_by_key(home):
         fro = frozen_rows.get(c, np.zeros(0, np.int64))
-        out, e, _ = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed)
+        out, e, h = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed)
         outs.append(out)
         edges.append(e)
-        merges += len(e)
-    return Clusters.concat(outs), np.concatenate(edges), merges
-
-
-def labels_from_edges(n, edges):
-    """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 from merge edges."""
-    edges = np.asarray(edges, np.int64).reshape(-1, 2)
-    parent = np.arange(n, dtype=np.int64)
-    if len(edges):
-        parent[edges[:, 1]] = edges[:, 0]
-    return hac._number_by_first_appearance(hac._find_roots(parent))
+        heights.append(h)
+    return Clusters.concat(outs), np.concatenate(edges), np.concatenate(heights)
 
 
 def check_shard_params(shards, halo_cells, shrink, max_rounds):
@@ -159,39 +183,46 @@ def check_shard_params(shards, halo_cells, shrink, max_rounds):
             raise hac.HacError(f"{name} out of range: shards >= 1, halo_cells >= 0, shrink >= 2, max_rounds >= 0")
 
 
-def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, shards=64, halo_cells=2,
-                            shrink=4, max_rounds=8, seed=0, log=None):
+def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, target_mean_cluster_size=None,
+                            shards=64, halo_cells=2, shrink=4, max_rounds=8, seed=0, log=None):
     """Flat average-linkage clusters by partitioned RAC rounds, remainder on one worker.
 
     `shards` partitions in the first round, `shards / shrink` in the next, ...
     until one partition is left or `max_rounds` sharded rounds ran; then
-    exact RAC on the remaining clusters.  Labels numbered by first appearance.
-    Returns (labels, info dict with clusters and merges per round).
+    exact RAC on the remaining clusters.  With `target_mean_cluster_size`,
+    `distance_threshold` is where merging stops first and the result is cut
+    at the target, as in hac.average_linkage.  Labels numbered by first
+    appearance.  Returns (labels, info dict with the cut, clusters and merges
+    per round).
     """
     eps = hac._check_threshold(distance_threshold)
+    target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
     check_shard_params(shards, halo_cells, shrink, max_rounds)
     X = hac._prepare(embeddings, metric)
     n = X.shape[0]
     clusters = initial_clusters(X)
-    edges = []
+    edges, heights = [], []
     info = {"rounds": []}
     parts, rnd = shards, 0
     while parts > 1 and rnd < max_rounds and len(clusters) > 1:
         t = time.perf_counter()
-        clusters, e, merges = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd)
+        clusters, e, h = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd)
         edges.append(e)
-        info["rounds"].append({"partitions": parts, "merges": merges, "clusters": len(clusters)})
+        heights.append(h)
+        info["rounds"].append({"partitions": parts, "merges": len(e), "clusters": len(clusters)})
         if log:
-            log(f"sharded hac round {rnd + 1}: {parts} partitions, {merges} merges, {len(clusters)} clusters "
+            log(f"sharded hac round {rnd + 1}: {parts} partitions, {len(e)} merges, {len(clusters)} clusters "
                 f"({time.perf_counter() - t:.1f}s)")
         parts = max(1, parts // shrink)
         rnd += 1
-    _, e, _ = rac_on_clusters(clusters, eps, metric, None, seed)
+    merged_before = sum(len(e) for e in edges)
+    e, h, info["merged_up_to"] = finish(clusters, eps, metric, seed, target=target, n=n, merged_before=merged_before)
     edges.append(e)
+    heights.append(h)
     info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
-    labels = labels_from_edges(n, np.concatenate(edges))
+    labels, info["distance_threshold"] = cut(n, np.concatenate(edges), np.concatenate(heights), eps, target)
     info["num_clusters"] = int(labels.max()) + 1
     return labels, info
 
@@ -254,39 +285,53 @@ class _LocalRac(beam.DoFn):
         frozen = Clusters.concat(fro) if fro else None
         if frozen is not None:
             frozen = frozen.take(np.argsort(frozen.ids, kind="stable"))
-        out, edges, _ = rac_on_clusters(members, eps, self.metric, frozen, self.seed)
+        out, edges, heights = rac_on_clusters(members, eps, self.metric, frozen, self.seed)
         beam.metrics.Metrics.counter("hac", f"merges_{self.round_name}").inc(len(edges))
         beam.metrics.Metrics.counter("hac", f"clusters_after_{self.round_name}").inc(len(out))
         beam.metrics.Metrics.counter("hac", f"partitions_{self.round_name}").inc(1)
         yield out
-        yield beam.pvalue.TaggedOutput(self.EDGES, edges)
+        yield beam.pvalue.TaggedOutput(self.EDGES, (edges, heights))
 
 
-def _finish(cluster_parts, eps, metric, seed):
+def _finish(cluster_parts, eps, metric, seed, target, n, merged_before):
+    """The last round on one worker: (edges, heights, eps merged up to)."""
     clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
     if clusters is None or not len(clusters):
-        return np.zeros((0, 2), np.int64)
-    clusters = clusters.take(np.argsort(clusters.ids, kind="stable"))
+        return np.zeros((0, 2), np.int64), np.zeros(0), eps
     t = time.time()
-    _, edges, _ = rac_on_clusters(clusters, eps, metric, None, seed)
+    edges, heights, merged_up_to = finish(clusters, eps, metric, seed, target=target, n=n,
+                                          merged_before=merged_before)
     beam.metrics.Metrics.counter("hac", "merges_final").inc(len(edges))
     beam.metrics.Metrics.counter("hac", "clusters").inc(len(clusters) - len(edges))
-    LOG.info("sharded hac: final round on one worker: %d clusters -> %d (%.1f s)", len(clusters),
-             len(clusters) - len(edges), time.time() - t)
-    return edges
+    LOG.info("sharded hac: final round on one worker: %d clusters -> %d, merged up to %.6g (%.1f s)",
+             len(clusters), len(clusters) - len(edges), merged_up_to, time.time() - t)
+    return edges, heights, merged_up_to
+
+
+def _cut(parts, final, n, eps, target):
+    """Every round's (edges, heights) -> the labels of rows 0..n-1 and the threshold of the cut."""
+    edges = np.concatenate([p[0] for p in parts] + [final[0]])
+    heights = np.concatenate([p[1] for p in parts] + [final[1]])
+    labels, eps = cut(n, edges, heights, eps, target)
+    return {"labels": labels, "distance_threshold": eps, "merged_up_to": final[2],
+            "merges": int(n - (labels.max() + 1 if n else 0))}
 
 
 class ShardedHac(beam.PTransform):
     """PCollection of (row ids int64, embeddings) batches, rows 0..n-1 -> singleton
-    PCollection: merge edges (parent row, child row) of all rounds (an (m, 2) int64
-    array); the flat clusters are the connected components (see `labels_from_edges`).
+    PCollection of a dict: `labels` of rows 0..n-1 (numbered by first appearance),
+    `distance_threshold` (the cut), `merged_up_to` and `merges`.
 
     `distance_threshold` is a number, or a singleton PCollection holding it (an
-    eps computed in the same pipeline, e.g. by ThresholdFromTarget).
+    eps computed in the same pipeline, e.g. by ThresholdFromTarget).  With
+    `target_mean_cluster_size` it is where merging stops first: the last
+    round, on one worker, goes on with a raised threshold while the clusters
+    average fewer than the target, and the merges are then cut at the target
+    (as hac.average_linkage does).
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, shrink=4, max_rounds=8,
-                 seed=0):
+                 seed=0, target_mean_cluster_size=None):
         super().__init__()
         if isinstance(distance_threshold, beam.pvalue.PCollection):
             self.eps = distance_threshold  # checked when it is computed (expand)
@@ -295,15 +340,18 @@ class ShardedHac(beam.PTransform):
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
         check_shard_params(shards, halo_cells, shrink, max_rounds)
+        self.target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
         self.metric, self.shards, self.halo_cells = metric, shards, halo_cells
         self.shrink, self.max_rounds, self.seed = shrink, max_rounds, seed
 
     def expand(self, batches):
+        side = beam.pvalue.AsSingleton
         eps = self.eps
         if isinstance(eps, beam.pvalue.PCollection):
-            eps = beam.pvalue.AsSingleton(eps | "CheckEps" >> beam.Map(hac._check_threshold))
+            eps = side(eps | "CheckEps" >> beam.Map(hac._check_threshold))
+        n = side(batches | "CountPoints" >> beam.Map(lambda batch: len(batch[0])) | "SumPoints" >> beam.CombineGlobally(sum))
         clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
-        all_edges = []
+        round_merges = []
         parts, rnd = self.shards, 0
         while parts > 1 and rnd < self.max_rounds:
             name = f"Round{rnd + 1}"
@@ -318,16 +366,16 @@ class ShardedHac(beam.PTransform):
                       | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, f"round_{rnd + 1}"), eps)
                       .with_outputs(_LocalRac.EDGES, main="clusters"))
             clusters = result.clusters
-            all_edges.append(result[_LocalRac.EDGES])
+            round_merges.append(result[_LocalRac.EDGES])
             parts = max(1, parts // self.shrink)
             rnd += 1
+        merges = (tuple(round_merges) | "RoundMerges" >> beam.Flatten(pipeline=batches.pipeline)
+                  | "GatherMerges" >> beam.combiners.ToList())
+        merged_before = merges | "CountMerges" >> beam.Map(lambda parts: sum(len(p[0]) for p in parts))
         final = (clusters
                  | "FinalGather" >> beam.combiners.ToList()
-                 | "FinalRac" >> beam.Map(_finish, eps, self.metric, self.seed))
-        all_edges.append(final)
-        return (tuple(all_edges) | "AllEdges" >> beam.Flatten()
-                | "GatherEdges" >> beam.combiners.ToList()
-                | "Concat" >> beam.Map(lambda es: np.concatenate([e for e in es] or [np.zeros((0, 2), np.int64)])))
+                 | "FinalRac" >> beam.Map(_finish, eps, self.metric, self.seed, self.target, n, side(merged_before)))
+        return merges | "Cut" >> beam.Map(_cut, side(final), n, eps, self.target)
 
 
 # ------------------------------------------------- threshold from a target size

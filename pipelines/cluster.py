@@ -161,15 +161,15 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     id_type = pool.id_type
     del pool, order   # the id-ordered copies are all the HAC needs
     start = time.time()
-    eps, choice = opts_dict["distance_threshold"], None
+    eps, choice, target = opts_dict["distance_threshold"], None, opts_dict["target_mean_cluster_size"]
     try:
         if eps is None:
-            choice = hac.choose_threshold(embeddings, opts_dict["metric"], opts_dict["target_mean_cluster_size"],
+            choice = hac.choose_threshold(embeddings, opts_dict["metric"], target,
                                           sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
                                           log=every_few_seconds(LOG.info))
-            eps = _count_choice(choice).distance_threshold
+            eps = _count_choice(choice).merge_threshold
         result = hac.average_linkage(
-            embeddings, eps, opts_dict["metric"], k=opts_dict["knn"],
+            embeddings, eps, opts_dict["metric"], target_mean_cluster_size=target, k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
             log=every_few_seconds(LOG.info))
     except hac.HacError as exc:
@@ -184,9 +184,20 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     LOG.info("cluster: %d points -> %d clusters in %d rounds (%.1f s)", len(ids), result.num_clusters,
              result.rounds, elapsed)
     return {"ids": ids, "labels": result.labels, "id_type": id_type, "rounds": result.rounds,
-            "distance_threshold": eps, "threshold_choice": choice.as_dict() if choice else None,
+            "distance_threshold": result.distance_threshold,
+            "threshold_choice": _choice_report(choice, result.merged_up_to),
             "merges": result.merges, "merges_per_round": list(result.merges_per_round), "hac_seconds": elapsed,
             "dim": embeddings.shape[1]}
+
+
+def _choice_report(choice: hac.ThresholdChoice | None, merged_up_to: float | None) -> dict | None:
+    """How the threshold was picked: the sample's estimates, then how far the pool was merged before the cut."""
+    if choice is None:
+        return None
+    return {**choice.as_dict(), "merged_up_to": merged_up_to,
+            "method": "pool merged up to merged_up_to (from the sample's threshold for "
+                      f"{hac.TARGET_OVERSHOOT:g} x the target, raised while short of it), "
+                      "then cut where the mean cluster size reaches the target"}
 
 
 def _count_choice(choice: hac.ThresholdChoice) -> hac.ThresholdChoice:
@@ -218,19 +229,17 @@ def _to_rows(batch: io.Batch, index: dict, metric: str, pool_glob: str):
     return np.searchsorted(index["ids"], batch.ids).astype(np.int64), batch.columns["embedding"]
 
 
-def _sharded_result(edges, index: dict, id_type: str, started: float, eps: float | None,
+def _sharded_result(hac_result: dict, index: dict, id_type: str, started: float,
                     choice: hac.ThresholdChoice | None) -> dict:
-    from clusmar_beam import hac_sharded
-    n = len(index["ids"])
-    labels = hac_sharded.labels_from_edges(n, edges)
-    num_clusters = int(labels.max()) + 1
+    labels = hac_result["labels"]
+    n, num_clusters = len(labels), int(labels.max()) + 1
     beam.metrics.Metrics.counter("cluster", "points").inc(n)
     beam.metrics.Metrics.counter("cluster", "clusters").inc(num_clusters)
-    beam.metrics.Metrics.counter("cluster", "merges").inc(len(edges))
+    beam.metrics.Metrics.counter("cluster", "merges").inc(hac_result["merges"])
     LOG.info("cluster: sharded HAC: %d points -> %d clusters (%.1f s)", n, num_clusters, time.time() - started)
     return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": None,
-            "distance_threshold": choice.distance_threshold if choice else eps,
-            "threshold_choice": choice.as_dict() if choice else None, "merges": int(len(edges)),
+            "distance_threshold": hac_result["distance_threshold"],
+            "threshold_choice": _choice_report(choice, hac_result["merged_up_to"]), "merges": hac_result["merges"],
             "merges_per_round": None, "hac_seconds": time.time() - started, "dim": index["dim"]}
 
 
@@ -314,13 +323,14 @@ def run(argv=None) -> dict:
                       | "ChooseThreshold" >> hac_sharded.ThresholdFromTarget(
                           target, opts.metric, sample_size=opts.threshold_sample_size, seed=opts.seed)
                       | "ReportThreshold" >> beam.Map(_reported_choice))
-            threshold = choice | "Eps" >> beam.Map(lambda c: c.distance_threshold)
-        edges = rows | "ShardedHac" >> hac_sharded.ShardedHac(threshold, opts.metric, shards=opts.hac_shards,
-                                                               halo_cells=opts.hac_halo_cells,
-                                                               max_rounds=opts.max_rounds, seed=opts.seed)
-        result = edges | "Labels" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
-                                              beam.pvalue.AsSingleton(id_type), time.time(), eps,
-                                              beam.pvalue.AsSingleton(choice) if choice is not None else None)
+            threshold = choice | "Eps" >> beam.Map(lambda c: c.merge_threshold)
+        merged = rows | "ShardedHac" >> hac_sharded.ShardedHac(threshold, opts.metric, shards=opts.hac_shards,
+                                                                halo_cells=opts.hac_halo_cells,
+                                                                max_rounds=opts.max_rounds, seed=opts.seed,
+                                                                target_mean_cluster_size=target)
+        result = merged | "Result" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
+                                               beam.pvalue.AsSingleton(id_type), time.time(),
+                                               beam.pvalue.AsSingleton(choice) if choice is not None else None)
     else:
         result = (pipeline
                   | reader

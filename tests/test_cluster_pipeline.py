@@ -119,11 +119,18 @@ def test_target_mean_cluster_size(tmp_path, metric):
     params = info["parameters"]
     assert params["target_mean_cluster_size"] == 10
     choice = params["threshold_choice"]
-    assert choice["distance_threshold"] == params["distance_threshold"] > 0
     assert choice["sample_cells"] >= 2 and choice["sample_points"] < 4000
-    assert 8 <= info["mean_cluster_size"] <= 12                 # within +-20% of the target
+    # merged up to (at least) the sample's threshold for twice the target, then cut at the target
+    assert choice["merge_threshold"] > choice["distance_threshold"] > 0
+    assert 0 < params["distance_threshold"] <= choice["merged_up_to"] and choice["merged_up_to"] >= choice["merge_threshold"]
+    assert info["mean_cluster_size"] == pytest.approx(10, rel=0.01)
     clusters = _read_clusters(tmp_path / "c")
     assert len(set(clusters.values())) == info["num_clusters"]
+    # the cut is the clustering at the threshold it reports
+    again = tmp_path / "again"
+    assert cli.main(["cluster", "--pool", pool, "--output", str(again), "--metric", metric,
+                     "--distance-threshold", repr(params["distance_threshold"])]) == 0
+    assert _read_clusters(again) == clusters
 
 
 @pytest.mark.parametrize("flags,fragment", [

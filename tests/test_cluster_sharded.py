@@ -85,16 +85,20 @@ def test_frozen_neighbours_block_merges():
     assert len(out) == 1 and edges.tolist() == [[0, 1]]
 
 
-def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
-    """Labels from the ShardedHac transform run on DirectRunner over batches of `batch_rows`."""
+def _beam_result(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
+    """The ShardedHac transform's result, run on DirectRunner over batches of `batch_rows`."""
     rows = np.arange(len(X))
-    out = tmp_path / "edges.npy"
+    out = tmp_path / "result.npz"
     with beam.Pipeline() as p:
         _ = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows]) for s in range(0, len(X), batch_rows)],
                              reshuffle=False)
              | hac_sharded.ShardedHac(eps, metric, shards=shards, **kwargs)
-             | beam.Map(lambda e: np.save(out, e)))
-    return hac_sharded.labels_from_edges(len(X), np.load(out))
+             | beam.Map(lambda result: np.savez(out, **result)))
+    return {key: value[()] if value.ndim == 0 else value for key, value in np.load(out).items()}
+
+
+def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
+    return _beam_result(tmp_path, X, eps, metric, shards, batch_rows, **kwargs)["labels"]
 
 
 def test_beam_transform_matches_in_process_rounds(tmp_path):
@@ -233,7 +237,30 @@ def test_cli_target_mean_cluster_size_with_hac_shards(tmp_path):
         infos[name] = json.load(open(tmp_path / name / "clustering.json"))
     one, many = infos["one"]["parameters"], infos["many"]["parameters"]
     assert many["hac_shards"] == 8 and many["target_mean_cluster_size"] == 10
-    assert many["distance_threshold"] == one["distance_threshold"] > 0      # the same epsilon, to the bit
-    assert many["threshold_choice"] == one["threshold_choice"]
+    sample = ("distance_threshold", "merge_threshold", "sample_points_with_margin", "sample_cells")
+    for key in sample:   # the same sample and the same estimates, to the bit
+        assert many["threshold_choice"][key] == one["threshold_choice"][key]
     assert many["threshold_choice"]["sample_cells"] >= 2
-    assert 8 <= infos["many"]["mean_cluster_size"] <= 12                       # within +-20% of the target
+    for info in infos.values():   # both cut where the mean size reaches the target
+        assert info["mean_cluster_size"] == pytest.approx(10, rel=0.01)
+        assert info["parameters"]["distance_threshold"] <= info["parameters"]["threshold_choice"]["merged_up_to"]
+    assert many["distance_threshold"] == pytest.approx(one["distance_threshold"], rel=0.02)
+
+
+@pytest.mark.parametrize("metric,first", [("cosine", 0.01), ("cosine", 0.6), ("sqeuclidean", 0.05),
+                                          ("sqeuclidean", 40.0)])
+def test_sharded_cut_at_a_target_matches_exact_average_linkage(tmp_path, metric, first):
+    """Merging from a first threshold far below or above the target's, then cutting at the target:
+    in process and as Beam transforms, the clusters of exact average linkage at the cut."""
+    X = _diffuse_and_bursts(2500, seed=8)
+    Z = fastcluster.linkage(X / np.linalg.norm(X, axis=1, keepdims=True) if metric == "cosine" else X, "average",
+                            metric=metric)
+    labels, info = hac_sharded.sharded_average_linkage(X, first, metric, target_mean_cluster_size=12, shards=16)
+    assert len(labels) / (labels.max() + 1) == pytest.approx(12, rel=0.01)
+    assert info["merged_up_to"] >= info["distance_threshold"]
+    assert adjusted_rand_score(fcluster(Z, info["distance_threshold"], "distance"), labels) >= 0.99
+    result = _beam_result(tmp_path, X.astype(np.float32), first, metric, shards=16, batch_rows=600,
+                          target_mean_cluster_size=12)
+    assert len(X) / (result["labels"].max() + 1) == pytest.approx(12, rel=0.01)
+    assert result["merged_up_to"] >= result["distance_threshold"]
+    assert adjusted_rand_score(fcluster(Z, result["distance_threshold"], "distance"), result["labels"]) >= 0.99

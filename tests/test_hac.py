@@ -364,16 +364,51 @@ def test_target_mean_size_from_a_sample_of_cells(metric, cell_size, monkeypatch)
     assert again == choice                                     # deterministic
 
 
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("target", [3, 12, 40])
+@pytest.mark.parametrize("first", [0.01, 0.5, 50.0])
+def test_cut_at_a_target_is_exact_average_linkage_at_its_threshold(metric, target, first):
+    """Merged up to a first threshold far below, near or above the target's (raised while short of
+    the target), then cut: the mean size is the target and the clusters are scipy's at the cut."""
+    X = _blobs(1500, seed=1)
+    Z = _reference(X, metric)
+    res = average_linkage(X, first, metric, target_mean_cluster_size=target)
+    assert 1500 / res.num_clusters == pytest.approx(target, rel=0.02)
+    assert res.merges == 1500 - res.num_clusters and res.distance_threshold <= res.merged_up_to
+    assert res.merged_up_to >= first and res.heights.size >= res.merges
+    assert adjusted_rand_score(fcluster(Z, res.distance_threshold, "distance"), res.labels) == 1.0
+
+
+def test_cut_at_a_target_through_the_ivf_search(monkeypatch):
+    """Past exact search (IVF over cluster means), raised twice: still the target and scipy's clusters."""
+    from clusmar_beam import hac
+    X = _diffuse_groups_and_bursts(seed=4)
+    Z = _reference(X, "cosine")
+    res = average_linkage(X, 0.01, "cosine", target_mean_cluster_size=15, exact_search_max=200)
+    assert res.merged_up_to >= 0.01 * hac.TARGET_RAISE ** 2
+    assert len(X) / res.num_clusters == pytest.approx(15, rel=0.02)
+    assert adjusted_rand_score(fcluster(Z, res.distance_threshold, "distance"), res.labels) >= 0.99
+
+
 @pytest.mark.parametrize("target", [0, 0.5, -1, float("nan"), float("inf"), "x"])
 def test_bad_target(target):
     with pytest.raises(HacError, match="target mean cluster size"):
         choose_threshold(np.eye(3), "cosine", target)
+    with pytest.raises(HacError, match="target mean cluster size"):
+        average_linkage(np.eye(3), 0.1, "cosine", target_mean_cluster_size=target)
 
 
 def test_target_on_identical_and_single_points():
     assert average_linkage(np.ones((20, 3)), choose_threshold(np.ones((20, 3)), "cosine", 5).distance_threshold,
                            "cosine").num_clusters == 1
     assert choose_threshold(np.ones((1, 3)), "sqeuclidean", 5).distance_threshold > 0
+    assert average_linkage(np.ones((20, 3)), 0.1, "cosine", target_mean_cluster_size=5).num_clusters == 1
+    assert average_linkage(np.ones((1, 3)), 0.1, "cosine", target_mean_cluster_size=5).num_clusters == 1
+
+
+def test_target_above_the_pool_size_merges_everything():
+    res = average_linkage(_blobs(200, seed=9), 0.01, "sqeuclidean", target_mean_cluster_size=1000)
+    assert res.num_clusters == 1 and res.merges == 199
 
 
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
