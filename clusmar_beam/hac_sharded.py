@@ -105,7 +105,7 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
 
 def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target: float | None = None,
            n: int = 0, merged_before: int = 0):
-    """The one-worker end: RAC on all that is left.
+    """The one-worker end: RAC on all that is left, up to eps.
 
     With a target mean cluster size and n points of which `merged_before`
     merges were made already, merging goes on with eps raised by
@@ -184,18 +184,21 @@ def check_shard_params(shards, halo_cells, shrink, max_rounds):
 
 
 def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, target_mean_cluster_size=None,
-                            shards=64, halo_cells=2, shrink=4, max_rounds=8, seed=0, log=None):
+                            merge_threshold=None, shards=64, halo_cells=2, shrink=4, max_rounds=8, seed=0,
+                            log=None):
     """Flat average-linkage clusters by partitioned RAC rounds, remainder on one worker.
 
     `shards` partitions in the first round, `shards / shrink` in the next, ...
     until one partition is left or `max_rounds` sharded rounds ran; then
     exact RAC on the remaining clusters.  With `target_mean_cluster_size`,
-    `distance_threshold` is where merging stops first and the result is cut
-    at the target, as in hac.average_linkage.  Labels numbered by first
-    appearance.  Returns (labels, info dict with the cut, clusters and merges
-    per round).
+    the partitioned rounds merge up to `distance_threshold` and the last one
+    up to `merge_threshold` (default: the same), raised while short of the
+    target, and the result is cut at the target as in hac.average_linkage.
+    Labels numbered by first appearance.  Returns (labels, info dict with the
+    cut, clusters and merges per round).
     """
     eps = hac._check_threshold(distance_threshold)
+    final_eps = eps if merge_threshold is None else max(eps, hac._check_threshold(merge_threshold))
     target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
@@ -218,7 +221,8 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
         parts = max(1, parts // shrink)
         rnd += 1
     merged_before = sum(len(e) for e in edges)
-    e, h, info["merged_up_to"] = finish(clusters, eps, metric, seed, target=target, n=n, merged_before=merged_before)
+    e, h, info["merged_up_to"] = finish(clusters, final_eps if target is not None else eps, metric, seed,
+                                        target=target, n=n, merged_before=merged_before)
     edges.append(e)
     heights.append(h)
     info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
@@ -293,8 +297,10 @@ class _LocalRac(beam.DoFn):
         yield beam.pvalue.TaggedOutput(self.EDGES, (edges, heights))
 
 
-def _finish(cluster_parts, eps, metric, seed, target, n, merged_before):
+def _finish(cluster_parts, eps, metric, seed, target, n, merged_before, merge_eps):
     """The last round on one worker: (edges, heights, eps merged up to)."""
+    if target is not None:
+        eps = max(eps, merge_eps)
     clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
     if clusters is None or not len(clusters):
         return np.zeros((0, 2), np.int64), np.zeros(0), eps
@@ -317,6 +323,11 @@ def _cut(parts, final, n, eps, target):
             "merges": int(n - (labels.max() + 1 if n else 0))}
 
 
+def _threshold_argument(value):
+    """A checked threshold, or a singleton PCollection (checked when it is computed, in expand)."""
+    return value if isinstance(value, beam.pvalue.PCollection) else hac._check_threshold(value)
+
+
 class ShardedHac(beam.PTransform):
     """PCollection of (row ids int64, embeddings) batches, rows 0..n-1 -> singleton
     PCollection of a dict: `labels` of rows 0..n-1 (numbered by first appearance),
@@ -324,19 +335,24 @@ class ShardedHac(beam.PTransform):
 
     `distance_threshold` is a number, or a singleton PCollection holding it (an
     eps computed in the same pipeline, e.g. by ThresholdFromTarget).  With
-    `target_mean_cluster_size` it is where merging stops first: the last
-    round, on one worker, goes on with a raised threshold while the clusters
-    average fewer than the target, and the merges are then cut at the target
-    (as hac.average_linkage does).
+    `target_mean_cluster_size` the partitioned rounds merge up to it, the
+    last round, on one worker, up to `merge_threshold` (the same kinds of
+    value; default distance_threshold), raised while the clusters average
+    fewer than the target, and the merges are then cut at the target (as
+    hac.average_linkage does).  The partitions are kept to the lower
+    threshold because a partition's mistakes (a member whose nearest cluster
+    it cannot see merges with the next best) grow with the threshold, and a
+    cut below the threshold a mistake was made at undoes the merge but not
+    the merge it prevented: on a 1M pool, 256 partitions merging up to twice
+    the target's threshold and cut at the target agreed with the one-worker
+    clusters at ARI 0.977, against 0.998 for the partitions run at the cut.
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, shrink=4, max_rounds=8,
-                 seed=0, target_mean_cluster_size=None):
+                 seed=0, target_mean_cluster_size=None, merge_threshold=None):
         super().__init__()
-        if isinstance(distance_threshold, beam.pvalue.PCollection):
-            self.eps = distance_threshold  # checked when it is computed (expand)
-        else:
-            self.eps = hac._check_threshold(distance_threshold)
+        self.eps = _threshold_argument(distance_threshold)
+        self.merge_eps = None if merge_threshold is None else _threshold_argument(merge_threshold)
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
         check_shard_params(shards, halo_cells, shrink, max_rounds)
@@ -346,9 +362,13 @@ class ShardedHac(beam.PTransform):
 
     def expand(self, batches):
         side = beam.pvalue.AsSingleton
-        eps = self.eps
+        eps, merge_eps = self.eps, self.merge_eps
         if isinstance(eps, beam.pvalue.PCollection):
             eps = side(eps | "CheckEps" >> beam.Map(hac._check_threshold))
+        if isinstance(merge_eps, beam.pvalue.PCollection):
+            merge_eps = side(merge_eps | "CheckMergeEps" >> beam.Map(hac._check_threshold))
+        elif merge_eps is None:
+            merge_eps = eps
         n = side(batches | "CountPoints" >> beam.Map(lambda batch: len(batch[0])) | "SumPoints" >> beam.CombineGlobally(sum))
         clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
         round_merges = []
@@ -374,7 +394,8 @@ class ShardedHac(beam.PTransform):
         merged_before = merges | "CountMerges" >> beam.Map(lambda parts: sum(len(p[0]) for p in parts))
         final = (clusters
                  | "FinalGather" >> beam.combiners.ToList()
-                 | "FinalRac" >> beam.Map(_finish, eps, self.metric, self.seed, self.target, n, side(merged_before)))
+                 | "FinalRac" >> beam.Map(_finish, eps, self.metric, self.seed, self.target, n, side(merged_before),
+                                         merge_eps))
         return merges | "Cut" >> beam.Map(_cut, side(final), n, eps, self.target)
 
 

@@ -7,12 +7,13 @@ FAISS).  With `--hac-shards S > 1` only the ids are gathered (to number the
 rows in id order) and the HAC runs as Beam rounds (clusmar_beam.hac_sharded:
 S partitions by coarse cell, reciprocal-nearest merges inside each with the
 neighbouring cells' clusters visible but frozen, S/4 partitions next round,
-..., the remainder on one worker).  `--target-mean-cluster-size M` picks the
-threshold on a sample of whole k-means cells plus their border
+..., the remainder on one worker).  `--target-mean-cluster-size M` estimates
+how far to merge on a sample of whole k-means cells plus their border
 (hac.choose_threshold on the one worker; with --hac-shards, the same steps as
-Beam transforms, hac_sharded.ThresholdFromTarget) and reports it in
-clustering.json.  The assignments are written back out in parallel shards,
-then clustering.json last.
+Beam transforms, hac_sharded.ThresholdFromTarget), then cuts the pool's own
+merges where the mean size reaches M and reports that cut in clustering.json.
+The assignments are written back out in parallel shards, then clustering.json
+last.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--distance-threshold", dest="distance_threshold", type=float,
                             help="cut the average-linkage tree at this distance (epsilon)")
         parser.add_argument("--target-mean-cluster-size", dest="target_mean_cluster_size", type=float,
-                            help="instead of --distance-threshold: pick epsilon on a sample of whole k-means "
-                                 "cells (plus a border margin) so that clusters average this many examples; "
-                                 "the chosen epsilon is reported in clustering.json")
+                            help="instead of --distance-threshold: cut where clusters average this many "
+                                 "examples (a sample of whole k-means cells estimates how far to merge; the "
+                                 "pool's own merges are then cut at the target); the epsilon of the cut is "
+                                 "reported in clustering.json")
         parser.add_argument("--threshold-sample-size", dest="threshold_sample_size", type=int, default=10_000,
                             help="points (whole cells) in the sample that picks epsilon for "
                                  "--target-mean-cluster-size")
@@ -317,17 +319,20 @@ def run(argv=None) -> dict:
         id_type = (batches | "IdType" >> beam.Map(lambda b: b.id_type)
                    | "OneIdType" >> beam.CombineGlobally(lambda types: sorted(set(types))[0] if types else "int64"))
         rows = batches | "Rows" >> beam.Map(_to_rows, beam.pvalue.AsSingleton(index), opts.metric, pool_glob)
-        threshold, choice = eps, None
+        threshold, merge_threshold, choice = eps, None, None
         if target is not None:
             choice = (rows
                       | "ChooseThreshold" >> hac_sharded.ThresholdFromTarget(
                           target, opts.metric, sample_size=opts.threshold_sample_size, seed=opts.seed)
                       | "ReportThreshold" >> beam.Map(_reported_choice))
-            threshold = choice | "Eps" >> beam.Map(lambda c: c.merge_threshold)
+            # partitions merge up to the sample's estimate, the last round (one worker) on past it
+            threshold = choice | "Eps" >> beam.Map(lambda c: c.distance_threshold)
+            merge_threshold = choice | "MergeEps" >> beam.Map(lambda c: c.merge_threshold)
         merged = rows | "ShardedHac" >> hac_sharded.ShardedHac(threshold, opts.metric, shards=opts.hac_shards,
                                                                 halo_cells=opts.hac_halo_cells,
                                                                 max_rounds=opts.max_rounds, seed=opts.seed,
-                                                                target_mean_cluster_size=target)
+                                                                target_mean_cluster_size=target,
+                                                                merge_threshold=merge_threshold)
         result = merged | "Result" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
                                                beam.pvalue.AsSingleton(id_type), time.time(),
                                                beam.pvalue.AsSingleton(choice) if choice is not None else None)

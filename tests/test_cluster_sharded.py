@@ -264,3 +264,19 @@ def test_sharded_cut_at_a_target_matches_exact_average_linkage(tmp_path, metric,
     assert len(X) / (result["labels"].max() + 1) == pytest.approx(12, rel=0.01)
     assert result["merged_up_to"] >= result["distance_threshold"]
     assert adjusted_rand_score(fcluster(Z, result["distance_threshold"], "distance"), result["labels"]) >= 0.99
+
+
+@pytest.mark.parametrize("metric,eps,merge_eps", [("cosine", 0.1, 0.4), ("sqeuclidean", 0.5, 2.0)])
+def test_partitions_merge_up_to_the_lower_threshold_and_the_last_round_past_it(tmp_path, metric, eps, merge_eps):
+    X = _diffuse_and_bursts(2500, seed=9)
+    labels, info = hac_sharded.sharded_average_linkage(X, eps, metric, target_mean_cluster_size=12,
+                                                       merge_threshold=merge_eps, shards=16)
+    assert info["merged_up_to"] >= merge_eps > eps and len(X) / (labels.max() + 1) == pytest.approx(12, rel=0.01)
+    _, at_eps = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16)
+    assert info["rounds"][0]["merges"] == at_eps["rounds"][0]["merges"]   # the partitions stop at eps
+    result = _beam_result(tmp_path, X, eps, metric, shards=16, batch_rows=600, target_mean_cluster_size=12,
+                          merge_threshold=merge_eps)
+    assert np.array_equal(result["labels"], labels)
+    assert result["merged_up_to"] == info["merged_up_to"]
+    # the Beam path does not centre sqeuclidean data (batches share no mean): the last bits of heights differ
+    assert result["distance_threshold"] == pytest.approx(info["distance_threshold"], rel=1e-9)
