@@ -153,9 +153,8 @@ def average_linkage(
     dup = np.flatnonzero(rep[group] != np.arange(n))
     pairs = [np.stack([rep[group[dup]], dup], axis=1)]
     heights = [np.zeros(dup.size)]
-    parent = np.arange(u, dtype=np.int64)
-    # The clusters still to merge, as rows of `parent` and their statistics.
-    live, cnt, W = parent.copy(), counts.astype(np.float64), None
+    # The clusters still to merge (as rows of the duplicate-free statistics) and their statistics.
+    live, cnt, W = np.arange(u, dtype=np.int64), counts.astype(np.float64), None
     merges_per_round = []
     while True:
         rac = _Rac(S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=W)
@@ -163,7 +162,6 @@ def average_linkage(
         merges_per_round += rounds
         pairs += [rep[live[p]] for p in rac.pairs]
         heights += rac.heights
-        parent[live] = live[_find_roots(local)]
         left = np.flatnonzero(local == np.arange(live.size))
         # Once eps is above every linkage all clusters merge into one, so this ends.
         if target is None or n / left.size >= target or left.size == 1:
@@ -178,11 +176,9 @@ def average_linkage(
     pairs = np.concatenate(pairs)
     heights = np.concatenate(heights)
     merged_up_to = eps
-    if target is None:
-        labels = _number_by_first_appearance(_find_roots(parent)[group])
-    else:
+    if target is not None:
         eps = threshold_from_heights(heights, n, target)
-        labels = labels_from_edges(n, pairs[heights <= eps])
+    labels = labels_from_edges(n, pairs[heights <= eps])  # without a target: every merge
     num_clusters = int(labels.max()) + 1
     if log is not None:
         log(f"hac done: {n} points -> {num_clusters} clusters in {len(merges_per_round)} rounds, "

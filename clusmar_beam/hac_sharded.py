@@ -104,14 +104,17 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
 
 
 def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target: float | None = None,
-           n: int = 0, merged_before: int = 0):
+           n: int = 0, merged_before: int = 0, merge_threshold: float | None = None):
     """The one-worker end: RAC on all that is left, up to eps.
 
-    With a target mean cluster size and n points of which `merged_before`
-    merges were made already, merging goes on with eps raised by
-    hac.TARGET_RAISE while the clusters average fewer than the target (the
-    cut comes after, see `cut`).  Returns (edges, heights, eps merged up to).
+    With a target mean cluster size, up to `merge_threshold` (when higher),
+    and with n points of which `merged_before` merges were made already,
+    merging goes on with the threshold raised by hac.TARGET_RAISE while the
+    clusters average fewer than the target (the cut comes after, see
+    `cut`).  Returns (edges, heights, eps merged up to).
     """
+    if target is not None and merge_threshold is not None:
+        eps = max(eps, merge_threshold)
     edges, heights = [], []
     while True:
         clusters, e, h = rac_on_clusters(clusters, eps, metric, None, seed)
@@ -198,7 +201,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     cut, clusters and merges per round).
     """
     eps = hac._check_threshold(distance_threshold)
-    final_eps = eps if merge_threshold is None else max(eps, hac._check_threshold(merge_threshold))
+    merge_threshold = None if merge_threshold is None else hac._check_threshold(merge_threshold)
     target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
@@ -221,8 +224,8 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
         parts = max(1, parts // shrink)
         rnd += 1
     merged_before = sum(len(e) for e in edges)
-    e, h, info["merged_up_to"] = finish(clusters, final_eps if target is not None else eps, metric, seed,
-                                        target=target, n=n, merged_before=merged_before)
+    e, h, info["merged_up_to"] = finish(clusters, eps, metric, seed, target=target, n=n, merged_before=merged_before,
+                                        merge_threshold=merge_threshold)
     edges.append(e)
     heights.append(h)
     info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
@@ -283,8 +286,7 @@ class _LocalRac(beam.DoFn):
         mem = [p[1] for p in parts if p[0] == "m"]
         if not mem:
             return
-        members = Clusters.concat(mem)
-        members = members.take(np.argsort(members.ids, kind="stable"))  # delivery order must not matter
+        members = Clusters.concat(mem)  # rac_on_clusters puts them in id order: delivery order does not matter
         fro = [p[1] for p in parts if p[0] == "f"]
         frozen = Clusters.concat(fro) if fro else None
         if frozen is not None:
@@ -299,14 +301,12 @@ class _LocalRac(beam.DoFn):
 
 def _finish(cluster_parts, eps, metric, seed, target, n, merged_before, merge_eps):
     """The last round on one worker: (edges, heights, eps merged up to)."""
-    if target is not None:
-        eps = max(eps, merge_eps)
     clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
     if clusters is None or not len(clusters):
         return np.zeros((0, 2), np.int64), np.zeros(0), eps
     t = time.time()
     edges, heights, merged_up_to = finish(clusters, eps, metric, seed, target=target, n=n,
-                                          merged_before=merged_before)
+                                          merged_before=merged_before, merge_threshold=merge_eps)
     beam.metrics.Metrics.counter("hac", "merges_final").inc(len(edges))
     beam.metrics.Metrics.counter("hac", "clusters").inc(len(clusters) - len(edges))
     LOG.info("sharded hac: final round on one worker: %d clusters -> %d, merged up to %.6g (%.1f s)",
@@ -369,8 +369,6 @@ class ShardedHac(beam.PTransform):
             eps = side(eps | "CheckEps" >> beam.Map(hac._check_threshold))
         if isinstance(merge_eps, beam.pvalue.PCollection):
             merge_eps = side(merge_eps | "CheckMergeEps" >> beam.Map(hac._check_threshold))
-        elif merge_eps is None:
-            merge_eps = eps
         n = side(batches | "CountPoints" >> beam.Map(lambda batch: len(batch[0])) | "SumPoints" >> beam.CombineGlobally(sum))
         clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
         round_merges = []
