@@ -42,8 +42,11 @@ TARGET_RAISE = 1.5
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
 # flat), above it with the IVF index.  Switching to exact search re-searches
 # every active cluster (n^2 work), so it is kept small enough to be cheap:
-# at 100K points a switch at 50K active clusters was half of the HAC's time.
-EXACT_SEARCH_MAX = 20_000
+# at 20K points a switch at 5K active clusters instead of exact search
+# throughout took 1.8 s instead of 3.5 s, ARI 0.99999 against fastcluster,
+# and at 100K it gave the same labels as a switch at 20K
+# (benchmarks/RESULTS.md).
+EXACT_SEARCH_MAX = 5_000
 # Queries per FAISS call / re-ranking batch: bounds temporary memory.
 _CHUNK = 1 << 15
 # Training sample for the IVF coarse quantiser, in points per list.
@@ -347,6 +350,11 @@ class _Rac:
             top = np.max(np.maximum(S.max(axis=1), -S.min(axis=1)) / cnt)
             if top > 0:
                 self.scale = 1.0 / top
+        # The scaled means in float32: FAISS's rows, and (cosine) the
+        # screening of candidates before their linkage is computed in float64.
+        self.means32 = np.empty(S.shape, np.float32)
+        for s in range(0, S.shape[0], _CHUNK):
+            self._set_means32(np.arange(s, min(s + _CHUNK, S.shape[0])))
         self.eps = eps
         self.exact_search_max = int(exact_search_max)
         self.nlist = nlist
@@ -362,11 +370,14 @@ class _Rac:
         u = S.shape[0]
         self.cand = np.full((u, k), -1, np.int64)
         self.bound = np.full(u, -np.inf)
-        # The exact linkage of each kept candidate, when it was computed, and
+        # The linkage of each kept candidate, when it was computed, and
         # when each cluster last changed (a merge), on one clock (self.now):
-        # a kept linkage is still exact while neither side has changed, so
-        # _resolve only recomputes those of candidates that merged.
+        # a kept linkage is still valid while neither side has changed, so
+        # _resolve only recomputes those of candidates that merged.  A kept
+        # linkage is exact (float64) where cand_exact says so, else FAISS's
+        # float32 value, within self.tol of it (see _nearest_of).
         self.cand_d = np.full((u, k), np.inf)
+        self.cand_exact = np.zeros((u, k), bool)
         self.computed = np.full(u, -1, np.int64)
         self.changed = np.full(u, -1, np.int64)
         self.now = 0
@@ -387,6 +398,12 @@ class _Rac:
 
     def _var(self, ids):
         return self.W[ids] / self.cnt[ids]
+
+    def _set_means32(self, ids):
+        mu = self._mu(ids)
+        if self.scale != 1.0:
+            mu *= self.scale
+        self.means32[ids] = mu
 
     def _linkage(self, mu_a, var_a, ids_b):
         """Exact average linkage between rows mu_a and clusters ids_b.
@@ -412,15 +429,16 @@ class _Rac:
         |[mu_a,0] - [mu_b,e_b]|^2 = linkage(a, b) + const(a) when e_b^2 is
         1 - |mu_b|^2 (cosine) or the variance of b (sqeuclidean).
         """
-        mu = self._mu(ids)
-        out = np.zeros((ids.size, mu.shape[1] + 1), np.float32)
-        out[:, :-1] = mu * self.scale
+        out = np.zeros((ids.size, self.means32.shape[1] + 1), np.float32)
+        out[:, :-1] = self.means32[ids]
         if database:
             if self.cos:
-                e2 = 1.0 - np.einsum("ij,ij->i", mu, mu)
+                # float32 is enough: an inner-product search ignores this
+                # column (queries have 0 there); it only places the row in a list.
+                e2 = 1.0 - np.einsum("ij,ij->i", out[:, :-1], out[:, :-1])
+                out[:, -1] = np.sqrt(np.maximum(e2, 0.0))
             else:
-                e2 = self._var(ids)
-            out[:, -1] = np.sqrt(np.maximum(e2, 0.0)) * self.scale
+                out[:, -1] = np.sqrt(np.maximum(self._var(ids), 0.0)) * self.scale
         return out
 
     # --- index
@@ -453,14 +471,24 @@ class _Rac:
         if k == 0:
             return nn, nd
         everything = self.index.ntotal <= k  # every indexed cluster was returned
-        cand = self.index.search(ids, lambda part: self._vectors(part, False), k)
+        cand, score = self.index.search(ids, lambda part: self._vectors(part, False), k)
         for s in range(0, ids.size, _CHUNK):
             q = ids[s:s + _CHUNK]
             c = cand[s:s + _CHUNK]
             c[c == q[:, None]] = -1
-            c.sort(axis=1)
-            nn[s:s + q.size], nd[s:s + q.size], dist = self._nearest_of(q, c)
-            self._keep(q, c, dist)
+            order = np.argsort(c, axis=1)
+            c = np.take_along_axis(c, order, axis=1)
+            if self.cos:
+                # FAISS's float32 inner products of unit-norm augmented rows
+                # are within tol of the linkage: only the near-nearest are
+                # recomputed in float64 (_nearest_of).
+                dist = 1.0 - np.take_along_axis(score[s:s + _CHUNK], order, axis=1).astype(np.float64)
+                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(
+                    q, c, dist, np.zeros(c.shape, bool), np.zeros(c.shape, bool))
+            else:
+                # float32 L2 errors grow with the squared norms: every candidate in float64.
+                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c)
+            self._keep(q, c, dist, exact)
             valid = c >= 0
             # Whatever FAISS did not return ranked (in float32) after its k-th
             # result, so it is at least as far as the farthest one returned,
@@ -471,40 +499,62 @@ class _Rac:
             self.bound[q] = np.inf if everything else np.where(full, farthest, -np.inf)
         return nn, nd
 
-    def _keep(self, q, c, dist):
+    def _keep(self, q, c, dist, exact):
         """Keep candidates c of clusters q (fewer columns than k: the rest empty) and their linkages."""
         width = c.shape[1]
         self.cand[q, :width] = c
         self.cand[q, width:] = -1
         self.cand_d[q, :width] = dist
         self.cand_d[q, width:] = np.inf
+        self.cand_exact[q, :width] = exact
+        self.cand_exact[q, width:] = False
         self.computed[q] = self.now
 
-    def _nearest_of(self, q, c, dist=None, need=None):
+    def _nearest_of(self, q, c, dist=None, exact=None, need=None):
         """Exact nearest of each q among its candidate row c (-1 = none), ties to the lower id.
 
-        Given `dist` (kept linkages, same shape as c), only the entries marked
-        in `need` are computed.  Returns (nearest, its linkage, all linkages).
+        Without `dist` every linkage is computed; given `dist` (same shape
+        as c), those marked in `need`.  For cosine they are first computed
+        in float32 (within self.tol), and a value not marked `exact` is
+        recomputed in float64 only if it could be the nearest: one more
+        than 2 tol above the smallest value is more than tol above the
+        smallest linkage.  For sqeuclidean float32 errors grow with the
+        norms, so every linkage is computed in float64.  Returns (nearest,
+        its linkage, linkages, which are exact); the nearest linkage is
+        always exact.
         """
         valid = c >= 0
         c = np.where(valid, c, q[:, None])  # any valid row; masked below
         if dist is None:
-            mu_q = self._mu(q)
-            var_q = None if self.cos else self._var(q)
             dist = np.empty(c.shape)
-            for j in range(c.shape[1]):
-                dist[:, j] = self._linkage(mu_q, var_q, c[:, j])
+            exact = np.zeros(c.shape, bool)
+            need = valid
         else:
-            rows, cols = np.nonzero(need & valid)
+            need = valid & need
+        if self.cos:
+            rows, cols = np.nonzero(need)
             if rows.size:
-                qq = q[rows]
-                dist[rows, cols] = self._linkage(self._mu(qq), None if self.cos else self._var(qq), c[rows, cols])
+                dist[rows, cols] = 1.0 - np.einsum("ij,ij->i", self.means32[q[rows]],
+                                                   self.means32[c[rows, cols]]).astype(np.float64)
+            exact = exact & ~need
+            dist[~valid] = np.inf
+            near = dist.min(axis=1)
+            need = valid & ~exact & (dist <= near[:, None] + 2 * self.tol)
+        self._fill(q, c, dist, need)
+        exact = exact | need
         dist[~valid] = np.inf
         best = dist.argmin(axis=1)
         r = np.arange(q.size)
         nd = dist[r, best]
         nn = np.where(np.isfinite(nd), c[r, best], -1)
-        return nn, nd, dist
+        return nn, nd, dist, exact
+
+    def _fill(self, q, c, dist, mask):
+        """dist[mask] = exact linkages of the masked (query row, candidate) pairs."""
+        rows, cols = np.nonzero(mask)
+        if rows.size:
+            qq = q[rows]
+            dist[rows, cols] = self._linkage(self._mu(qq), None if self.cos else self._var(qq), c[rows, cols])
 
     def _resolve(self, ids, parent, active):
         """Nearest clusters found from the kept candidates, without a search.
@@ -528,12 +578,13 @@ class _Rac:
             order = np.argsort(c, axis=1)
             c = np.take_along_axis(c, order, axis=1)
             dist = np.take_along_axis(self.cand_d[q], order, axis=1)
+            exact = np.take_along_axis(self.cand_exact[q], order, axis=1)
             c[:, 1:][c[:, 1:] == c[:, :-1]] = -1  # the same merged cluster twice
             # q has not changed since its list was made (a merged q gets a new
             # list in _combine), so only candidates that changed are recomputed.
             need = self.changed[np.maximum(c, 0)] >= self.computed[q][:, None]
-            near, near_d, dist = self._nearest_of(q, c, dist, need)
-            self._keep(q, c, dist)
+            near, near_d, dist, exact = self._nearest_of(q, c, dist, exact, need)
+            self._keep(q, c, dist, exact)
             found = near_d < bound
             gone = ~found & (bound > self.eps) & (near_d > self.eps)
             done[s:s + q.size] = found | gone
@@ -556,12 +607,14 @@ class _Rac:
             c = _live(q, c, parent, active)
             c.sort(axis=1)
             c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
-            _, _, dist = self._nearest_of(q, c)
+            _, _, dist, exact = self._nearest_of(q, c)
             order = np.lexsort((c, dist), axis=1)
             c = np.take_along_axis(c, order, axis=1)
             dist = np.take_along_axis(dist, order, axis=1)
-            self._keep(q, c[:, :k], dist[:, :k])
-            self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dist[:, k])
+            exact = np.take_along_axis(exact, order, axis=1)
+            self._keep(q, c[:, :k], dist[:, :k], exact[:, :k])
+            dropped = np.where(exact[:, k], dist[:, k], dist[:, k] - self.tol)  # float32 values: within tol
+            self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dropped)
 
     # --- rounds
 
@@ -660,6 +713,7 @@ class _Rac:
             self.W[a] += self.W[b] + (na * nb / (na + nb)) * np.einsum("ij,ij->i", diff, diff)
         self.S[a] += self.S[b]
         self.cnt[a] += self.cnt[b]
+        self._set_means32(a)
         self.changed[a] = self.now
 
 
@@ -715,11 +769,13 @@ class _FlatIndex:
         self.index.remove_ids(ids)
 
     def search(self, ids, query_vectors, k):
+        """(ids, FAISS scores) of each query's k nearest; -1 where there are fewer."""
         cand = np.empty((ids.size, k), np.int64)
+        score = np.empty((ids.size, k), np.float32)
         for s in range(0, ids.size, _CHUNK):
             part = ids[s:s + _CHUNK]
-            cand[s:s + part.size] = self.index.search(query_vectors(part), k)[1]
-        return cand
+            score[s:s + part.size], cand[s:s + part.size] = self.index.search(query_vectors(part), k)
+        return cand, score
 
 
 class _IvfIndex:
@@ -772,8 +828,10 @@ class _IvfIndex:
         self.index.remove_ids(ids)
 
     def search(self, ids, query_vectors, k):
+        """(ids, FAISS scores) of each query's k nearest found; -1 where there are fewer."""
         n = ids.size
         cand = np.full((n, k), -1, np.int64)
+        score = np.zeros((n, k), np.float32)
         lists = self.list_of[ids]
         order = np.argsort(lists, kind="stable")
         sorted_lists = lists[order]
@@ -784,8 +842,8 @@ class _IvfIndex:
         for s in range(0, sparse.size, _CHUNK):
             rows = sparse[s:s + _CHUNK]
             probe = self.probe[lists[rows]]
-            cand[rows] = self.index.search_preassigned(
-                query_vectors(ids[rows]), k, probe, np.zeros(probe.shape, np.float32))[1]
+            score[rows], cand[rows] = self.index.search_preassigned(
+                query_vectors(ids[rows]), k, probe, np.zeros(probe.shape, np.float32))
         if crowded.any():
             group_lists = sorted_lists[starts[crowded]]
             views = {p: self._list_view(p) for p in np.unique(self.probe[group_lists]).tolist()}
@@ -796,9 +854,11 @@ class _IvfIndex:
                 if db_ids.size == 0:
                     continue
                 db_vecs = np.concatenate([views[p][1] for p in probe])
-                found = faiss.knn(query_vectors(ids[rows]), db_vecs, min(k, db_ids.size), metric=self.metric)[1]
+                found_score, found = faiss.knn(query_vectors(ids[rows]), db_vecs, min(k, db_ids.size),
+                                               metric=self.metric)
                 cand[rows, :found.shape[1]] = np.where(found >= 0, db_ids[found], -1)
-        return cand
+                score[rows, :found.shape[1]] = found_score
+        return cand, score
 
     def _list_view(self, lst: int):
         """(ids, vectors) of one inverted list as numpy views of FAISS's own memory.

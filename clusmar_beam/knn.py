@@ -41,6 +41,13 @@ METRICS = ("cosine", "sqeuclidean")
 TRAIN_PER_CELL = 64
 _QUERY_BLOCK = 1 << 14
 
+# FAISS 1.15 computes exact distances without BLAS while queries x dims is
+# below 128000, a crossover tuned on many-core hosts; with few threads BLAS
+# wins far earlier (facebookresearch/faiss PR 5109 measured about 800 per
+# thread).  On this 2-core machine HAC's blocks of ~80 queries were searched
+# 1.7x faster with BLAS (benchmarks/RESULTS.md).  Set once, for the process.
+faiss.cvar.distance_compute_blas_threshold = 800 * faiss.omp_get_max_threads()
+
 
 @dataclasses.dataclass
 class KnnBatch:
