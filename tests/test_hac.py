@@ -281,6 +281,36 @@ def test_tiny_and_huge_scales_give_the_same_clusters():
         assert adjusted_rand_score(base.labels, scaled.labels) >= 0.999
 
 
+def test_float32_screening_finds_the_float64_nearest():
+    """Cosine candidates ranked in float32 and refined near the smallest give the
+    nearest, its linkage and the tie-break (lower id) of float64 linkages for all."""
+    from clusmar_beam import hac
+
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(40, 16))
+    X = np.repeat(base, 25, axis=0) + rng.normal(scale=1e-7, size=(1000, 16))  # bursts: float32 ties
+    X[500:520] = X[480:500]  # exact duplicates: float64 ties, broken by the lower id
+    S = hac._prepare(X, "cosine")
+    rac = hac._Rac(S, np.ones(len(S)), "cosine", 0.5, 5000, None, 32, 0, None, 0.0, 8)
+    q = np.arange(len(S))
+    c = np.sort(np.concatenate([rng.integers(0, len(S), size=(len(S), 6)),
+                                (q[:, None] // 25) * 25 + rng.integers(0, 25, size=(len(S), 6))], axis=1), axis=1)
+    c[c == q[:, None]] = -1
+    c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
+    valid = c >= 0
+    every = np.full(c.shape, np.inf)
+    rac._fill(q, np.where(valid, c, q[:, None]), every, valid)
+    none = np.iinfo(np.int64).max
+    best = np.where((every == every.min(axis=1, keepdims=True)) & valid, c, none).min(axis=1)
+    scores = np.einsum("ij,ikj->ik", rac.means32[q], rac.means32[np.maximum(c, 0)])  # as a search returns them
+    no = np.zeros(c.shape, bool)
+    for kwargs in ({}, {"dist": 1.0 - scores.astype(np.float64), "exact": no, "need": no}):
+        nn, nd, _, exact = rac._nearest_of(q, c, **kwargs)
+        assert np.array_equal(nn, best)
+        assert np.array_equal(nd, every.min(axis=1))
+        assert exact.sum() < valid.sum()  # most candidates never needed float64
+
+
 def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     """Crowded lists are searched as one block; both ways must find the same."""
     from clusmar_beam import hac

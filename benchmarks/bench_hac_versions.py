@@ -1,0 +1,81 @@
+"""HAC speed of an earlier commit against the checkout, side by side in one process.
+
+Usage:
+  .venv/bin/python benchmarks/bench_hac_versions.py --old e8d3514 [--n 100000] [--eps 0.15] [--repeat 3]
+
+`clusmar_beam/hac.py` of the `--old` commit (read with `git show`) is loaded as a second
+module beside the checkout's; both cluster the first n rows of the synthetic pool (as
+`bench_hac_speed.py` takes them, cosine), alternating, `--repeat` times each, so a noisy
+host slows both alike. Before this session's commits FAISS ran with its own BLAS
+threshold, so the old commit runs with FAISS's default and the checkout with the one
+`clusmar_beam.knn` sets. Prints each time, the medians, and the ARI between the two
+label sets (1.0: the same clusters).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import faiss
+
+FAISS_DEFAULT_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # before clusmar_beam.knn sets it
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_hac_speed import pool  # noqa: E402
+from clusmar_beam import hac  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+OURS_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
+
+
+def load_old(ref: str):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    source = subprocess.run(["git", "show", f"{ref}:clusmar_beam/hac.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "hac_old.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("hac_old", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hac_old"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", required=True, help="git commit whose hac.py is compared")
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--eps", type=float, default=0.15)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    versions = {args.old: (load_old(args.old), FAISS_DEFAULT_BLAS_THRESHOLD), "checkout": (hac, OURS_BLAS_THRESHOLD)}
+    X = pool(args.n)
+    for module, threshold in versions.values():   # warm-up: library loading, thread pools
+        faiss.cvar.distance_compute_blas_threshold = threshold
+        module.average_linkage(pool(1000), args.eps, "cosine")
+    times = {name: [] for name in versions}
+    labels = {}
+    for _ in range(args.repeat):
+        for name, (module, threshold) in versions.items():
+            faiss.cvar.distance_compute_blas_threshold = threshold
+            start = time.perf_counter()
+            result = module.average_linkage(X, args.eps, "cosine")
+            times[name].append(time.perf_counter() - start)
+            labels[name] = result.labels
+            print(f"{name}: {times[name][-1]:.2f} s, {result.num_clusters} clusters", flush=True)
+    faiss.cvar.distance_compute_blas_threshold = OURS_BLAS_THRESHOLD
+    old, new = (statistics.median(times[name]) for name in versions)
+    print(f"median {args.old} {old:.2f} s, checkout {new:.2f} s: {old / new:.2f}x; "
+          f"ARI {adjusted_rand_score(labels[args.old], labels['checkout']):.5f}")
+
+
+if __name__ == "__main__":
+    main()
