@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_hac_speed import pool  # noqa: E402
