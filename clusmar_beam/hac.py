@@ -483,8 +483,8 @@ class _Rac:
                 # are within tol of the linkage: only the near-nearest are
                 # recomputed in float64 (_nearest_of).
                 dist = 1.0 - np.take_along_axis(score[s:s + _CHUNK], order, axis=1).astype(np.float64)
-                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(
-                    q, c, dist, np.zeros(c.shape, bool), np.zeros(c.shape, bool))
+                none = np.zeros(c.shape, bool)  # none exact yet, none stale
+                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c, dist, none, none)
             else:
                 # float32 L2 errors grow with the squared norms: every candidate in float64.
                 nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c)
@@ -531,18 +531,17 @@ class _Rac:
             need = valid
         else:
             need = valid & need
+        dist[~valid] = np.inf
         if self.cos:
             rows, cols = np.nonzero(need)
             if rows.size:
                 dist[rows, cols] = 1.0 - np.einsum("ij,ij->i", self.means32[q[rows]],
                                                    self.means32[c[rows, cols]]).astype(np.float64)
             exact = exact & ~need
-            dist[~valid] = np.inf
             near = dist.min(axis=1)
             need = valid & ~exact & (dist <= near[:, None] + 2 * self.tol)
         self._fill(q, c, dist, need)
         exact = exact | need
-        dist[~valid] = np.inf
         best = dist.argmin(axis=1)
         r = np.arange(q.size)
         nd = dist[r, best]

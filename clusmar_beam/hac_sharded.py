@@ -364,11 +364,13 @@ class ShardedHac(beam.PTransform):
 
     def expand(self, batches):
         side = beam.pvalue.AsSingleton
-        eps, merge_eps = self.eps, self.merge_eps
-        if isinstance(eps, beam.pvalue.PCollection):
-            eps = side(eps | "CheckEps" >> beam.Map(hac._check_threshold))
-        if isinstance(merge_eps, beam.pvalue.PCollection):
-            merge_eps = side(merge_eps | "CheckMergeEps" >> beam.Map(hac._check_threshold))
+
+        def checked(value, label):  # a number was checked in __init__; a PCollection is checked here
+            if not isinstance(value, beam.pvalue.PCollection):
+                return value
+            return side(value | label >> beam.Map(hac._check_threshold))
+
+        eps, merge_eps = checked(self.eps, "CheckEps"), checked(self.merge_eps, "CheckMergeEps")
         n = side(batches | "CountPoints" >> beam.Map(lambda batch: len(batch[0])) | "SumPoints" >> beam.CombineGlobally(sum))
         clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
         round_merges = []
