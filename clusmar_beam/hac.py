@@ -42,15 +42,16 @@ TARGET_RAISE = 1.5
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
 # flat), above it with the IVF index.  Switching to exact search re-searches
 # every active cluster (n^2 work), so it is kept small enough to be cheap:
-# at 20K points a switch at 5K active clusters instead of exact search
-# throughout took 1.8 s instead of 3.5 s, ARI 0.99999 against fastcluster,
-# and at 100K it gave the same labels as a switch at 20K
-# (benchmarks/RESULTS.md).
+# at 20K points a switch at 5K active clusters took 1.5 s against 2.1 s for
+# one at 20K (exact search throughout), ARI 0.99999 against fastcluster, and
+# at 100K it gave the same labels as a switch at 20K
+# (benchmarks/bench_exact_switch.py, RESULTS.md).
 EXACT_SEARCH_MAX = 5_000
 # Queries per FAISS call / re-ranking batch: bounds temporary memory.
 _CHUNK = 1 << 15
-# Training sample for the IVF coarse quantiser, in points per list.
+# Training sample for the IVF coarse quantiser, in points per list, and its k-means iterations.
 _TRAIN_PER_LIST = 32
+_TRAIN_ITERATIONS = 10
 # IVF lists hold at most about this many clusters on average (more lists than
 # 4*sqrt(n) above 1M clusters): a search scans nprobe lists, so a bounded list
 # size keeps the cost of a search independent of the pool size.
@@ -893,10 +894,10 @@ class _TwoLevelQuantiser:
     def __init__(self, train, nlist, seed, flat_max: int | None = None):
         nlist = max(1, min(int(nlist), train.shape[0]))
         if nlist <= (_FLAT_QUANTISER_MAX if flat_max is None else flat_max):
-            self.groups = knn.train_centroids(train, nlist, seed, niter=10)
+            self.groups = knn.train_centroids(train, nlist, seed, niter=_TRAIN_ITERATIONS)
             self.centroids, self.first = self.groups, None
             return
-        self.groups = knn.train_centroids(train, int(round(math.sqrt(nlist))), seed, niter=10)
+        self.groups = knn.train_centroids(train, int(round(math.sqrt(nlist))), seed, niter=_TRAIN_ITERATIONS)
         group = knn.probe_cells(self.groups, train, 1)[:, 0]
         parts, first = [], [0]
         for g in range(self.groups.shape[0]):
@@ -905,7 +906,7 @@ class _TwoLevelQuantiser:
                 part = self.groups[g:g + 1]
             else:
                 part = knn.train_centroids(rows, max(1, int(round(nlist * rows.shape[0] / train.shape[0]))),
-                                           seed + 1 + g, niter=10)
+                                           seed + 1 + g, niter=_TRAIN_ITERATIONS)
             parts.append(part)
             first.append(first[-1] + part.shape[0])
         self.centroids = np.ascontiguousarray(np.concatenate(parts), np.float32)

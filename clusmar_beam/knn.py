@@ -45,7 +45,7 @@ _QUERY_BLOCK = 1 << 14
 # below 128000, a crossover tuned on many-core hosts; with few threads BLAS
 # wins far earlier (facebookresearch/faiss PR 5109 measured about 800 per
 # thread).  On this 2-core machine HAC's blocks of ~80 queries were searched
-# 1.7x faster with BLAS (benchmarks/RESULTS.md).  Set once, for the process.
+# 2.6x faster with BLAS (benchmarks/bench_faiss_blas.py, RESULTS.md).  Set once, for the process.
 faiss.cvar.distance_compute_blas_threshold = 800 * faiss.omp_get_max_threads()
 
 

@@ -1,0 +1,69 @@
+"""HAC speed and merges under other parameters, side by side in one process.
+
+Usage:
+  .venv/bin/python benchmarks/bench_hac_params.py [--n 100000] [--repeat 3] CONFIG [CONFIG ...]
+
+Each CONFIG is "default" or comma-separated settings: `average_linkage` keywords (`k=12`,
+`nlist=632`, `nprobe=16`, `exact_search_max=5000`) and module constants of the IVF
+quantiser's training (`train_per_list=16`, `train_iterations=5`). The configurations run
+interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
+as `bench_hac_speed.py` takes them). Prints the median and each time, the cluster count, and the ARI
+against the first configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_hac_speed import pool  # noqa: E402
+from clusmar_beam import hac  # noqa: E402
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS"}
+
+
+def parse(config: str):
+    keywords, constants = {}, {}
+    if config != "default":
+        for setting in config.split(","):
+            name, value = setting.split("=")
+            (constants if name in CONSTANTS else keywords)[name] = int(value)
+    return keywords, constants
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--eps", type=float, default=0.15)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("configs", nargs="+")
+    args = ap.parse_args(argv)
+    defaults = {name: getattr(hac, attr) for name, attr in CONSTANTS.items()}
+    hac.average_linkage(pool(1000), args.eps, "cosine")   # warm-up
+    X = pool(args.n)
+    times = {config: [] for config in args.configs}
+    labels = {}
+    for _ in range(args.repeat):
+        for config in args.configs:
+            keywords, constants = parse(config)
+            for name, attr in CONSTANTS.items():
+                setattr(hac, attr, constants.get(name, defaults[name]))
+            start = time.perf_counter()
+            labels[config] = hac.average_linkage(X, args.eps, "cosine", **keywords).labels
+            times[config].append(time.perf_counter() - start)
+    for name, attr in CONSTANTS.items():
+        setattr(hac, attr, defaults[name])
+    first = labels[args.configs[0]]
+    for config in args.configs:
+        print(f"{config}: median {statistics.median(times[config]):.2f} s "
+              f"({', '.join(f'{t:.2f}' for t in times[config])}), {labels[config].max() + 1} clusters, "
+              f"ARI vs {args.configs[0]} {adjusted_rand_score(first, labels[config]):.5f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
