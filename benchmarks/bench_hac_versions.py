@@ -1,14 +1,14 @@
 """HAC speed of an earlier commit against the checkout, side by side in one process.
 
 Usage:
-  .venv/bin/python benchmarks/bench_hac_versions.py --old e8d3514 [--n 100000] [--eps 0.15] [--repeat 3]
+  .venv/bin/python benchmarks/bench_hac_versions.py --old REF [--old-faiss-blas] [--n 100000] [--eps 0.15] [--repeat 3]
 
 `clusmar_beam/hac.py` of the `--old` commit (read with `git show`) is loaded as a second
 module beside the checkout's; both cluster the first n rows of the synthetic pool (as
 `bench_hac_speed.py` takes them, cosine), alternating, `--repeat` times each, so a noisy
-host slows both alike. Before this session's commits FAISS ran with its own BLAS
-threshold, so the old commit runs with FAISS's default and the checkout with the one
-`clusmar_beam.knn` sets. Prints each time, the medians, and the ARI between the two
+host slows both alike. Both run with the FAISS BLAS threshold that `clusmar_beam.knn`
+sets; `--old-faiss-blas` runs the old commit with FAISS's default instead, as commits
+before d379e19 (which added the setting) ran. Prints each time, the medians, and the ARI between the two
 label sets (1.0: the same clusters).
 """
 from __future__ import annotations
@@ -55,8 +55,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--eps", type=float, default=0.15)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--old-faiss-blas", action="store_true", help="old commit with FAISS's default BLAS threshold")
     args = ap.parse_args(argv)
-    versions = {args.old: (load_old(args.old), FAISS_DEFAULT_BLAS_THRESHOLD), "checkout": (hac, OURS_BLAS_THRESHOLD)}
+    old_threshold = FAISS_DEFAULT_BLAS_THRESHOLD if args.old_faiss_blas else OURS_BLAS_THRESHOLD
+    versions = {args.old: (load_old(args.old), old_threshold), "checkout": (hac, OURS_BLAS_THRESHOLD)}
     X = pool(args.n)
     for module, threshold in versions.values():   # warm-up: library loading, thread pools
         faiss.cvar.distance_compute_blas_threshold = threshold

@@ -627,6 +627,7 @@ class _Rac:
         nn = np.full(u, -1, np.int64)
         nd = np.full(u, np.inf)
         free = ~self.frozen
+        fresh = np.zeros(u, bool)
         self._build_index(np.arange(u, dtype=np.int64))
         merges_per_round = []
         while (active & free).any():
@@ -639,6 +640,7 @@ class _Rac:
                 stale[act] = True
                 self.bound[:] = -np.inf
             todo = np.flatnonzero(stale & active)
+            fresh[todo] = True  # these get a new nearest this round
             known = todo[self.bound[todo] > -np.inf]
             if known.size:
                 done, nn_k, nd_k = self._resolve(known, parent, active)
@@ -651,7 +653,9 @@ class _Rac:
                 nn[todo], nd[todo] = self._search(todo)
             stale[todo] = False
             stale[resolved] = False
-            _symmetrise(act, nn, nd)
+            _symmetrise(act, nn, nd, fresh)
+            fresh[todo] = False
+            fresh[resolved] = False
 
             # Beyond eps now means beyond eps forever (reducibility).
             far = nd[act] > eps
@@ -724,15 +728,18 @@ def _live(q, c, parent, active):
     return c
 
 
-def _symmetrise(act, nn, nd):
+def _symmetrise(act, nn, nd, fresh):
     """Offer every found edge a -> b to b as well: b's nearest is at most that far.
 
     This repairs neighbours that a search missed (float32 near-ties, IVF), and
     with bit-symmetric distances it makes the smallest (distance, id) edge
     reciprocal, so a round always merges while any edge is within the
-    threshold.
+    threshold.  After a pass no edge is better than its target's own, so only
+    edges from or to `fresh` clusters (a new nearest this round) can be:
+    the others are left out.
     """
     src = act[np.isfinite(nd[act])]
+    src = src[fresh[src] | fresh[nn[src]]]
     if src.size == 0:
         return
     dst, d = nn[src], nd[src]
@@ -809,6 +816,7 @@ class _IvfIndex:
         missing = ~(probe == own[:, None]).any(axis=1)  # only with duplicate centroids
         probe[missing, -1] = own[missing]
         self.probe = probe
+        self.centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
         self.list_of = np.full(size, -1, np.int64)
         self.index = index
 
@@ -817,8 +825,15 @@ class _IvfIndex:
         return self.index.ntotal
 
     def add(self, ids, vecs):
+        """Add rows; a cluster that was in the index before (it merged) goes to a list near its old one."""
         ids = np.ascontiguousarray(ids, np.int64)
-        lists = np.ascontiguousarray(self.quantiser.assign(vecs))
+        old = self.list_of[ids]
+        moved = old >= 0
+        lists = np.empty(ids.size, np.int64)
+        if not moved.all():
+            lists[~moved] = self.quantiser.assign(vecs[~moved])
+        if moved.any():
+            lists[moved] = self._nearest_probe_list(vecs[moved], old[moved])
         self.list_of[ids] = lists
         # add_with_ids would assign the lists again; we need them for search.
         self.index.add_core(ids.size, faiss.swig_ptr(vecs), faiss.swig_ptr(ids),
@@ -826,6 +841,21 @@ class _IvfIndex:
 
     def remove(self, ids):
         self.index.remove_ids(ids)
+
+    def _nearest_probe_list(self, vecs, old):
+        """The list nearest to each row among the probe lists of its old list.
+
+        A merged cluster's mean lies between its parts, within the threshold
+        of the part that was here, so its nearest list is one of those the
+        old list probes: nprobe distances per row instead of nlist.
+        """
+        out = np.empty(old.size, np.int64)
+        for s in range(0, old.size, 1 << 12):
+            cand = self.probe[old[s:s + (1 << 12)]]
+            cross = np.einsum("rpd,rd->rp", self.quantiser.centroids[cand], vecs[s:s + (1 << 12)])
+            out[s:s + cand.shape[0]] = cand[np.arange(cand.shape[0]),
+                                            (self.centroid_norms[cand] - 2 * cross).argmin(axis=1)]
+        return out
 
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest found; -1 where there are fewer."""
