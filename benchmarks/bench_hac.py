@@ -2,8 +2,12 @@
 
 Usage:
   .venv/bin/python benchmarks/bench_hac.py --pool 'GLOB' --distance-threshold EPS [--metric cosine]
-      [--hac-shards 64] [--work DIR] [beam flags...]
+      [--hac-shards 64] [--work DIR] [--exact] [beam flags...]
 Prints wall time of each run, the numbers of clusters and the ARI between the two labelings.
+With --exact, also exact average linkage of the same pool: `hac.average_linkage` with
+exact (flat) search throughout, which gives fastcluster's clusters (ARI 1.0 in
+tests/test_hac.py and bench_hac_ivf_quality.py) where fastcluster's n^2 memory does not fit,
+and the ARI of each run against it.
 """
 from __future__ import annotations
 
@@ -19,7 +23,14 @@ import pyarrow.parquet as pq
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clusmar_beam import cli  # noqa: E402
+from clusmar_beam import cli, hac  # noqa: E402
+
+
+def embeddings_by_id(pattern):
+    t = pq.read_table(sorted(glob.glob(pattern)), columns=["id", "embedding"])
+    order = np.argsort(np.asarray(t.column("id").to_pylist()))
+    column = t.column("embedding").combine_chunks()
+    return column.values.to_numpy().reshape(len(column), -1)[order]
 
 
 def labels(directory):
@@ -36,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--metric", default="cosine")
     ap.add_argument("--hac-shards", default="64")
     ap.add_argument("--work", default="/tmp/bench_hac")
+    ap.add_argument("--exact", action="store_true", help="also compare both with exact average linkage")
     args, beam_args = ap.parse_known_args(argv)
     res = {}
     for name, flags in (("single", []), ("sharded", ["--hac-shards", args.hac_shards])):
@@ -47,8 +59,15 @@ def main(argv=None):
         res[name] = {"seconds": round(time.perf_counter() - t, 1), "clusters": info["num_clusters"],
                      "mean_cluster_size": round(info["mean_cluster_size"], 3)}
         print(name, res[name], flush=True)
-    res["ari"] = round(float(adjusted_rand_score(labels(os.path.join(args.work, "single")),
-                                                 labels(os.path.join(args.work, "sharded")))), 5)
+    got = {name: labels(os.path.join(args.work, name)) for name in ("single", "sharded")}
+    res["ari"] = round(float(adjusted_rand_score(got["single"], got["sharded"])), 5)
+    if args.exact:
+        X = embeddings_by_id(args.pool)
+        t = time.perf_counter()
+        exact = hac.average_linkage(X, float(args.distance_threshold), args.metric, exact_search_max=len(X))
+        res["exact"] = {"seconds": round(time.perf_counter() - t, 1), "clusters": exact.num_clusters}
+        for name in ("single", "sharded"):
+            res[f"ari_{name}_vs_exact"] = round(float(adjusted_rand_score(exact.labels, got[name])), 5)
     print(json.dumps(res))
 
 

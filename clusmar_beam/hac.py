@@ -460,11 +460,13 @@ class _Rac:
             part = ids[s:s + (1 << 18)]
             self.index.add(part, self._vectors(part, True))
 
-    def _search(self, ids):
+    def _search(self, ids, own_lists=False):
         """Nearest active cluster of each id: FAISS candidates, exact re-ranking.
 
         Ties go to the lower id.  Keeps the candidates and a lower bound on the
-        linkage to every other cluster for _resolve.
+        linkage to every other cluster for _resolve.  With `own_lists` an IVF
+        search probes the lists nearest each cluster itself rather than those
+        nearest its list (see run).
         """
         nn = np.full(ids.size, -1, np.int64)
         nd = np.full(ids.size, np.inf)
@@ -472,7 +474,11 @@ class _Rac:
         if k == 0:
             return nn, nd
         everything = self.index.ntotal <= k  # every indexed cluster was returned
-        cand, score = self.index.search(ids, lambda part: self._vectors(part, False), k)
+        queries = lambda part: self._vectors(part, False)  # noqa: E731
+        if own_lists:
+            cand, score = self.index.search_own_lists(ids, queries, lambda part: self._vectors(part, True), k)
+        else:
+            cand, score = self.index.search(ids, queries, k)
         for s in range(0, ids.size, _CHUNK):
             q = ids[s:s + _CHUNK]
             c = cand[s:s + _CHUNK]
@@ -653,6 +659,15 @@ class _Rac:
                 nn[todo], nd[todo] = self._search(todo)
             stale[todo] = False
             stale[resolved] = False
+            if not self.index.exact:
+                # An IVF search probes the lists nearest the cluster's list and
+                # can miss the neighbours of a cluster far from that list's
+                # centre.  Retiring is for good, so a cluster about to retire
+                # is searched again in the lists nearest itself: at 100K that
+                # gave the clusters of exact search (benchmarks/RESULTS.md).
+                doubt = np.flatnonzero(fresh & (nd > eps))
+                if doubt.size:
+                    nn[doubt], nd[doubt] = self._search(doubt, own_lists=True)
             _symmetrise(act, nn, nd, fresh)
             fresh[todo] = False
             fresh[resolved] = False
@@ -857,6 +872,19 @@ class _IvfIndex:
                                             (self.centroid_norms[cand] - 2 * cross).argmin(axis=1)]
         return out
 
+    def search_own_lists(self, ids, query_vectors, database_vectors, k):
+        """Like search, each query probing the nprobe lists nearest its own database row."""
+        cand = np.full((ids.size, k), -1, np.int64)
+        score = np.zeros((ids.size, k), np.float32)
+        for s in range(0, ids.size, _CHUNK):
+            part = ids[s:s + _CHUNK]
+            probe = np.ascontiguousarray(self.quantiser.nearest(database_vectors(part), self.nprobe, pad=True))
+            self.index.nprobe = probe.shape[1]  # fewer if there are fewer lists
+            score[s:s + part.size], cand[s:s + part.size] = self.index.search_preassigned(
+                query_vectors(part), k, probe, np.zeros(probe.shape, np.float32))
+        self.index.nprobe = self.nprobe
+        return cand, score
+
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest found; -1 where there are fewer."""
         n = ids.size
@@ -946,23 +974,26 @@ class _TwoLevelQuantiser:
         """The list of each row."""
         return self.nearest(vecs, 1)[:, 0]
 
-    def nearest(self, vecs, k: int):
+    def nearest(self, vecs, k: int, pad: bool = False):
         """(rows, k) nearest lists of each row among those it may search, nearest first.
 
         Ties go to the lower list.  Every group holds a list, so a row can
-        always get one per group it searches: k is cut to that many.
+        always get one per group it searches: k is cut to that many, or with
+        `pad` kept, a row's columns past the lists it found being -1 (which
+        FAISS's search_preassigned skips).
         """
         vecs = np.ascontiguousarray(vecs, np.float32)
         if self.first is None:
             return knn.probe_cells(self.groups, vecs, k)
         groups = knn.probe_cells(self.groups, vecs, _GROUPS_SEARCHED)
-        k = min(k, groups.shape[1])
+        if not pad:
+            k = min(k, groups.shape[1])
         best = np.full((vecs.shape[0], k), np.inf, np.float32)
         lists = np.full((vecs.shape[0], k), -1, np.int64)
         for g, pos in knn.split_by_key(groups.reshape(-1)):
             rows = pos // groups.shape[1]
             lo, hi = self.first[g], self.first[g + 1]
-            d, i = faiss.knn(vecs[rows], self.centroids[lo:hi], min(k, hi - lo))
+            d, i = faiss.knn(vecs[rows], self.centroids[lo:hi], int(min(k, hi - lo)))
             if k == 1:  # every IVF add: no sort needed
                 better = d[:, 0] < best[rows, 0]
                 best[rows[better], 0] = d[better, 0]

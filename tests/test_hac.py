@@ -129,6 +129,37 @@ def test_ivf_with_two_level_quantiser(metric, monkeypatch):
     assert built[0].centroids.shape[0] >= len(X) // 40 - 1  # lists of about _LIST_SIZE
 
 
+def _cluster_linkages(X, labels):
+    """Cosine average linkage between every two clusters of unit-normalised X, from their means."""
+    X = np.asarray(X, np.float64)
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    sums = np.zeros((labels.max() + 1, X.shape[1]))
+    np.add.at(sums, labels, X)
+    means = sums / np.bincount(labels)[:, None]
+    linkage = 1.0 - means @ means.T
+    np.fill_diagonal(linkage, np.inf)
+    return linkage
+
+
+def test_ivf_path_leaves_no_two_clusters_within_the_threshold():
+    """Exact average linkage cut at eps leaves every two clusters more than eps apart.
+
+    On the IVF path a cluster that found nothing within eps retires for good.
+    Searching only the lists around its list's centre, three clusters of this
+    pool retired with a cluster still within eps (2,633 clusters against the
+    2,630 of exact linkage); the search again in the lists nearest the
+    cluster itself finds those neighbours."""
+    from clusmar_beam import synthetic
+
+    X = synthetic.generate_rows(synthetic.make_plan(20_000, 64, 100, 0), 0, 20_000)["embedding"]
+    eps = 0.15
+    got = average_linkage(X, eps, "cosine", exact_search_max=1000)
+    assert got.merges_per_round and got.num_clusters < 2_700
+    linkage = _cluster_linkages(X, got.labels)
+    # 1e-9: float64 means here, cluster sums there; no two clusters are that close to eps.
+    assert int((linkage <= eps - 1e-9).sum()) == 0
+
+
 def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(monkeypatch):
     from clusmar_beam import hac
 
@@ -155,6 +186,18 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(mo
         allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
         assert three[i].tolist() == allowed[np.argsort(d, kind="stable")[:3]].tolist()
+    # padded: as many lists as asked, nearest first, then -1 once the searched groups run out
+    many = q.nearest(x, 400, pad=True)
+    assert many.shape == (3000, 400)
+    padded = 0
+    for i in range(0, 3000, 97):
+        allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
+        d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
+        want = allowed[np.argsort(d, kind="stable")[:400]]
+        assert many[i, :want.size].tolist() == want.tolist()
+        assert (many[i, want.size:] == -1).all()
+        padded += want.size < 400
+    assert padded  # some rows' groups hold fewer than 400 lists
 
 
 def test_large_offset_does_not_lose_precision():
