@@ -14,6 +14,7 @@ nearest neighbour is beyond the threshold can be dropped for good.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -474,9 +475,9 @@ class _Rac:
         if k == 0:
             return nn, nd
         everything = self.index.ntotal <= k  # every indexed cluster was returned
-        queries = lambda part: self._vectors(part, False)  # noqa: E731
+        queries = functools.partial(self._vectors, database=False)
         if own_lists:
-            cand, score = self.index.search_own_lists(ids, queries, lambda part: self._vectors(part, True), k)
+            cand, score = self.index.search_own_lists(ids, queries, functools.partial(self._vectors, database=True), k)
         else:
             cand, score = self.index.search(ids, queries, k)
         for s in range(0, ids.size, _CHUNK):
@@ -860,9 +861,10 @@ class _IvfIndex:
     def _nearest_probe_list(self, vecs, old):
         """The list nearest to each row among the probe lists of its old list.
 
-        A merged cluster's mean lies between its parts, within the threshold
-        of the part that was here, so its nearest list is one of those the
-        old list probes: nprobe distances per row instead of nlist.
+        A merged cluster's mean lies between those of its parts, which are
+        within the threshold of each other, so its nearest list is nearly
+        always one that its old list probes (all but 145 of 83,866 at 100K,
+        benchmarks/RESULTS.md): nprobe distances per row instead of nlist.
         """
         out = np.empty(old.size, np.int64)
         for s in range(0, old.size, 1 << 12):
