@@ -129,6 +129,28 @@ def test_ivf_with_two_level_quantiser(metric, monkeypatch):
     assert built[0].centroids.shape[0] >= len(X) // 40 - 1  # lists of about _LIST_SIZE
 
 
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_symmetrising_edges_of_fresh_clusters_equals_a_full_pass(metric, monkeypatch):
+    """Each round offers only edges from or to clusters with a new nearest; offering
+    every edge must change nothing, in the IVF phase and the exact one."""
+    from clusmar_beam import hac
+
+    real = hac._symmetrise
+    rounds = []
+
+    def both(act, nn, nd, fresh):
+        nn_full, nd_full = nn.copy(), nd.copy()
+        real(act, nn_full, nd_full, np.ones_like(fresh))
+        real(act, nn, nd, fresh)
+        rounds.append(bool(fresh[act].all()))
+        assert np.array_equal(nn, nn_full) and np.array_equal(nd, nd_full)
+
+    monkeypatch.setattr(hac, "_symmetrise", both)
+    X = _diffuse_groups_and_bursts(seed=2)
+    average_linkage(X, _threshold(_reference(X, metric), 0.9), metric, exact_search_max=100)
+    assert len(rounds) > 10 and not all(rounds)  # most rounds leave clusters out
+
+
 def _cluster_linkages(X, labels):
     """Cosine average linkage between every two clusters of unit-normalised X, from their means."""
     X = np.asarray(X, np.float64)
