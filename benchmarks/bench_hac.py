@@ -23,14 +23,9 @@ import pyarrow.parquet as pq
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 from clusmar_beam import cli, hac  # noqa: E402
-
-
-def embeddings_by_id(pattern):
-    t = pq.read_table(sorted(glob.glob(pattern)), columns=["id", "embedding"])
-    order = np.argsort(np.asarray(t.column("id").to_pylist()))
-    column = t.column("embedding").combine_chunks()
-    return column.values.to_numpy().reshape(len(column), -1)[order]
+from hac_on_pool import load as embeddings_by_id  # noqa: E402
 
 
 def labels(directory):

@@ -647,7 +647,8 @@ class _Rac:
                 stale[act] = True
                 self.bound[:] = -np.inf
             todo = np.flatnonzero(stale & active)
-            fresh[todo] = True  # these get a new nearest this round
+            renewed = todo  # these get a new nearest this round (searched or resolved)
+            fresh[renewed] = True
             known = todo[self.bound[todo] > -np.inf]
             if known.size:
                 done, nn_k, nd_k = self._resolve(known, parent, active)
@@ -670,8 +671,7 @@ class _Rac:
                 if doubt.size:
                     nn[doubt], nd[doubt] = self._search(doubt, own_lists=True)
             _symmetrise(act, nn, nd, fresh)
-            fresh[todo] = False
-            fresh[resolved] = False
+            fresh[renewed] = False
 
             # Beyond eps now means beyond eps forever (reducibility).
             far = nd[act] > eps
@@ -867,24 +867,30 @@ class _IvfIndex:
         benchmarks/RESULTS.md): nprobe distances per row instead of nlist.
         """
         out = np.empty(old.size, np.int64)
-        for s in range(0, old.size, 1 << 12):
-            cand = self.probe[old[s:s + (1 << 12)]]
-            cross = np.einsum("rpd,rd->rp", self.quantiser.centroids[cand], vecs[s:s + (1 << 12)])
-            out[s:s + cand.shape[0]] = cand[np.arange(cand.shape[0]),
-                                            (self.centroid_norms[cand] - 2 * cross).argmin(axis=1)]
+        step = 1 << 12  # rows x nprobe x dim float32 gathered at a time
+        for s in range(0, old.size, step):
+            cand = self.probe[old[s:s + step]]
+            cross = np.einsum("rpd,rd->rp", self.quantiser.centroids[cand], vecs[s:s + step])
+            # |v - c|^2 = |v|^2 + |c|^2 - 2 v.c; |v|^2 is the same for every c of a row
+            out[s:s + step] = cand[np.arange(cand.shape[0]), (self.centroid_norms[cand] - 2 * cross).argmin(axis=1)]
         return out
+
+    def _scan(self, queries, probe, k):
+        """(scores, ids) of each query's k nearest in its row of `probe` lists (FAISS's per-query scan)."""
+        self.index.nprobe = probe.shape[1]  # FAISS checks it against the probe array's width
+        try:
+            return self.index.search_preassigned(queries, k, probe, np.zeros(probe.shape, np.float32))
+        finally:
+            self.index.nprobe = self.nprobe
 
     def search_own_lists(self, ids, query_vectors, database_vectors, k):
         """Like search, each query probing the nprobe lists nearest its own database row."""
-        cand = np.full((ids.size, k), -1, np.int64)
-        score = np.zeros((ids.size, k), np.float32)
+        cand = np.empty((ids.size, k), np.int64)
+        score = np.empty((ids.size, k), np.float32)
         for s in range(0, ids.size, _CHUNK):
             part = ids[s:s + _CHUNK]
             probe = np.ascontiguousarray(self.quantiser.nearest(database_vectors(part), self.nprobe, pad=True))
-            self.index.nprobe = probe.shape[1]  # fewer if there are fewer lists
-            score[s:s + part.size], cand[s:s + part.size] = self.index.search_preassigned(
-                query_vectors(part), k, probe, np.zeros(probe.shape, np.float32))
-        self.index.nprobe = self.nprobe
+            score[s:s + part.size], cand[s:s + part.size] = self._scan(query_vectors(part), probe, k)
         return cand, score
 
     def search(self, ids, query_vectors, k):
@@ -901,9 +907,7 @@ class _IvfIndex:
         sparse = order[~np.repeat(crowded, sizes)]
         for s in range(0, sparse.size, _CHUNK):
             rows = sparse[s:s + _CHUNK]
-            probe = self.probe[lists[rows]]
-            score[rows], cand[rows] = self.index.search_preassigned(
-                query_vectors(ids[rows]), k, probe, np.zeros(probe.shape, np.float32))
+            score[rows], cand[rows] = self._scan(query_vectors(ids[rows]), self.probe[lists[rows]], k)
         if crowded.any():
             group_lists = sorted_lists[starts[crowded]]
             views = {p: self._list_view(p) for p in np.unique(self.probe[group_lists]).tolist()}
