@@ -5,7 +5,7 @@ Usage:
 
 Each CONFIG is "default" or comma-separated settings: `average_linkage` keywords (`k=12`,
 `nlist=632`, `nprobe=16`, `exact_search_max=5000`) and module constants of the IVF
-quantiser's training (`train_per_list=16`, `train_iterations=5`). The configurations run
+quantiser (`train_per_list=16`, `train_iterations=5`, `flat_quantiser_max=0`: two-level lists). The configurations run
 interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
 as `bench_hac_speed.py` takes them). Prints the median and each time, the cluster count, and the ARI
 against the first configuration.
@@ -24,7 +24,8 @@ from bench_hac_speed import pool  # noqa: E402
 from clusmar_beam import hac  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS"}
+CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS",
+             "flat_quantiser_max": "_FLAT_QUANTISER_MAX", "groups_searched": "_GROUPS_SEARCHED"}
 
 
 def parse(config: str):

@@ -507,6 +507,49 @@ class _Rac:
             self.bound[q] = np.inf if everything else np.where(full, farthest, -np.inf)
         return nn, nd
 
+    def _widen(self, ids):
+        """Nearest active cluster of each id, searched this round from its list, in the lists nearest itself too.
+
+        Only the lists that the first search did not probe are searched;
+        their candidates join the kept ones, the nearest k are kept, and the
+        bound is the lowest of the first search's, the new search's and the
+        best candidate dropped.
+        """
+        kk = self.cand.shape[1]
+        k = min(self.k, self.index.ntotal)
+        cand, score = self.index.search_own_lists(
+            ids, functools.partial(self._vectors, database=False), functools.partial(self._vectors, database=True),
+            k, searched=self.index.list_of[ids])
+        nn = np.empty(ids.size, np.int64)
+        nd = np.empty(ids.size)
+        for s in range(0, ids.size, _CHUNK):
+            q = ids[s:s + _CHUNK]
+            new = cand[s:s + _CHUNK]
+            new[new == q[:, None]] = -1
+            valid = new >= 0
+            c = np.concatenate([self.cand[q], new], axis=1)
+            exact = np.concatenate([self.cand_exact[q], np.zeros(new.shape, bool)], axis=1)
+            if self.cos:  # as in _search: FAISS's float32 values, the near-nearest redone in float64
+                new_d = 1.0 - score[s:s + _CHUNK].astype(np.float64)
+                need = np.zeros(c.shape, bool)
+            else:
+                new_d = np.full(new.shape, np.inf)
+                need = np.concatenate([np.zeros(new.shape, bool), valid], axis=1)
+            dist = np.concatenate([self.cand_d[q], new_d], axis=1)
+            nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c, dist, exact, need)
+            # A search that returned fewer than k found everything in its lists.
+            farthest = np.where(valid, dist[:, kk:], -np.inf).max(axis=1) - 2 * self.tol
+            new_bound = np.where(valid.sum(axis=1) >= k - 1, farthest, np.inf)
+            # Every list holds other clusters, so new and kept candidates never repeat.
+            order = np.lexsort((c, dist), axis=1)
+            c = np.take_along_axis(c, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
+            exact = np.take_along_axis(exact, order, axis=1)
+            self._keep(q, c[:, :kk], dist[:, :kk], exact[:, :kk])
+            dropped = np.where(exact[:, kk], dist[:, kk], dist[:, kk] - self.tol)
+            self.bound[q] = np.minimum(np.minimum(self.bound[q], new_bound), dropped)
+        return nn, nd
+
     def _keep(self, q, c, dist, exact):
         """Keep candidates c of clusters q (fewer columns than k: the rest empty) and their linkages."""
         width = c.shape[1]
@@ -667,9 +710,15 @@ class _Rac:
                 # centre.  Retiring is for good, so a cluster about to retire
                 # is searched again in the lists nearest itself: at 100K that
                 # gave the clusters of exact search (benchmarks/RESULTS.md).
+                # One searched this round only needs the lists it missed.
                 doubt = np.flatnonzero(fresh & (nd > eps))
-                if doubt.size:
-                    nn[doubt], nd[doubt] = self._search(doubt, own_lists=True)
+                searched = np.zeros(u, bool)
+                searched[todo] = True
+                widen, again = doubt[searched[doubt]], doubt[~searched[doubt]]
+                if widen.size:
+                    nn[widen], nd[widen] = self._widen(widen)
+                if again.size:
+                    nn[again], nd[again] = self._search(again, own_lists=True)
             _symmetrise(act, nn, nd, fresh)
             fresh[renewed] = False
 
@@ -883,13 +932,20 @@ class _IvfIndex:
         finally:
             self.index.nprobe = self.nprobe
 
-    def search_own_lists(self, ids, query_vectors, database_vectors, k):
-        """Like search, each query probing the nprobe lists nearest its own database row."""
+    def search_own_lists(self, ids, query_vectors, database_vectors, k, searched=None):
+        """Like search, each query probing the nprobe lists nearest its own database row.
+
+        With `searched` (a list per query), the lists that list probes are
+        skipped: the query's search from that list has been through them.
+        """
         cand = np.empty((ids.size, k), np.int64)
         score = np.empty((ids.size, k), np.float32)
         for s in range(0, ids.size, _CHUNK):
             part = ids[s:s + _CHUNK]
             probe = np.ascontiguousarray(self.quantiser.nearest(database_vectors(part), self.nprobe, pad=True))
+            if searched is not None:
+                seen = (probe[:, :, None] == self.probe[searched[s:s + _CHUNK]][:, None, :]).any(axis=2)
+                probe[seen] = -1
             score[s:s + part.size], cand[s:s + part.size] = self._scan(query_vectors(part), probe, k)
         return cand, score
 

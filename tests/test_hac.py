@@ -394,6 +394,30 @@ def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     assert (blocked[:, 1] == per_query[:, 1]).mean() > 0.99
 
 
+
+def test_own_list_search_skips_only_the_lists_already_searched():
+    """A retiring cluster searched this round is searched again only in its own nearest lists it missed."""
+    from clusmar_beam import hac
+
+    rng = np.random.default_rng(6)
+    vecs = rng.normal(size=(3000, 9)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64)
+    index = hac._IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
+    index.add(ids, vecs)
+    home = index.list_of[ids]
+    found = index.search_own_lists(ids, lambda part: vecs[part], lambda part: vecs[part], 4, searched=home)[0]
+    own = index.quantiser.nearest(vecs, 8, pad=True)
+    agree = []
+    for i in range(0, 3000, 7):
+        lists = np.setdiff1d(own[i], index.probe[home[i]])
+        pool = np.flatnonzero(np.isin(home, lists))
+        expected = pool[np.argsort(((vecs[pool] - vecs[i]) ** 2).sum(axis=1), kind="stable")[:4]]
+        got = found[i][found[i] >= 0]
+        assert np.isin(got, pool).all()  # nothing from a list searched before
+        agree.append(np.array_equal(got, expected))
+    assert np.mean(agree) > 0.99
+    assert 0 < np.mean(found[:, 0] >= 0) < 1  # some clusters had lists left to search, some none
+
 # ------------------------------------------------- threshold from a target size
 
 from scipy.sparse import coo_matrix  # noqa: E402
