@@ -1,0 +1,75 @@
+"""Where `hac.average_linkage`'s time goes: wall time per stage, for round 1 and in all.
+
+Usage:
+  .venv/bin/python benchmarks/profile_hac.py [--n 1000000] [--eps 0.15]
+
+Data: the first n rows of the synthetic pool, as `bench_hac_speed.py` takes them (cosine).
+Each listed method is timed where it is called (nested stages count in their callers too):
+index building (`_build_index`: k-means of the IVF lists, `_TwoLevelQuantiser.__init__`, and
+assigning the points, `assign`), searches (`_IvfIndex.search`, blocked and per query;
+`search_own_lists`, the retirement check), and the per-round bookkeeping (`_resolve`,
+`_combine`, `_symmetrise`). One run; for comparisons between versions use
+`bench_hac_versions.py`, which alternates them.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_hac_speed import pool  # noqa: E402
+from clusmar_beam import hac  # noqa: E402
+
+STAGES = [(hac._Rac, "_build_index"), (hac._TwoLevelQuantiser, "__init__"), (hac._TwoLevelQuantiser, "assign"),
+          (hac._Rac, "_search"), (hac._Rac, "_widen"), (hac._IvfIndex, "search"),
+          (hac._IvfIndex, "search_own_lists"), (hac._Rac, "_resolve"), (hac._Rac, "_combine"),
+          (hac._Rac, "_nearest_of"), (hac._Rac, "_merge"), (hac._IvfIndex, "add"), (hac._IvfIndex, "remove")]
+
+
+def timed_stages():
+    spent = collections.defaultdict(float)
+
+    def wrap(owner, name, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[f"{owner}.{name}"] += time.perf_counter() - start
+        return timed
+
+    for cls, name in STAGES:
+        setattr(cls, name, wrap(cls.__name__, name, getattr(cls, name)))
+    hac._symmetrise = wrap("hac", "_symmetrise", hac._symmetrise)
+    return spent
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--eps", type=float, default=0.15)
+    args = ap.parse_args(argv)
+    X = pool(args.n)
+    hac.average_linkage(X[:1000], args.eps, "cosine")  # warm-up: library loading, thread pools
+    spent = timed_stages()
+    rounds = []
+    start = time.perf_counter()
+    result = hac.average_linkage(X, args.eps, "cosine",
+                                 log=lambda line: rounds.append((time.perf_counter() - start, dict(spent))))
+    total = time.perf_counter() - start
+    first_end, first = rounds[0]
+    print(f"n {args.n}: {total:.1f} s, {result.num_clusters} clusters, {result.rounds} rounds; "
+          f"round 1 ended at {first_end:.1f} s")
+    print(f"{'stage':40s} {'all':>8s} {'round 1':>8s}")
+    for stage in sorted(spent, key=lambda s: -spent[s]):
+        print(f"{stage:40s} {spent[stage]:8.2f} {first.get(stage, 0.0):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
