@@ -5,8 +5,8 @@ Usage:
 
 Each CONFIG is "default" or comma-separated settings: `average_linkage` keywords (`k=12`,
 `nlist=632`, `nprobe=16`, `exact_search_max=5000`) and module constants of the IVF
-quantiser (`train_per_list=16`, `train_iterations=5`, `flat_quantiser_max=0`: two-level lists). The configurations run
-interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
+quantiser (`train_per_list=16`, `train_iterations=5`, `flat_quantiser_max=0`: two-level
+lists, `groups_searched=16`). The configurations run interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
 as `bench_hac_speed.py` takes them). Prints the median and each time, the cluster count, and the ARI
 against the first configuration.
 """

@@ -524,8 +524,7 @@ class _Rac:
         nd = np.empty(ids.size)
         for s in range(0, ids.size, _CHUNK):
             q = ids[s:s + _CHUNK]
-            new = cand[s:s + _CHUNK]
-            new[new == q[:, None]] = -1
+            new = cand[s:s + _CHUNK]  # never q itself: its own list is among those skipped
             valid = new >= 0
             c = np.concatenate([self.cand[q], new], axis=1)
             exact = np.concatenate([self.cand_exact[q], np.zeros(new.shape, bool)], axis=1)
@@ -540,15 +539,20 @@ class _Rac:
             # A search that returned fewer than k found everything in its lists.
             farthest = np.where(valid, dist[:, kk:], -np.inf).max(axis=1) - 2 * self.tol
             new_bound = np.where(valid.sum(axis=1) >= k - 1, farthest, np.inf)
-            # Every list holds other clusters, so new and kept candidates never repeat.
-            order = np.lexsort((c, dist), axis=1)
-            c = np.take_along_axis(c, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
-            exact = np.take_along_axis(exact, order, axis=1)
-            self._keep(q, c[:, :kk], dist[:, :kk], exact[:, :kk])
-            dropped = np.where(exact[:, kk], dist[:, kk], dist[:, kk] - self.tol)
+            # A cluster is in one list only, so new and kept candidates never repeat.
+            dropped = self._keep_nearest(q, c, dist, exact)
             self.bound[q] = np.minimum(np.minimum(self.bound[q], new_bound), dropped)
         return nn, nd
+
+    def _keep_nearest(self, q, c, dist, exact):
+        """Keep the k nearest of more than k candidates; returns a bound on those dropped."""
+        k = self.cand.shape[1]
+        order = np.lexsort((c, dist), axis=1)
+        c = np.take_along_axis(c, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        exact = np.take_along_axis(exact, order, axis=1)
+        self._keep(q, c[:, :k], dist[:, :k], exact[:, :k])
+        return np.where(exact[:, k], dist[:, k], dist[:, k] - self.tol)  # float32 values: within tol
 
     def _keep(self, q, c, dist, exact):
         """Keep candidates c of clusters q (fewer columns than k: the rest empty) and their linkages."""
@@ -650,7 +654,6 @@ class _Rac:
         its parts; candidates dropped to keep k lower the bound to their
         distance.
         """
-        k = self.cand.shape[1]
         for s in range(0, a.size, _CHUNK):
             q, other = a[s:s + _CHUNK], b[s:s + _CHUNK]
             c = np.concatenate([self.cand[q], self.cand[other]], axis=1)
@@ -658,12 +661,7 @@ class _Rac:
             c.sort(axis=1)
             c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
             _, _, dist, exact = self._nearest_of(q, c)
-            order = np.lexsort((c, dist), axis=1)
-            c = np.take_along_axis(c, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
-            exact = np.take_along_axis(exact, order, axis=1)
-            self._keep(q, c[:, :k], dist[:, :k], exact[:, :k])
-            dropped = np.where(exact[:, k], dist[:, k], dist[:, k] - self.tol)  # float32 values: within tol
+            dropped = self._keep_nearest(q, c, dist, exact)
             self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dropped)
 
     # --- rounds
@@ -712,9 +710,8 @@ class _Rac:
                 # gave the clusters of exact search (benchmarks/RESULTS.md).
                 # One searched this round only needs the lists it missed.
                 doubt = np.flatnonzero(fresh & (nd > eps))
-                searched = np.zeros(u, bool)
-                searched[todo] = True
-                widen, again = doubt[searched[doubt]], doubt[~searched[doubt]]
+                searched = np.isin(doubt, todo, assume_unique=True)
+                widen, again = doubt[searched], doubt[~searched]
                 if widen.size:
                     nn[widen], nd[widen] = self._widen(widen)
                 if again.size:

@@ -394,7 +394,6 @@ def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     assert (blocked[:, 1] == per_query[:, 1]).mean() > 0.99
 
 
-
 def test_own_list_search_skips_only_the_lists_already_searched():
     """A retiring cluster searched this round is searched again only in its own nearest lists it missed."""
     from clusmar_beam import hac
@@ -417,6 +416,7 @@ def test_own_list_search_skips_only_the_lists_already_searched():
         agree.append(np.array_equal(got, expected))
     assert np.mean(agree) > 0.99
     assert 0 < np.mean(found[:, 0] >= 0) < 1  # some clusters had lists left to search, some none
+
 
 # ------------------------------------------------- threshold from a target size
 
