@@ -52,8 +52,9 @@ EXACT_SEARCH_MAX = 5_000
 _CHUNK = 1 << 15
 # Training sample for the IVF coarse quantiser, in points per list, and its
 # k-means iterations: 5 took half the time of 10 and gave lists as balanced
-# (the first round's search work 3.6% lower at 1M), the same clusters at 100K
-# (exact's) and in the forced-IVF tests (benchmarks/bench_ivf_training.py, RESULTS.md).
+# (the first round's search work 3.6% lower at 1M), exact's clusters at 100K,
+# and clusters as close to exact in the forced-IVF test data
+# (benchmarks/bench_ivf_training.py, bench_ivf_settings.py; RESULTS.md).
 _TRAIN_PER_LIST = 32
 _TRAIN_ITERATIONS = 5
 # IVF lists hold at most about this many clusters on average (more lists than
