@@ -26,6 +26,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS",
              "flat_quantiser_max": "_FLAT_QUANTISER_MAX", "groups_searched": "_GROUPS_SEARCHED"}
+DEFAULTS = {name: getattr(hac, attr) for name, attr in CONSTANTS.items()}
 
 
 def parse(config: str):
@@ -37,6 +38,12 @@ def parse(config: str):
     return keywords, constants
 
 
+def set_constants(constants: dict):
+    """Set hac's module constants to `constants`, the others back to their defaults."""
+    for name, attr in CONSTANTS.items():
+        setattr(hac, attr, constants.get(name, DEFAULTS[name]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
@@ -44,7 +51,6 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("configs", nargs="+")
     args = ap.parse_args(argv)
-    defaults = {name: getattr(hac, attr) for name, attr in CONSTANTS.items()}
     hac.average_linkage(pool(1000), args.eps, "cosine")   # warm-up
     X = pool(args.n)
     times = {config: [] for config in args.configs}
@@ -52,13 +58,11 @@ def main(argv=None):
     for _ in range(args.repeat):
         for config in args.configs:
             keywords, constants = parse(config)
-            for name, attr in CONSTANTS.items():
-                setattr(hac, attr, constants.get(name, defaults[name]))
+            set_constants(constants)
             start = time.perf_counter()
             labels[config] = hac.average_linkage(X, args.eps, "cosine", **keywords).labels
             times[config].append(time.perf_counter() - start)
-    for name, attr in CONSTANTS.items():
-        setattr(hac, attr, defaults[name])
+    set_constants({})
     first = labels[args.configs[0]]
     for config in args.configs:
         print(f"{config}: median {statistics.median(times[config]):.2f} s "

@@ -3,9 +3,9 @@
 Usage:
   .venv/bin/python benchmarks/bench_ivf_settings.py [--seeds 8] CONFIG [CONFIG ...]
 
-Each CONFIG is "default" (4*sqrt(n) lists, nprobe 32, hac's k-means iterations) or a
-comma-separated list of `root=R` (R*sqrt(n) lists), `nprobe=P`, `iterations=I` (k-means
-iterations of the lists). Data: the unit tests' diffuse groups with near-duplicate bursts
+Each CONFIG is "default" (4*sqrt(n) lists, nprobe 32) or `bench_hac_params.py`'s
+comma-separated settings (`nprobe=16`, `train_iterations=5`, ...), plus `root=R`: R*sqrt(n)
+lists. Data: the unit tests' diffuse groups with near-duplicate bursts
 (`tests/test_hac.py::_diffuse_groups_and_bursts`, about 3,200 rows, 24-d) for seeds 1..N,
 cut at the tests' 90% height quantile, with `exact_search_max=100`: the IVF index serves
 until 100 clusters are left, so few large clusters lie in many small lists. Prints the ARI
@@ -22,22 +22,21 @@ from scipy.cluster.hierarchy import fcluster
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from bench_hac_params import parse, set_constants  # noqa: E402
 from clusmar_beam import hac  # noqa: E402
 from test_hac import _diffuse_groups_and_bursts, _reference, _threshold  # noqa: E402
 
-DEFAULT_ITERATIONS = hac._TRAIN_ITERATIONS
 
-
-def settings(config: str, n: int) -> tuple[dict, int]:
-    """(keywords for hac.average_linkage, k-means iterations) of a CONFIG."""
-    values = {} if config == "default" else dict(setting.split("=") for setting in config.split(","))
-    keywords = {}
-    if "root" in values:
-        keywords["nlist"] = int(round(float(values["root"]) * math.sqrt(n)))
-    if "nprobe" in values:
-        keywords["nprobe"] = int(values["nprobe"])
-    return keywords, int(values.get("iterations", DEFAULT_ITERATIONS))
+def settings(config: str, n: int) -> tuple[dict, dict]:
+    """(keywords for hac.average_linkage, module constants) of a CONFIG for n rows."""
+    root = [s for s in config.split(",") if s.startswith("root=")]
+    rest = ",".join(s for s in config.split(",") if not s.startswith("root=")) or "default"
+    keywords, constants = parse(rest)
+    if root:
+        keywords["nlist"] = int(round(float(root[0].split("=")[1]) * math.sqrt(n)))
+    return keywords, constants
 
 
 def main(argv=None):
@@ -54,10 +53,11 @@ def main(argv=None):
             ref = fcluster(Z, eps, "distance")
             aris = []
             for config in args.configs:
-                keywords, hac._TRAIN_ITERATIONS = settings(config, len(X))
+                keywords, constants = settings(config, len(X))
+                set_constants(constants)
                 labels = hac.average_linkage(X, eps, metric, exact_search_max=100, **keywords).labels
                 aris.append(adjusted_rand_score(ref, labels))
-            hac._TRAIN_ITERATIONS = DEFAULT_ITERATIONS
+            set_constants({})
             print(metric, seed, len(X), " ".join(f"{a:.4f}" for a in aris), flush=True)
 
 

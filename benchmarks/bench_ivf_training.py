@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_hac_speed import pool  # noqa: E402
 from clusmar_beam import hac, knn  # noqa: E402
 
+NPROBE = 32  # hac.average_linkage's default
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
@@ -35,10 +37,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     n = args.n
     stats = hac._prepare(pool(n), "cosine")
-    rac = hac._Rac(stats, np.ones(n), "cosine", 0.15, hac.EXACT_SEARCH_MAX, None, 32, 0, None, time.perf_counter(),
+    rac = hac._Rac(stats, np.ones(n), "cosine", 0.15, hac.EXACT_SEARCH_MAX, None, NPROBE, 0, None, time.perf_counter(),
                    hac.DEFAULT_K)
     rows = rac._vectors(np.arange(n), True)
-    nlist = max(int(round(4 * np.sqrt(n))), -(-n // hac._LIST_SIZE))
+    nlist = hac.default_nlist(n)
     for _ in range(args.repeat):
         for config in args.configs:
             values = {k: int(v) for k, v in (item.split("=") for item in config.split(","))}
@@ -51,11 +53,11 @@ def main(argv=None):
             lists = knn.probe_cells(centroids, rows, 1)[:, 0]
             assigned = time.perf_counter() - start
             sizes = np.bincount(lists, minlength=centroids.shape[0])
-            probe = faiss.knn(centroids, centroids, 32)[1]
+            probe = faiss.knn(centroids, centroids, NPROBE)[1]
             work = int((sizes * sizes[probe].sum(axis=1)).sum())
             print(f"{config}: k-means {trained:.2f} s, assignment {assigned:.2f} s, {centroids.shape[0]} lists, "
                   f"largest {sizes.max()}, first-round search work {work / 1e9:.3f} G row pairs "
-                  f"({work / (n * 32 * n / centroids.shape[0]):.2f}x balanced lists)", flush=True)
+                  f"({work / (n * NPROBE * n / centroids.shape[0]):.2f}x balanced lists)", flush=True)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,11 @@ def average_linkage(
                      pairs, eps, None if target is None else merged_up_to)
 
 
+def default_nlist(n: int) -> int:
+    """IVF lists for n clusters: 4*sqrt(n), or more to keep lists near _LIST_SIZE."""
+    return max(int(round(4 * math.sqrt(n))), -(-n // _LIST_SIZE))
+
+
 def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:
     """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 joined by merge edges.
 
@@ -454,7 +459,7 @@ class _Rac:
         if ids.size <= self.exact_search_max:
             self.index = _FlatIndex(dim, self.cos)
         else:
-            nlist = self.nlist or max(int(round(4 * math.sqrt(ids.size))), -(-ids.size // _LIST_SIZE))
+            nlist = self.nlist or default_nlist(ids.size)
             nlist = max(1, min(nlist, ids.size))
             rng = np.random.default_rng(self.seed)
             m = min(ids.size, _TRAIN_PER_LIST * nlist)
