@@ -6,9 +6,11 @@ Usage:
 Each CONFIG is "default" or comma-separated settings: `average_linkage` keywords (`k=12`,
 `nlist=632`, `nprobe=16`, `exact_search_max=5000`) and module constants of the IVF
 quantiser (`train_per_list=16`, `train_iterations=5`, `flat_quantiser_max=0`: two-level
-lists, `groups_searched=16`). The configurations run interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
+lists, `groups_searched=16`) and of the renumbering of the rounds' arrays
+(`compact_below=0.7`, `compact_min=1000000000`: never). The configurations run interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
 as `bench_hac_speed.py` takes them). Prints the median and each time, the cluster count, and the ARI
-against the first configuration.
+against the first configuration. CPU time (both cores' work) is less at the mercy of the
+host's neighbours than wall time, though not immune.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from clusmar_beam import hac  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS",
-             "flat_quantiser_max": "_FLAT_QUANTISER_MAX", "groups_searched": "_GROUPS_SEARCHED"}
+             "flat_quantiser_max": "_FLAT_QUANTISER_MAX", "groups_searched": "_GROUPS_SEARCHED",
+             "compact_below": "_COMPACT_BELOW", "compact_min": "_COMPACT_MIN"}
 DEFAULTS = {name: getattr(hac, attr) for name, attr in CONSTANTS.items()}
 
 
@@ -34,7 +37,7 @@ def parse(config: str):
     if config != "default":
         for setting in config.split(","):
             name, value = setting.split("=")
-            (constants if name in CONSTANTS else keywords)[name] = int(value)
+            (constants if name in CONSTANTS else keywords)[name] = float(value) if "." in value else int(value)
     return keywords, constants
 
 
@@ -54,19 +57,22 @@ def main(argv=None):
     hac.average_linkage(pool(1000), args.eps, "cosine")   # warm-up
     X = pool(args.n)
     times = {config: [] for config in args.configs}
+    cpu = {config: [] for config in args.configs}
     labels = {}
     for _ in range(args.repeat):
         for config in args.configs:
             keywords, constants = parse(config)
             set_constants(constants)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             labels[config] = hac.average_linkage(X, args.eps, "cosine", **keywords).labels
             times[config].append(time.perf_counter() - start)
+            cpu[config].append(time.process_time() - start_cpu)
     set_constants({})
     first = labels[args.configs[0]]
     for config in args.configs:
         print(f"{config}: median {statistics.median(times[config]):.2f} s "
-              f"({', '.join(f'{t:.2f}' for t in times[config])}), {labels[config].max() + 1} clusters, "
+              f"({', '.join(f'{t:.2f}' for t in times[config])}), CPU median {statistics.median(cpu[config]):.2f} s, "
+              f"{labels[config].max() + 1} clusters, "
               f"ARI vs {args.configs[0]} {adjusted_rand_score(first, labels[config]):.5f}", flush=True)
 
 

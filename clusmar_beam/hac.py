@@ -68,6 +68,12 @@ _FLAT_QUANTISER_MAX = 8192
 _GROUPS_SEARCHED = 8
 # Queries in one IVF list from which the list is searched as one block.
 _CROWDED_LIST = 16
+# The rounds' arrays are renumbered down to the active clusters once these
+# are at most this fraction of them (and more than _COMPACT_MIN rows): a
+# round's bookkeeping then costs in proportion to the clusters still merging,
+# not to the pool, through the long tail of small rounds.
+_COMPACT_BELOW = 0.5
+_COMPACT_MIN = 1024
 
 
 class HacError(ValueError):
@@ -157,8 +163,8 @@ def average_linkage(
         S = X  # rep is 0..n-1 in order: reuse the buffer instead of copying
     else:
         S = X[rep]
-        del X
         S *= counts[:, None]
+    del X
     dup = np.flatnonzero(rep[group] != np.arange(n))
     pairs = [np.stack([rep[group[dup]], dup], axis=1)]
     heights = [np.zeros(dup.size)]
@@ -167,21 +173,20 @@ def average_linkage(
     merges_per_round = []
     while True:
         rac = _Rac(S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=W)
-        local, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
+        S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
+        left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds
         pairs += [rep[live[p]] for p in rac.pairs]
         heights += rac.heights
-        left = np.flatnonzero(local == np.arange(live.size))
         # Once eps is above every linkage all clusters merge into one, so this ends.
-        if target is None or n / left.size >= target or left.size == 1:
+        if target is None or n / left.ids.size >= target or left.ids.size == 1:
             break
         eps *= TARGET_RAISE
         if log is not None:
-            log(f"hac: mean cluster size {n / left.size:.2f} < target {target:g}: merging on "
+            log(f"hac: mean cluster size {n / left.ids.size:.2f} < target {target:g}: merging on "
                 f"up to {eps:.6g}")
-        live, S, cnt = live[left], rac.S[left], rac.cnt[left]
-        W = None if rac.W is None else rac.W[left]
-        del rac
+        live, S, cnt, W = live[left.ids], left.S, left.cnt, left.W
+        del rac, left
     pairs = np.concatenate(pairs)
     heights = np.concatenate(heights)
     merged_up_to = eps
@@ -335,13 +340,26 @@ def _number_by_first_appearance(keys: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- RAC
 
 
+@dataclasses.dataclass
+class _Clusters:
+    """Clusters left by a run: their input row ids (ascending) and statistics."""
+
+    ids: np.ndarray
+    S: np.ndarray
+    cnt: np.ndarray
+    W: np.ndarray | None
+
+
 class _Rac:
     """Cluster statistics, the FAISS index over active clusters, and the rounds.
 
     Cluster ids are row numbers of the statistics; a merged pair keeps the
-    lower id.  For sqeuclidean the within-cluster sum of squared deviations W
-    is kept instead of the sum of squared norms Q (W = Q - |S|^2/n): the
-    pairwise update of W is stable where Q/n - |mu|^2 would cancel.
+    lower id.  As clusters retire the rows are renumbered (_compact) in
+    order, so the lower id stays the lower; `orig` maps them back to the
+    input rows, in which `pairs` are recorded.  For sqeuclidean the
+    within-cluster sum of squared deviations W is kept instead of the sum of
+    squared norms Q (W = Q - |S|^2/n): the pairwise update of W is stable
+    where Q/n - |mu|^2 would cancel.
     """
 
     def __init__(self, S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
@@ -376,6 +394,8 @@ class _Rac:
         self.index = None
         self.heights = []
         self.pairs = []
+        self.orig = np.arange(S.shape[0], dtype=np.int64)
+        self._retired = []  # _Clusters set aside by _compact
         # Each cluster's last search results (cluster ids, sorted; -1 = none) and a
         # lower bound on its linkage to every cluster not in that list; see _resolve.
         u = S.shape[0]
@@ -676,6 +696,7 @@ class _Rac:
     # --- rounds
 
     def run(self, first_round_extra: int):
+        """Merge until nothing is within eps: (the clusters left, merges per round)."""
         u = self.S.shape[0]
         eps = self.eps
         parent = np.arange(u, dtype=np.int64)
@@ -683,12 +704,16 @@ class _Rac:
         stale = ~self.frozen  # frozen clusters are only ever searched for, never searched from
         nn = np.full(u, -1, np.int64)
         nd = np.full(u, np.inf)
-        free = ~self.frozen
         fresh = np.zeros(u, bool)
         self._build_index(np.arange(u, dtype=np.int64))
         merges_per_round = []
-        while (active & free).any():
+        while (active & ~self.frozen).any():
             self.now = 3 * len(merges_per_round)  # searches; then merges at now + 1, new lists at now + 2
+            if active.size > _COMPACT_MIN and np.count_nonzero(active) <= _COMPACT_BELOW * active.size:
+                parent, active, stale, nn, nd = self._compact(parent, active, stale, nn, nd)
+                fresh = np.zeros(active.size, bool)
+            u = active.size
+            free = ~self.frozen
             act = np.flatnonzero(active & free)
             if not self.index.exact and np.count_nonzero(active) <= self.exact_search_max:
                 # Few enough left: switch to exact search and redo every
@@ -738,7 +763,7 @@ class _Rac:
             pair = (partner > act) & (nn[partner] == act) & active[partner] & free[partner]
             a, b = act[pair], partner[pair]
             self.heights.append(nd[a].copy())
-            self.pairs.append(np.stack([a, b], axis=1))
+            self.pairs.append(self.orig[np.stack([a, b], axis=1)])
             self.now += 1
             self._merge(a, b)
             parent[b] = a
@@ -777,7 +802,50 @@ class _Rac:
                          f"{'exact' if self.index.exact else 'ivf'}, "
                          f"{time.perf_counter() - self.t0:.1f}s")
         self.index = None
-        return parent, merges_per_round
+        self._set_aside(np.flatnonzero(parent == np.arange(u)))
+        left, self._retired = self._retired, []
+        ids = np.concatenate([c.ids for c in left])
+        order = np.argsort(ids, kind="stable")
+
+        def joined(field):
+            parts = [getattr(c, field) for c in left]
+            return None if parts[0] is None else np.concatenate(parts)[order]
+
+        return _Clusters(ids[order], joined("S"), joined("cnt"), joined("W")), merges_per_round
+
+    def _set_aside(self, rows):
+        """Keep the input ids and statistics of clusters that are done (retired, or left at the end)."""
+        self._retired.append(_Clusters(self.orig[rows], self.S[rows], self.cnt[rows],
+                                       None if self.W is None else self.W[rows]))
+
+    def _compact(self, parent, active, stale, nn, nd):
+        """Renumber the active clusters 0..m-1, in order, and drop the others' rows.
+
+        Retired clusters are set aside with their statistics; merged-away
+        ones are gone.  A kept candidate or nearest neighbour becomes the
+        cluster it is part of now (as _live would read it), or -1.  Returns
+        the round's arrays for the new numbering.
+        """
+        rows = np.arange(active.size)
+        self._set_aside(np.flatnonzero(~active & (parent == rows)))
+        keep = np.flatnonzero(active)
+        m = keep.size
+        new_id = np.full(active.size, -1, np.int64)
+        new_id[keep] = np.arange(m)
+
+        def renumbered(ids):
+            return np.where(ids >= 0, new_id[parent[np.maximum(ids, 0)]], -1)
+
+        cand = renumbered(self.cand[keep])
+        cand[cand == np.arange(m)[:, None]] = -1
+        self.cand = cand
+        for name in ("S", "cnt", "W", "frozen", "means32", "bound", "cand_d", "cand_exact", "computed", "changed",
+                     "orig"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+        self.index.renumber(new_id, functools.partial(self._vectors, database=True))
+        return np.arange(m, dtype=np.int64), np.ones(m, bool), stale[keep], renumbered(nn[keep]), nd[keep]
 
     def _merge(self, a, b):
         if a.size == 0:
@@ -846,6 +914,15 @@ class _FlatIndex:
     def remove(self, ids):
         self.index.remove_ids(ids)
 
+    def renumber(self, new_id, vectors):
+        """Give every row its id in `new_id` (old id -> new id), `vectors` the rows by new id.
+
+        The rows keep their order, so FAISS breaks float32 ties as before.
+        """
+        ids = new_id[faiss.vector_to_array(self.index.id_map)]
+        self.index = faiss.IndexIDMap(faiss.IndexFlat(self.index.d, self.index.metric_type))
+        self.add(ids, vectors(ids))
+
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest; -1 where there are fewer."""
         cand = np.empty((ids.size, k), np.int64)
@@ -912,6 +989,23 @@ class _IvfIndex:
 
     def remove(self, ids):
         self.index.remove_ids(ids)
+
+    def renumber(self, new_id, vectors):
+        """Give every row its id in `new_id` (old id -> new id), `vectors` the rows by new id.
+
+        Each list keeps its rows in their order, so FAISS breaks float32 ties as before.
+        """
+        nlist = self.index.nlist
+        old = [self._list_view(lst)[0] for lst in range(nlist)]
+        ids = new_id[np.concatenate(old)]
+        lists = np.repeat(np.arange(nlist, dtype=np.int64), [part.size for part in old])
+        vecs = vectors(ids)
+        index = faiss.IndexIVFFlat(self.flat, self.index.d, nlist, self.metric)
+        index.nprobe = self.nprobe
+        index.add_core(ids.size, faiss.swig_ptr(vecs), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        self.index = index
+        self.list_of = np.full(new_id.max(initial=-1) + 1, -1, np.int64)
+        self.list_of[ids] = lists
 
     def _nearest_probe_list(self, vecs, old):
         """The list nearest to each row among the probe lists of its old list.

@@ -94,12 +94,12 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     W = np.array(both.W, np.float64)
     rac = hac._Rac(S, cnt, metric, eps, hac.EXACT_SEARCH_MAX, None, 32, seed, None, time.perf_counter(), k, W=W,
                    frozen=is_frozen)
-    parent, _ = rac.run(first_round_extra=0)
+    left, _ = rac.run(first_round_extra=0)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
-    alive = np.flatnonzero(parent[:m] == np.arange(m))  # a root is the lowest row, so the lowest id, of its cluster
-    out = Clusters(members.ids[alive], rac.cnt[alive], rac.S[alive],
-                   rac.W[alive] if rac.W is not None else np.zeros(alive.size))
+    alive = left.ids < m  # the frozen rows come after the members; a cluster keeps its lowest row, so its lowest id
+    out = Clusters(members.ids[left.ids[alive]], left.cnt[alive], left.S[alive],
+                   left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
     return out, members.ids[pairs], heights
 
 

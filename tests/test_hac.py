@@ -559,3 +559,49 @@ def test_kept_candidates_give_the_same_clusters_as_searching_again(metric, monke
     assert np.array_equal(np.sort(kept.heights[kept.heights > float32_ties]),
                           np.sort(again.heights[again.heights > float32_ties]))
     assert searches(lines) < 0.8 * searches(lines_again)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("exact_search_max", [100, 5000])
+def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_max, monkeypatch):
+    """The rounds' arrays shrink to the active clusters (hac._compact): every merge,
+    its height and the survivors' statistics (a target raises the threshold from
+    them) are those of rounds that keep every row."""
+    from clusmar_beam import hac
+    X = _diffuse_groups_and_bursts(seed=2)
+
+    def run():
+        return average_linkage(X, 0.01, metric, target_mean_cluster_size=12, exact_search_max=exact_search_max)
+
+    monkeypatch.setattr(hac, "_COMPACT_MIN", 10**9)
+    whole = run()
+    monkeypatch.setattr(hac, "_COMPACT_MIN", 8)
+    monkeypatch.setattr(hac, "_COMPACT_BELOW", 0.95)
+    renumbered = run()
+    assert np.array_equal(whole.labels, renumbered.labels)
+    assert np.array_equal(whole.pairs, renumbered.pairs)
+    assert np.array_equal(whole.heights, renumbered.heights)
+    assert whole.merges_per_round == renumbered.merges_per_round
+
+
+def test_renumbering_keeps_frozen_neighbours(monkeypatch):
+    """Frozen clusters (a partition's neighbours in hac_sharded) survive the renumbering unmerged."""
+    from clusmar_beam import hac, hac_sharded
+    X = hac._prepare(_diffuse_groups_and_bursts(seed=3), "sqeuclidean")
+    members = hac_sharded.initial_clusters(X[::2], np.arange(0, len(X), 2))
+    frozen = hac_sharded.initial_clusters(X[1::2], np.arange(1, len(X), 2))
+
+    def run():
+        return hac_sharded.rac_on_clusters(members, 2.0, "sqeuclidean", frozen)
+
+    monkeypatch.setattr(hac, "_COMPACT_MIN", 10**9)
+    whole = run()
+    monkeypatch.setattr(hac, "_COMPACT_MIN", 8)
+    monkeypatch.setattr(hac, "_COMPACT_BELOW", 0.95)
+    renumbered = run()
+    assert len(whole[0]) < len(members)  # members merged, some across frozen ones
+    assert np.array_equal(whole[0].ids, renumbered[0].ids)
+    assert np.array_equal(whole[0].S, renumbered[0].S)
+    assert np.array_equal(whole[1], renumbered[1])
+    assert np.array_equal(whole[2], renumbered[2])
+    assert not np.isin(renumbered[1], frozen.ids).any()
