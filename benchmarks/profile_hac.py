@@ -8,7 +8,8 @@ Each listed method is timed where it is called (nested stages count in their cal
 index building (`_build_index`: k-means of the IVF lists, `_TwoLevelQuantiser.__init__`, and
 assigning the points, `assign`), searches (`_IvfIndex.search`, blocked and per query;
 `search_own_lists`, the retirement check), and the per-round bookkeeping (`_resolve`,
-`_combine`, `_symmetrise`). One run; for comparisons between versions use
+`_combine`, `_symmetrise`), and how many clusters were searched and resolved without a
+search after round 1 (from the rounds' log lines). One run; for comparisons between versions use
 `bench_hac_versions.py`, which alternates them.
 """
 from __future__ import annotations
@@ -60,12 +61,21 @@ def main(argv=None):
     spent = timed_stages()
     rounds = []
     start = time.perf_counter()
-    result = hac.average_linkage(X, args.eps, "cosine",
-                                 log=lambda line: rounds.append((time.perf_counter() - start, dict(spent))))
+    lines = []
+
+    def log(line):
+        rounds.append((time.perf_counter() - start, dict(spent)))
+        lines.append(line)
+
+    result = hac.average_linkage(X, args.eps, "cosine", log=log)
     total = time.perf_counter() - start
     first_end, first = rounds[0]
     print(f"n {args.n}: {total:.1f} s, {result.num_clusters} clusters, {result.rounds} rounds; "
           f"round 1 ended at {first_end:.1f} s")
+    later = [line for line in lines if line.startswith("round ") and not line.startswith("round 1:")]
+    searched = sum(int(line.split("searched ")[1].split(",")[0]) for line in later)
+    resolved = sum(int(line.split("without search ")[1].split(",")[0]) for line in later)
+    print(f"after round 1: {searched} clusters searched, {resolved} resolved without search")
     print(f"{'stage':40s} {'all':>8s} {'round 1':>8s}")
     for stage in sorted(spent, key=lambda s: -spent[s]):
         print(f"{stage:40s} {spent[stage]:8.2f} {first.get(stage, 0.0):8.2f}")

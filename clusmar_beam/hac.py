@@ -707,7 +707,6 @@ class _Rac:
         fresh = np.zeros(u, bool)
         self._build_index(np.arange(u, dtype=np.int64))
         merges_per_round = []
-        merged_last_round = False
         while (active & ~self.frozen).any():
             self.now = 3 * len(merges_per_round)  # searches; then merges at now + 1, new lists at now + 2
             if active.size > _COMPACT_MIN and np.count_nonzero(active) <= _COMPACT_BELOW * active.size:
@@ -723,23 +722,6 @@ class _Rac:
                 stale[act] = True
                 self.bound[:] = -np.inf
             todo = np.flatnonzero(stale & active)
-            # A cluster can only merge with one that has it as nearest.  A
-            # stale cluster that none points at (a pointer to a merged-away
-            # cluster counts for the one that absorbed it) cannot merge this
-            # round, so finding its own nearest waits until one does: a
-            # cluster next to one that merges round after round is then not
-            # resolved again every round (at 100K, 181K resolves against
-            # 640K; RESULTS.md).  It is left out of this round's pairs,
-            # retirements and offered edges, and stays stale.  After a round
-            # without merges every stale cluster is renewed, as in plain RAC,
-            # so the rounds end.
-            waiting = np.zeros(u, bool)
-            if merged_last_round:
-                pointed = np.zeros(u, bool)
-                targets = nn[act]
-                pointed[parent[targets[targets >= 0]]] = True
-                waiting[todo] = ~pointed[todo]
-                todo = todo[pointed[todo]]
             renewed = todo  # these get a new nearest this round (searched or resolved)
             fresh[renewed] = True
             known = todo[self.bound[todo] > -np.inf]
@@ -768,7 +750,6 @@ class _Rac:
                     nn[widen], nd[widen] = self._widen(widen)
                 if again.size:
                     nn[again], nd[again] = self._search(again, own_lists=True)
-            act = act[~waiting[act]]
             _symmetrise(act, nn, nd, fresh)
             fresh[renewed] = False
 
@@ -779,7 +760,7 @@ class _Rac:
             act = act[~far]
 
             partner = nn[act]
-            pair = (partner > act) & (nn[partner] == act) & active[partner] & free[partner] & ~waiting[partner]
+            pair = (partner > act) & (nn[partner] == act) & active[partner] & free[partner]
             a, b = act[pair], partner[pair]
             self.heights.append(nd[a].copy())
             self.pairs.append(self.orig[np.stack([a, b], axis=1)])
@@ -809,15 +790,14 @@ class _Rac:
             stale[act[redo]] = True
             stale[a] = True
 
-            merged_last_round = a.size > 0
             merged = int(a.size) + (first_round_extra if not merges_per_round else 0)
             merges_per_round.append(merged)
             progress.set_value("clusters left to merge", act.size)
-            if a.size == 0 and retired.size == 0 and not waiting.any() and self.frozen.any():
+            if a.size == 0 and retired.size == 0 and self.frozen.any():
                 break  # every member left waits on a frozen neighbour: nothing can change any more
             if self.log is not None:
                 self.log(f"round {len(merges_per_round)}: searched {todo.size}, resolved without search "
-                         f"{resolved.size}, waiting {np.count_nonzero(waiting)}, merged {merged}, "
+                         f"{resolved.size}, merged {merged}, "
                          f"retired {retired.size}, active {act.size}, "
                          f"{'exact' if self.index.exact else 'ivf'}, "
                          f"{time.perf_counter() - self.t0:.1f}s")
