@@ -394,6 +394,33 @@ def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     assert (blocked[:, 1] == per_query[:, 1]).mean() > 0.99
 
 
+@pytest.mark.parametrize("crowded", [1, 10**9])
+def test_ivf_search_on_threads_equals_one_thread(crowded, monkeypatch):
+    """Lists (blocked) and query blocks (per query) go to threads with FAISS single-threaded
+    in each: the same candidates and scores as on one thread, whatever the thread count."""
+    import faiss
+    from clusmar_beam import hac
+
+    monkeypatch.setattr(hac, "_CROWDED_LIST", crowded)
+    monkeypatch.setattr(hac, "_SCAN_BLOCK", 64)
+    rng = np.random.default_rng(6)
+    vecs = rng.normal(size=(3000, 9)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64)
+    index = hac._IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
+    index.add(ids, vecs)
+    found = {}
+    threads = faiss.omp_get_max_threads()
+    try:
+        for n in (1, 3):
+            faiss.omp_set_num_threads(n)
+            found[n] = (index.search(ids, lambda part: vecs[part], 4),
+                        index.search_own_lists(ids, lambda part: vecs[part], lambda part: vecs[part], 4))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    for one, three in zip(found[1], found[3]):
+        assert np.array_equal(one[0], three[0]) and np.array_equal(one[1], three[1])
+    assert (found[1][0][0][:, 0] == ids).mean() > 0.99  # self first
+
 def test_own_list_search_skips_only_the_lists_already_searched():
     """A retiring cluster searched this round is searched again only in its own nearest lists it missed."""
     from clusmar_beam import hac
