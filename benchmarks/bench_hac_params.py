@@ -7,7 +7,9 @@ Each CONFIG is "default" or comma-separated settings: `average_linkage` keywords
 `nlist=632`, `nprobe=16`, `exact_search_max=5000`) and module constants of the IVF
 quantiser (`train_per_list=16`, `train_iterations=5`, `flat_quantiser_max=0`: two-level
 lists, `groups_searched=16`) and of the renumbering of the rounds' arrays
-(`compact_below=0.7`, `compact_min=1000000000`: never). The configurations run interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
+(`compact_below=0.7`, `compact_min=1000000000`: never), and of the IVF searches
+(`crowded_list=32`: queries of a list searched as one block from 32, `scan_block=256`:
+queries per per-query scan on one thread). The configurations run interleaved, `--repeat` times, on the first n rows of the synthetic pool (cosine, ε 0.15,
 as `bench_hac_speed.py` takes them). Prints the median and each time, the cluster count, and the ARI
 against the first configuration. CPU time (both cores' work) is less at the mercy of the
 host's neighbours than wall time, though not immune.
@@ -28,7 +30,8 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS",
              "flat_quantiser_max": "_FLAT_QUANTISER_MAX", "groups_searched": "_GROUPS_SEARCHED",
-             "compact_below": "_COMPACT_BELOW", "compact_min": "_COMPACT_MIN"}
+             "compact_below": "_COMPACT_BELOW", "compact_min": "_COMPACT_MIN", "crowded_list": "_CROWDED_LIST",
+             "scan_block": "_SCAN_BLOCK"}
 DEFAULTS = {name: getattr(hac, attr) for name, attr in CONSTANTS.items()}
 
 

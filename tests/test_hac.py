@@ -611,6 +611,16 @@ def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_ma
     assert whole.merges_per_round == renumbered.merges_per_round
 
 
+def test_rows_kept_in_place_block_by_block(monkeypatch):
+    from clusmar_beam import hac
+    monkeypatch.setattr(hac, "_CHUNK", 3)
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(20, 4))
+    keep = np.sort(rng.choice(20, size=11, replace=False))
+    expected = a[keep].copy()
+    kept = hac._keep_rows(a, keep)
+    assert np.shares_memory(kept, a) and np.array_equal(kept, expected)
+
 def test_renumbering_keeps_frozen_neighbours(monkeypatch):
     """Frozen clusters (a partition's neighbours in hac_sharded) survive the renumbering unmerged."""
     from clusmar_beam import hac, hac_sharded
