@@ -176,7 +176,9 @@ def average_linkage(
     live, cnt, W = np.arange(u, dtype=np.int64), counts.astype(np.float64), None
     merges_per_round = []
     while True:
-        rac = _Rac(S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=W)
+        # Only merging on towards a target needs the statistics of the clusters left (at 10M, 650 MB).
+        rac = _Rac(S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=W,
+                   statistics_left=target is not None)
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
         left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds
@@ -346,11 +348,11 @@ def _number_by_first_appearance(keys: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Clusters:
-    """Clusters left by a run: their input row ids (ascending) and statistics."""
+    """Clusters left by a run: their input row ids (ascending) and statistics (None unless asked for)."""
 
     ids: np.ndarray
-    S: np.ndarray
-    cnt: np.ndarray
+    S: np.ndarray | None
+    cnt: np.ndarray | None
     W: np.ndarray | None
 
 
@@ -367,8 +369,10 @@ class _Rac:
     """
 
     def __init__(self, S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
-                 frozen=None):
+                 frozen=None, statistics_left=True):
         self.k = k
+        # Whether run returns the statistics of the clusters left, or only their ids.
+        self.statistics_left = statistics_left
         self.S = S
         self.cnt = cnt
         self.cos = metric == "cosine"
@@ -807,20 +811,28 @@ class _Rac:
                          f"{time.perf_counter() - self.t0:.1f}s")
         self.index = None
         self._set_aside(np.flatnonzero(parent == np.arange(u)))
+        # The rounds' arrays are done with: free them before the result is joined.
+        self.means32 = self.cand = self.cand_d = self.cand_exact = self.bound = self.computed = self.changed = None
         left, self._retired = self._retired, []
         ids = np.concatenate([c.ids for c in left])
         order = np.argsort(ids, kind="stable")
 
         def joined(field):
             parts = [getattr(c, field) for c in left]
-            return None if parts[0] is None else np.concatenate(parts)[order]
+            if parts[0] is None:
+                return None
+            for c in left:
+                setattr(c, field, None)  # each part goes as soon as it is copied
+            return np.concatenate(parts)[order]
 
         return _Clusters(ids[order], joined("S"), joined("cnt"), joined("W")), merges_per_round
 
     def _set_aside(self, rows):
-        """Keep the input ids and statistics of clusters that are done (retired, or left at the end)."""
-        self._retired.append(_Clusters(self.orig[rows], self.S[rows], self.cnt[rows],
-                                       None if self.W is None else self.W[rows]))
+        """Keep the input ids (and statistics, if asked for) of clusters that are done (retired, or left at the end)."""
+        stats = self.statistics_left
+        self._retired.append(_Clusters(self.orig[rows], self.S[rows] if stats else None,
+                                       self.cnt[rows] if stats else None,
+                                       self.W[rows] if stats and self.W is not None else None))
 
     def _compact(self, parent, active, stale, nn, nd):
         """Renumber the active clusters 0..m-1, in order, and drop the others' rows.
