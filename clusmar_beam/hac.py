@@ -52,6 +52,8 @@ TARGET_RAISE = 1.5
 EXACT_SEARCH_MAX = 5_000
 # Queries per FAISS call / re-ranking batch: bounds temporary memory.
 _CHUNK = 1 << 15
+# Rows whose FAISS vectors are made and added to an index at a time (a block is 68 MB at 64-d).
+_ADD_BLOCK = 1 << 18
 # Training sample for the IVF coarse quantiser, in points per list, and its
 # k-means iterations: 5 took half the time of 10 and gave lists as balanced
 # (the first round's search work 3.6% lower at 1M), exact's clusters at 100K,
@@ -124,6 +126,7 @@ def average_linkage(
     seed: int = 0,
     k: int = DEFAULT_K,
     log: Callable[[str], None] | None = None,
+    overwrite_input: bool = False,
 ) -> HacResult:
     """Cut the average-linkage dendrogram of `embeddings` at `distance_threshold`.
 
@@ -145,6 +148,11 @@ def average_linkage(
     the result.  A cut of the dendrogram below where it was merged is the
     clustering at that threshold, so the mean size lands on M however far
     off the first threshold was.
+
+    With `overwrite_input`, float64 C-ordered `embeddings` are used as the
+    working copy and their contents are lost: a caller that holds its only
+    copy in float64 then holds no second one through the run (at 10M the
+    float32 input next to the copy was 2.6 GB of the peak).
     """
     eps = _check_threshold(distance_threshold)
     target = None if target_mean_cluster_size is None else check_target(target_mean_cluster_size)
@@ -155,7 +163,7 @@ def average_linkage(
     if nlist is not None:
         _check_count("nlist", nlist)
     t0 = time.perf_counter()
-    X = _prepare(embeddings, metric)
+    X = _prepare(embeddings, metric, copy=not overwrite_input)
     n = X.shape[0]
     if n == 1:
         return HacResult(np.zeros(1, np.int64), 1, 0, 0, [], np.zeros(0), np.zeros((0, 2), np.int64), eps,
@@ -166,7 +174,8 @@ def average_linkage(
     if u == n:
         S = X  # rep is 0..n-1 in order: reuse the buffer instead of copying
     else:
-        S = X[rep]
+        # The caller's buffer stays alive anyway: use it rather than add a copy.
+        S = _keep_rows(X, rep) if overwrite_input else X[rep]
         S *= counts[:, None]
     del X
     dup = np.flatnonzero(rep[group] != np.arange(n))
@@ -245,8 +254,8 @@ def _check_count(name, value):
         raise HacError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _prepare(embeddings, metric: str) -> np.ndarray:
-    """Validated float64 copy: unit rows for cosine, centred for sqeuclidean.
+def _prepare(embeddings, metric: str, copy: bool = True) -> np.ndarray:
+    """Validated float64 copy (without `copy`, float64 C-ordered input itself): unit rows for cosine, centred for sqeuclidean.
 
     Centring does not change squared Euclidean distances but removes the
     cancellation error a large common offset would cause.
@@ -264,7 +273,7 @@ def _prepare(embeddings, metric: str) -> np.ndarray:
         bad = np.flatnonzero(~finite)
         raise HacError(f"embeddings contain NaN or inf in {bad.size} of {n} rows "
                        f"(first at row {bad[0]})")
-    X = np.array(X, dtype=np.float64, order="C", copy=True)
+    X = np.array(X, dtype=np.float64, order="C", copy=True if copy else None)
     if metric == "cosine":
         norms = np.sqrt(np.einsum("ij,ij->i", X, X))
         zero = norms == 0
@@ -494,8 +503,8 @@ class _Rac:
             sample = np.sort(rng.choice(ids.size, size=m, replace=False))
             self.index = _IvfIndex(self._vectors(ids[sample], True), nlist, self.nprobe,
                                    self.seed, self.S.shape[0], inner_product=self.cos)
-        for s in range(0, ids.size, 1 << 18):
-            part = ids[s:s + (1 << 18)]
+        for s in range(0, ids.size, _ADD_BLOCK):
+            part = ids[s:s + _ADD_BLOCK]
             self.index.add(part, self._vectors(part, True))
 
     def _search(self, ids, own_lists=False):
@@ -955,7 +964,8 @@ class _FlatIndex:
         dim, metric = self.index.d, self.index.metric_type
         self.index = None  # the old rows go before the new are added
         self.index = faiss.IndexIDMap(faiss.IndexFlat(dim, metric))
-        self.add(ids, vectors(ids))
+        for s in range(0, ids.size, _ADD_BLOCK):
+            self.add(ids[s:s + _ADD_BLOCK], vectors(ids[s:s + _ADD_BLOCK]))
 
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest; -1 where there are fewer."""
@@ -1034,10 +1044,15 @@ class _IvfIndex:
         ids = new_id[np.concatenate(old)]
         lists = np.repeat(np.arange(nlist, dtype=np.int64), [part.size for part in old])
         self.index = old = None  # the old lists go before the new are filled
-        vecs = vectors(ids)
         index = faiss.IndexIVFFlat(self.flat, dim, nlist, self.metric)
         index.nprobe = self.nprobe
-        index.add_core(ids.size, faiss.swig_ptr(vecs), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        # In blocks: at 10M all the vectors at once (1.2 GB) made the run's
+        # peak, since the old lists' memory mostly stays with the process.
+        # Blocks in list order append to each list in its old order.
+        for s in range(0, ids.size, _ADD_BLOCK):
+            part, vecs = ids[s:s + _ADD_BLOCK], vectors(ids[s:s + _ADD_BLOCK])
+            index.add_core(part.size, faiss.swig_ptr(vecs), faiss.swig_ptr(part),
+                           faiss.swig_ptr(lists[s:s + _ADD_BLOCK]))
         self.index = index
         self.list_of = np.full(new_id.max(initial=-1) + 1, -1, np.int64)
         self.list_of[ids] = lists

@@ -170,10 +170,15 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
                                           sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
                                           log=every_few_seconds(LOG.info))
             eps = _count_choice(choice).merge_threshold
+        dim = embeddings.shape[1]
+        # The HAC works on a float64 copy: make it here and let the HAC use it
+        # in place, so the float32 rows are not held through the run.
+        embeddings = embeddings.astype(np.float64)
         result = hac.average_linkage(
             embeddings, eps, opts_dict["metric"], target_mean_cluster_size=target, k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
-            log=every_few_seconds(LOG.info))
+            log=every_few_seconds(LOG.info), overwrite_input=True)
+        del embeddings  # overwritten by the HAC
     except hac.HacError as exc:
         raise InputError(f"--pool {pool_glob!r}: {exc}") from exc
     elapsed = time.time() - start
@@ -189,7 +194,7 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
             "distance_threshold": result.distance_threshold,
             "threshold_choice": _choice_report(choice, result.merged_up_to),
             "merges": result.merges, "merges_per_round": list(result.merges_per_round), "hac_seconds": elapsed,
-            "dim": embeddings.shape[1]}
+            "dim": dim}
 
 
 def _choice_report(choice: hac.ThresholdChoice | None, merged_up_to: float | None) -> dict | None:

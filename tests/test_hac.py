@@ -600,6 +600,10 @@ def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_ma
     def run():
         return average_linkage(X, 0.01, metric, target_mean_cluster_size=12, exact_search_max=exact_search_max)
 
+    # Indexes filled block by block, also when renumbered.  Both runs build
+    # with the same blocks: FAISS assigns lists to a block of under 20 rows
+    # without BLAS, which can round a boundary row to another list.
+    monkeypatch.setattr(hac, "_ADD_BLOCK", 37)
     monkeypatch.setattr(hac, "_COMPACT_MIN", 10**9)
     whole = run()
     monkeypatch.setattr(hac, "_COMPACT_MIN", 8)
@@ -609,6 +613,27 @@ def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_ma
     assert np.array_equal(whole.pairs, renumbered.pairs)
     assert np.array_equal(whole.heights, renumbered.heights)
     assert whole.merges_per_round == renumbered.merges_per_round
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_overwritten_input_gives_the_same_clusters(metric, duplicates):
+    """With overwrite_input the caller's float64 rows are the working copy (pipelines/cluster.py)."""
+    X = _diffuse_groups_and_bursts(seed=4)
+    if duplicates:
+        X[50:90] = X[7]
+        X[200:203] = X[300]
+    expected = average_linkage(X, 0.05, metric, target_mean_cluster_size=8, exact_search_max=300)
+    own = X.astype(np.float64)
+    got = average_linkage(own, 0.05, metric, target_mean_cluster_size=8, exact_search_max=300,
+                          overwrite_input=True)
+    assert not np.array_equal(own, X)  # used in place
+    assert np.array_equal(got.labels, expected.labels)
+    assert np.array_equal(got.pairs, expected.pairs) and np.array_equal(got.heights, expected.heights)
+    single = X.astype(np.float32)
+    kept = single.copy()
+    average_linkage(single, 0.05, metric, overwrite_input=True)
+    assert np.array_equal(single, kept)  # float32 rows cannot be the working copy: left alone
 
 
 def test_rows_kept_in_place_block_by_block(monkeypatch):
