@@ -255,9 +255,10 @@ def _check_count(name, value):
 
 
 def _prepare(embeddings, metric: str, copy: bool = True) -> np.ndarray:
-    """Validated float64 copy (without `copy`, float64 C-ordered input itself): unit rows for cosine, centred for sqeuclidean.
+    """Validated float64 rows, unit for cosine, centred for sqeuclidean.
 
-    Centring does not change squared Euclidean distances but removes the
+    A copy, unless `copy` is false and the input is float64 C-ordered: then
+    the input itself is changed.  Centring does not change squared Euclidean distances but removes the
     cancellation error a large common offset would cause.
     """
     X = np.asarray(embeddings)
