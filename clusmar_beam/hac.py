@@ -258,8 +258,9 @@ def _prepare(embeddings, metric: str, copy: bool = True) -> np.ndarray:
     """Validated float64 rows, unit for cosine, centred for sqeuclidean.
 
     A copy, unless `copy` is false and the input is float64 C-ordered: then
-    the input itself is changed.  Centring does not change squared Euclidean distances but removes the
-    cancellation error a large common offset would cause.
+    the input itself is changed.  Centring does not change squared Euclidean
+    distances but removes the cancellation error a large common offset would
+    cause.
     """
     X = np.asarray(embeddings)
     if X.ndim != 2:
@@ -965,8 +966,7 @@ class _FlatIndex:
         dim, metric = self.index.d, self.index.metric_type
         self.index = None  # the old rows go before the new are added
         self.index = faiss.IndexIDMap(faiss.IndexFlat(dim, metric))
-        for s in range(0, ids.size, _ADD_BLOCK):
-            self.add(ids[s:s + _ADD_BLOCK], vectors(ids[s:s + _ADD_BLOCK]))
+        self.add(ids, vectors(ids))  # at most exact_search_max rows
 
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest; -1 where there are fewer."""
