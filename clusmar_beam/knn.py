@@ -2,17 +2,26 @@
 
 The pool is split into IVF cells: coarse centroids are trained with FAISS
 k-means on a deterministic sample (the rows with the lowest id hashes).  Each
-point goes to its home cell (its nearest centroid) as a database row, and as a
-query to its `nprobe` nearest cells.  After a GroupByKey on the cell, every
-cell computes the exact similarities of its queries against its rows with one
-matrix multiply (FAISS flat search: blocked GEMM plus a top-k heap), and each
-point's top-k is merged across the cells it visited.  This is exactly an
-IndexIVFFlat search with the same centroids and nprobe, but cut into
-independent per-cell GEMMs that run on any number of workers.
+point's home cell is its nearest centroid and its probes are its `nprobe`
+nearest cells.  Every cell computes the exact similarities of the points that
+probe it against its rows with one matrix multiply (FAISS flat search: blocked
+GEMM plus a top-k heap), and each point's top-k is merged across the cells it
+visited.  This is exactly an IndexIVFFlat search with the same centroids and
+nprobe, but cut into independent per-cell GEMMs that run on any number of
+workers.
+
+The shuffle moves cell *groups*, not cells: nearby cells (k-means of the
+centroids) form a group, a point travels to its home cell's group as a row
+and once to each other group holding one of its probes as a query, and a
+group merges its cells' candidates before the final per-point merge.  A
+point's probes are near one another, so it travels about 4 times instead of
+9 (1M x 64-d, 1,024 cells, nprobe 8; the shuffle, not the GEMMs, dominated
+the run).  The neighbour lists are the same for any grouping.
 
 Elements are columnar: a `KnnBatch` holds many points' neighbour lists.  The
-centroids travel as one .npy file loaded once per worker process through
-`apache_beam.utils.shared.Shared`; only its path is a side input.
+centroids and the cell groups travel as .npy files loaded once per worker
+process through `apache_beam.utils.shared.Shared`; only their paths are a side
+input.
 
 Ids are int64 (the cluster pipeline maps other ids to row numbers first).
 Similarities: inner product of unit vectors for cosine (1 - cosine distance),
@@ -39,7 +48,10 @@ LOG = logging.getLogger("clusmar")
 METRICS = ("cosine", "sqeuclidean")
 # Training points per coarse cell (FAISS warns below 39).
 TRAIN_PER_CELL = 64
-_QUERY_BLOCK = 1 << 14
+# Cells per group in the shuffle.  At 1M x 64-d, 1,024 cells and nprobe 8, a
+# point's probes fall in 3.9 groups of 128 cells, 5.0 of 32, 8 of 1; larger
+# groups shuffle less but give fewer, larger elements (benchmarks/RESULTS.md).
+CELLS_PER_GROUP = 128
 
 # FAISS 1.15 computes exact distances without BLAS while queries x dims is
 # below 128000, a crossover tuned on many-core hosts; with few threads BLAS
@@ -81,8 +93,8 @@ class EdgeBatch:
 # ------------------------------------------------------------------ helpers
 
 
-def check_params(k, num_cells, nprobe, metric):
-    for name, value in (("k", k), ("num_cells", num_cells), ("nprobe", nprobe)):
+def check_params(metric, **counts):
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InputError(f"knn: {name} must be an integer >= 1, got {value!r}")
     if metric not in METRICS:
@@ -131,6 +143,18 @@ def train_centroids(sample: np.ndarray, num_cells: int, seed: int, niter: int = 
     return np.ascontiguousarray(kmeans.centroids, np.float32)
 
 
+def group_cells(centroids: np.ndarray, cells_per_group: int, seed: int) -> np.ndarray:
+    """(num_cells,) int32 group of each cell: k-means of the centroids into about
+    num_cells / cells_per_group groups, so that a point's probed cells, being
+    near one another, mostly share a group."""
+    num_cells = centroids.shape[0]
+    num_groups = -(-num_cells // int(cells_per_group))
+    if num_groups >= num_cells:
+        return np.arange(num_cells, dtype=np.int32)
+    group_centroids = train_centroids(centroids, num_groups, seed)
+    return probe_cells(group_centroids, centroids, 1)[:, 0].astype(np.int32)
+
+
 def probe_cells(centroids: np.ndarray, x: np.ndarray, nprobe: int) -> np.ndarray:
     """(n, nprobe) nearest cells of each row, nearest (the home cell) first."""
     nprobe = min(nprobe, centroids.shape[0])
@@ -170,39 +194,65 @@ def top_k_rows(qids, nbrs, scores, k):
     return KnnBatch(every.astype(np.int64), out_n, out_s)
 
 
+_LAST = np.iinfo(np.int64).max  # a missing neighbour (-1) sorts after every id
+
+
+def _ordered(nbrs, scores):
+    """Rows sorted by decreasing score, ties by neighbour id (missing last); only
+    the rows not already in that order are sorted."""
+    key = np.where(nbrs < 0, _LAST, nbrs)
+    out_of_order = ((scores[:, 1:] > scores[:, :-1])
+                    | ((scores[:, 1:] == scores[:, :-1]) & (key[:, 1:] < key[:, :-1]))).any(axis=1)
+    if out_of_order.any():
+        rows = np.flatnonzero(out_of_order)
+        order = np.lexsort((key[rows], -scores[rows].astype(np.float64)), axis=1)
+        nbrs[rows] = np.take_along_axis(nbrs[rows], order, axis=1)
+        scores[rows] = np.take_along_axis(scores[rows], order, axis=1)
+    return nbrs, scores
+
+
+def _best_k(nbrs, scores, k):
+    """Each row's k best candidates, by decreasing score, ties by neighbour id."""
+    if nbrs.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kept = np.take_along_axis(scores, part, axis=1)
+        # where the k-th score ties with a left-out one, choose by neighbour id
+        kth = kept.min(axis=1, keepdims=True)
+        tied = np.flatnonzero((scores == kth).sum(axis=1) > (kept == kth).sum(axis=1))
+        if tied.size:
+            part[tied] = np.lexsort((np.where(nbrs[tied] < 0, _LAST, nbrs[tied]),
+                                     -scores[tied].astype(np.float64)), axis=1)[:, :k]
+        nbrs = np.take_along_axis(nbrs, part, axis=1)
+        scores = np.take_along_axis(scores, part, axis=1)
+    return _ordered(nbrs, scores)
+
+
 def merge_candidate_rows(cells, qids, nbrs, scores, k):
-    """Per-cell candidate rows -> each qid's top k (KnnBatch).
+    """Per-cell (or per-group) candidate rows -> each qid's top k (KnnBatch).
 
     Row i holds the candidates of qids[i] found in cells[i] (nbrs[i], scores[i],
     -1 / -inf padded).  Rows are put in (qid, cell) order first so that the
-    result does not depend on the order the runner delivered them in; the
-    final rows are ordered by decreasing score, ties by neighbour id.
+    result does not depend on the order the runner delivered them in.  Each
+    qid keeps the k best by decreasing score, ties by neighbour id, whatever
+    way its candidates were split into rows.  Qids are merged in groups of
+    the same row count, so no group pads to the widest.
     """
     order = np.lexsort((cells, qids))
-    qids, nbrs, scores = qids[order], nbrs[order], scores[order]
+    qids, nbrs = qids[order], nbrs[order]
+    scores = np.where(nbrs >= 0, scores[order], -np.inf).astype(np.float32)
     uniq, start, counts = np.unique(qids, return_index=True, return_counts=True)
-    kk = nbrs.shape[1]
-    width = int(counts.max()) * kk if counts.size else kk
-    mat_n = np.full((uniq.size, width), -1, np.int64)
-    mat_s = np.full((uniq.size, width), -np.inf, np.float32)
-    rank = np.arange(qids.size) - np.repeat(start, counts)
-    row = np.repeat(np.arange(uniq.size), counts)
-    cols = rank[:, None] * kk + np.arange(kk)
-    mat_n[row[:, None], cols] = nbrs
-    mat_s[row[:, None], cols] = np.where(nbrs >= 0, scores, -np.inf)
-    if width > k:
-        part = np.argpartition(-mat_s, k - 1, axis=1)[:, :k]
-        mat_n = np.take_along_axis(mat_n, part, axis=1)
-        mat_s = np.take_along_axis(mat_s, part, axis=1)
-    final = np.lexsort((np.where(mat_n < 0, np.iinfo(np.int64).max, mat_n), -mat_s.astype(np.float64)), axis=1)
-    mat_n = np.take_along_axis(mat_n, final, axis=1)
-    mat_s = np.take_along_axis(mat_s, final, axis=1)
-    if mat_n.shape[1] < k:
-        pad = k - mat_n.shape[1]
-        mat_n = np.pad(mat_n, ((0, 0), (0, pad)), constant_values=-1)
-        mat_s = np.pad(mat_s, ((0, 0), (0, pad)), constant_values=-np.inf)
-    mat_s[mat_n < 0] = -np.inf
-    return KnnBatch(uniq.astype(np.int64), mat_n, mat_s)
+    width = nbrs.shape[1]
+    out_n = np.full((uniq.size, k), -1, np.int64)
+    out_s = np.full((uniq.size, k), -np.inf, np.float32)
+    for count in np.unique(counts):
+        rows = np.flatnonzero(counts == count)
+        take = (start[rows][:, None] + np.arange(count)).reshape(-1)
+        best_n, best_s = _best_k(nbrs[take].reshape(rows.size, count * width),
+                                 scores[take].reshape(rows.size, count * width), k)
+        out_n[rows, :best_n.shape[1]] = best_n
+        out_s[rows, :best_s.shape[1]] = best_s
+    out_s[out_n < 0] = -np.inf
+    return KnnBatch(uniq.astype(np.int64), out_n, out_s)
 
 
 def save_array(directory: str, name: str, array: np.ndarray) -> str:
@@ -269,48 +319,51 @@ def _to_pairs(batch):
 
 
 class _Route(beam.DoFn):
-    """Batch -> (cell, ("db"|"q", ids, vectors)) per cell touched by the batch."""
+    """Batch -> (group, (role, ids, vectors, probes)) per cell group touched by the batch.
+
+    A point goes to its home cell's group as a database row ("db") and to each
+    other group holding one of its probed cells as a query ("q"), once per
+    group however many of its cells that group holds.  `probes` lists the
+    point's probed cells inside that group, -1 elsewhere.
+    """
 
     def __init__(self, nprobe, metric, shared_handle):
         self.nprobe, self.metric, self.shared_handle = nprobe, metric, shared_handle
 
-    def process(self, batch, centroids_path):
+    def process(self, batch, paths):
         ids, x = batch
         ids = np.asarray(ids, np.int64)
         if ids.size == 0:
             return
-        centroids = self.shared_handle.acquire(lambda: _Loaded(np.load(centroids_path)), tag=centroids_path).array
+        centroids_path, groups_path = paths
+        loaded = self.shared_handle.acquire(
+            lambda: _Loaded((np.load(centroids_path), np.load(groups_path))), tag=f"{centroids_path}|{groups_path}")
+        centroids, cell_group = loaded.array
         x = prepare_vectors(x, self.metric)
-        probes = probe_cells(centroids, x, self.nprobe)
+        probes = probe_cells(centroids, x, self.nprobe).astype(np.int32)
+        groups = cell_group[probes]
         beam.metrics.Metrics.counter("knn", "points").inc(ids.size)
-        for role, cells, rows in (("db", probes[:, 0], np.arange(ids.size)),
-                                  ("q", probes.reshape(-1), np.repeat(np.arange(ids.size), probes.shape[1]))):
-            for cell, pos in split_by_key(cells):
-                r = rows[pos]
-                yield cell, (role, ids[r], x[r])
+        home = groups[:, 0]
+        for group, rows in split_by_key(home):
+            yield group, ("db", ids[rows], x[rows], np.where(groups[rows] == group, probes[rows], -1))
+        n, width = groups.shape
+        rows = np.repeat(np.arange(n), width)
+        other = groups.reshape(-1)
+        keep = other != np.repeat(home, width)
+        pairs = np.unique(other[keep].astype(np.int64) * n + rows[keep])  # each (group, row) once
+        for group, pos in split_by_key(pairs // n):
+            r = pairs[pos] % n
+            yield group, ("q", ids[r], x[r], np.where(groups[r] == group, probes[r], -1))
 
 
-class _SearchCell(beam.DoFn):
-    """All queries of one cell against its rows: exact top-(k+1), self removed."""
+class _SearchGroup(beam.DoFn):
+    """One cell group: each cell's queries against its rows (exact top-(k+1), self
+    removed), then each query's top k within the group."""
 
     def __init__(self, k, metric, merge_shards):
         self.k, self.metric, self.merge_shards = k, metric, merge_shards
 
-    def process(self, element):
-        _, parts = element
-        parts = list(parts)
-        db = [p for p in parts if p[0] == "db"]
-        qs = [p for p in parts if p[0] == "q"]
-        if not db or not qs:
-            return
-        db_ids = np.concatenate([p[1] for p in db])
-        db_x = np.concatenate([p[2] for p in db])
-        order = np.argsort(db_ids, kind="stable")
-        db_ids, db_x = db_ids[order], np.ascontiguousarray(db_x[order])
-        q_ids = np.concatenate([p[1] for p in qs])
-        q_x = np.concatenate([p[2] for p in qs])
-        order = np.argsort(q_ids, kind="stable")
-        q_ids, q_x = q_ids[order], np.ascontiguousarray(q_x[order])
+    def _search_cell(self, cell, q_ids, q_x, db_ids, db_x):
         scores, pos = search_block(q_x, db_x, self.k + 1, self.metric)
         nbrs = np.where(pos >= 0, db_ids[np.maximum(pos, 0)], -1)
         is_self = nbrs == q_ids[:, None]
@@ -324,14 +377,49 @@ class _SearchCell(beam.DoFn):
         else:
             nbrs = np.where(is_self, -1, nbrs)
         beam.metrics.Metrics.counter("knn", "cell_pairs").inc(int(q_ids.size) * int(db_ids.size))
-        scores = scores.astype(np.float32)
-        cell = element[0]
-        if self.merge_shards == 1:
-            yield 0, (cell, q_ids, nbrs, scores)
+        return np.full(q_ids.size, cell, np.int64), q_ids, nbrs, scores.astype(np.float32)
+
+    def process(self, element):
+        group, parts = element
+        parts = list(parts)
+        db = [p for p in parts if p[0] == "db"]
+        if not db:
             return
-        shard = (hash_ids(q_ids, 0x5EA) % np.uint64(self.merge_shards)).astype(np.int64)
+        db_ids, db_x, db_probes = (np.concatenate([p[i] for p in db]) for i in (1, 2, 3))
+        order = np.argsort(db_ids, kind="stable")
+        db_ids, db_x, db_home = db_ids[order], db_x[order], db_probes[order, 0]
+        # the group's queries: its own rows and the points sent here for their probes
+        q_ids, q_x, q_probes = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+        order = np.argsort(q_ids, kind="stable")
+        q_ids, q_x, q_probes = q_ids[order], q_x[order], q_probes[order]
+        rows_of_cell = dict(split_by_key(db_home))
+        width = q_probes.shape[1]
+        query_rows = np.repeat(np.arange(q_ids.size), width)
+        cells = q_probes.reshape(-1).astype(np.int64)
+        found = []
+        for cell, pos in split_by_key(np.where(cells >= 0, cells, -1)):
+            if cell < 0 or cell not in rows_of_cell:
+                continue
+            rows, cell_rows = query_rows[pos], rows_of_cell[cell]
+            found.append(self._search_cell(cell, q_ids[rows], np.ascontiguousarray(q_x[rows]),
+                                           db_ids[cell_rows], np.ascontiguousarray(db_x[cell_rows])))
+        if not found:
+            return
+        best = merge_candidate_rows(*(np.concatenate([f[i] for f in found]) for i in range(4)), self.k)
+        nbrs = _narrowed(best.neighbors)
+        if self.merge_shards == 1:
+            yield 0, (group, best.ids, nbrs, best.scores)
+            return
+        shard = (hash_ids(best.ids, 0x5EA) % np.uint64(self.merge_shards)).astype(np.int64)
         for s, r in split_by_key(shard):
-            yield s, (cell, q_ids[r], nbrs[r], scores[r])
+            yield s, (group, best.ids[r], nbrs[r], best.scores[r])
+
+
+def _narrowed(ids):
+    """int32 when every id fits (a third less to shuffle), else unchanged."""
+    if ids.size and ids.min() >= np.iinfo(np.int32).min and ids.max() <= np.iinfo(np.int32).max:
+        return ids.astype(np.int32)
+    return ids
 
 
 def _merge_shard(element, k):
@@ -339,7 +427,7 @@ def _merge_shard(element, k):
     parts = list(parts)
     cells = np.concatenate([np.full(p[1].size, p[0], np.int64) for p in parts])
     qids = np.concatenate([p[1] for p in parts])
-    nbrs = np.concatenate([p[2] for p in parts])
+    nbrs = np.concatenate([p[2] for p in parts]).astype(np.int64)
     scores = np.concatenate([p[3] for p in parts])
     out = merge_candidate_rows(cells, qids, nbrs, scores, k)
     beam.metrics.Metrics.counter("knn", "edges").inc(int((out.neighbors >= 0).sum()))
@@ -351,15 +439,17 @@ def _prepared_rows(batch, metric):
 
 
 class TrainCentroids(beam.PTransform):
-    """PCollection of (ids, vectors) batches -> singleton PCollection: path of the centroids .npy."""
+    """PCollection of (ids, vectors) batches -> singleton PCollection: the paths of the
+    centroids .npy and of the cell groups .npy (`group_cells`)."""
 
-    def __init__(self, num_cells, metric, temp_dir, seed=0, train_per_cell=TRAIN_PER_CELL):
+    def __init__(self, num_cells, metric, temp_dir, seed=0, train_per_cell=TRAIN_PER_CELL,
+                 cells_per_group=CELLS_PER_GROUP):
         super().__init__()
         self.num_cells, self.metric, self.temp_dir = num_cells, metric, temp_dir
-        self.seed, self.train_per_cell = seed, train_per_cell
+        self.seed, self.train_per_cell, self.cells_per_group = seed, train_per_cell, cells_per_group
 
     def expand(self, batches):
-        num_cells, seed, temp_dir = self.num_cells, self.seed, self.temp_dir
+        num_cells, seed, temp_dir, cells_per_group = self.num_cells, self.seed, self.temp_dir, self.cells_per_group
 
         def train(sample):
             if sample is None:
@@ -369,9 +459,10 @@ class TrainCentroids(beam.PTransform):
             if ids.size < num_cells:
                 LOG.info("knn: %d cells asked but only %d points; using %d cells", num_cells, ids.size, ids.size)
             centroids = train_centroids(x, num_cells, seed)
-            LOG.info("knn: %d coarse centroids trained on %d points (%.1f s)", centroids.shape[0], ids.size,
-                     time.time() - start)
-            return save_array(temp_dir, "centroids", centroids)
+            groups = group_cells(centroids, cells_per_group, seed)
+            LOG.info("knn: %d coarse centroids trained on %d points, in %d groups (%.1f s)", centroids.shape[0],
+                     ids.size, int(groups.max()) + 1, time.time() - start)
+            return save_array(temp_dir, "centroids", centroids), save_array(temp_dir, "cell-groups", groups)
 
         return (batches
                 | "Sample" >> beam.CombineGlobally(
@@ -385,26 +476,33 @@ class ShardedKnn(beam.PTransform):
     -> PCollection of KnnBatch: each point's exact top-k among the rows of its `nprobe`
     nearest IVF cells (itself excluded).
 
-    `temp_dir` holds the centroids file (shared storage on a distributed runner).
+    `temp_dir` holds the centroids and cell-group files (shared storage on a
+    distributed runner).  `cells_per_group` nearby cells are searched by one
+    element (fewer copies of each query in the shuffle; 1 = one cell each);
     `merge_shards` is the number of keys the per-point merge is spread over.
+    The neighbour lists do not depend on either.
     """
 
-    def __init__(self, k=10, num_cells=1024, nprobe=8, metric="cosine", temp_dir=None, seed=0, merge_shards=32):
+    def __init__(self, k=10, num_cells=1024, nprobe=8, metric="cosine", temp_dir=None, seed=0, merge_shards=32,
+                 cells_per_group=CELLS_PER_GROUP):
         super().__init__()
-        check_params(k, num_cells, nprobe, metric)
+        check_params(metric, k=k, num_cells=num_cells, nprobe=nprobe, cells_per_group=cells_per_group,
+                     merge_shards=merge_shards)
         if temp_dir is None:
             raise InputError("knn: temp_dir is required (where the centroids file is written)")
         self.k, self.num_cells, self.nprobe, self.metric = int(k), int(num_cells), int(nprobe), metric
         self.temp_dir, self.seed, self.merge_shards = temp_dir, seed, int(merge_shards)
+        self.cells_per_group = int(cells_per_group)
 
     def expand(self, batches):
         pairs = batches | "ToPairs" >> beam.Map(_to_pairs)
-        path = pairs | "Centroids" >> TrainCentroids(self.num_cells, self.metric, self.temp_dir, self.seed)
+        paths = pairs | "Centroids" >> TrainCentroids(self.num_cells, self.metric, self.temp_dir, self.seed,
+                                                      cells_per_group=self.cells_per_group)
         handle = shared.Shared()
         return (pairs
-                | "Route" >> beam.ParDo(_Route(self.nprobe, self.metric, handle), beam.pvalue.AsSingleton(path))
+                | "Route" >> beam.ParDo(_Route(self.nprobe, self.metric, handle), beam.pvalue.AsSingleton(paths))
                 | "GroupCells" >> beam.GroupByKey()
-                | "SearchCells" >> beam.ParDo(_SearchCell(self.k, self.metric, self.merge_shards))
+                | "SearchGroups" >> beam.ParDo(_SearchGroup(self.k, self.metric, self.merge_shards))
                 | "GroupPoints" >> beam.GroupByKey()
                 | "MergeTopK" >> beam.Map(_merge_shard, self.k))
 

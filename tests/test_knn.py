@@ -85,6 +85,42 @@ def test_same_graph_whatever_the_batching(tmp_path):
         assert np.array_equal(a[i][0], b[i][0])
 
 
+def test_cell_groups_do_not_change_the_graph(tmp_path):
+    """Grouping cells only changes how queries travel: same lists, same scores."""
+    ids, x = _data(n=2000)
+    x[1000:1040] = x[0]                       # exact duplicates: tied scores at the k-th place
+    runs = [_run_knn(ids, x, tmp_path, k=6, num_cells=16, nprobe=5, metric="cosine", cells_per_group=g)
+            for g in (1, 3, 16)]
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for i in runs[0]:
+            assert np.array_equal(other[i][0], runs[0][i][0])
+            assert np.array_equal(other[i][1], runs[0][i][1])
+    # ids beyond int32 travel as int64
+    big = _run_knn(ids + 2**40, x, tmp_path, k=6, num_cells=16, nprobe=5, metric="cosine", cells_per_group=3)
+    for i in runs[0]:
+        assert np.array_equal(big[i + 2**40][0], np.where(runs[0][i][0] >= 0, runs[0][i][0] + 2**40, -1))
+
+
+def test_group_cells():
+    rng = np.random.default_rng(3)
+    centroids = rng.normal(size=(40, 8)).astype(np.float32)
+    assert knn.group_cells(centroids, 1, 0).tolist() == list(range(40))
+    groups = knn.group_cells(centroids, 8, 0)
+    assert groups.shape == (40,) and groups.min() >= 0 and groups.max() < 5
+    assert np.array_equal(groups, knn.group_cells(centroids, 8, 0))
+    assert (knn.group_cells(centroids, 100, 0) == 0).all()
+
+
+def test_merge_breaks_ties_at_the_kth_place_by_id():
+    """The k kept do not depend on how the candidates were split into rows."""
+    nbrs = np.array([[10, 7], [3, 8]])
+    scores = np.array([[0.5, 0.5], [0.5, 0.9]], np.float32)
+    one = knn.merge_candidate_rows(np.array([0, 1]), np.array([1, 1]), nbrs, scores, 2)
+    other = knn.merge_candidate_rows(np.array([0, 1]), np.array([1, 1]), nbrs[::-1, ::-1], scores[::-1, ::-1], 2)
+    assert one.neighbors.tolist() == other.neighbors.tolist() == [[8, 3]]
+
+
 def test_more_cells_than_points_and_tiny_pools(tmp_path):
     ids, x = _data(n=30)
     got = _run_knn(ids, x, tmp_path, k=5, num_cells=100, nprobe=200, metric="sqeuclidean")
@@ -130,7 +166,8 @@ def test_symmetric_graph(tmp_path):
 
 @pytest.mark.parametrize("kwargs,fragment", [({"k": 0}, "k must"), ({"k": -3}, "k must"),
                                              ({"num_cells": 0}, "num_cells"), ({"nprobe": 0}, "nprobe"),
-                                             ({"metric": "l1"}, "metric"), ({"k": 2.5}, "k must")])
+                                             ({"metric": "l1"}, "metric"), ({"k": 2.5}, "k must"),
+                                             ({"cells_per_group": 0}, "cells_per_group")])
 def test_bad_parameters(tmp_path, kwargs, fragment):
     with pytest.raises(InputError, match=fragment):
         knn.ShardedKnn(temp_dir=str(tmp_path), **kwargs)
