@@ -172,28 +172,6 @@ def search_block(queries, database, k, metric):
     return scores, pos
 
 
-def top_k_rows(qids, nbrs, scores, k):
-    """Merge candidate rows (qid, neighbour, score) into each qid's top k -> KnnBatch.
-
-    A neighbour reaches a query through one cell only (its home cell), so no
-    pair repeats.
-    """
-    every = np.unique(qids)  # points with no neighbour at all still get a row
-    keep = nbrs >= 0
-    qids, nbrs, scores = qids[keep], nbrs[keep], scores[keep]
-    order = np.lexsort((nbrs, -scores.astype(np.float64), qids))
-    qids, nbrs, scores = qids[order], nbrs[order], scores[order]
-    uniq, start, counts = np.unique(qids, return_index=True, return_counts=True)
-    rank = np.arange(qids.size) - np.repeat(start, counts)
-    take = rank < k
-    out_n = np.full((every.size, k), -1, np.int64)
-    out_s = np.full((every.size, k), -np.inf, np.float32)
-    row = np.searchsorted(every, np.repeat(uniq, counts)[take])
-    out_n[row, rank[take]] = nbrs[take]
-    out_s[row, rank[take]] = scores[take]
-    return KnnBatch(every.astype(np.int64), out_n, out_s)
-
-
 _LAST = np.iinfo(np.int64).max  # a missing neighbour (-1) sorts after every id
 
 
@@ -269,7 +247,7 @@ def save_array(directory: str, name: str, array: np.ndarray) -> str:
 
 
 class _Loaded:
-    """A numpy array held by Shared (plain ndarrays cannot be weak-referenced)."""
+    """Arrays held by Shared (plain ndarrays and tuples cannot be weak-referenced)."""
 
     def __init__(self, array):
         self.array = array
@@ -395,9 +373,9 @@ class _SearchGroup(beam.DoFn):
         rows_of_cell = dict(split_by_key(db_home))
         width = q_probes.shape[1]
         query_rows = np.repeat(np.arange(q_ids.size), width)
-        cells = q_probes.reshape(-1).astype(np.int64)
+        cells = q_probes.reshape(-1).astype(np.int64)  # -1: a probe in another group
         found = []
-        for cell, pos in split_by_key(np.where(cells >= 0, cells, -1)):
+        for cell, pos in split_by_key(cells):
             if cell < 0 or cell not in rows_of_cell:
                 continue
             rows, cell_rows = query_rows[pos], rows_of_cell[cell]
@@ -416,7 +394,7 @@ class _SearchGroup(beam.DoFn):
 
 
 def _narrowed(ids):
-    """int32 when every id fits (a third less to shuffle), else unchanged."""
+    """int32 when every id fits (less to shuffle), else unchanged."""
     if ids.size and ids.min() >= np.iinfo(np.int32).min and ids.max() <= np.iinfo(np.int32).max:
         return ids.astype(np.int32)
     return ids
@@ -461,7 +439,7 @@ class TrainCentroids(beam.PTransform):
             centroids = train_centroids(x, num_cells, seed)
             groups = group_cells(centroids, cells_per_group, seed)
             LOG.info("knn: %d coarse centroids trained on %d points, in %d groups (%.1f s)", centroids.shape[0],
-                     ids.size, int(groups.max()) + 1, time.time() - start)
+                     ids.size, np.unique(groups).size, time.time() - start)
             return save_array(temp_dir, "centroids", centroids), save_array(temp_dir, "cell-groups", groups)
 
         return (batches

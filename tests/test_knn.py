@@ -183,11 +183,11 @@ def test_zero_norm_with_cosine_is_counted():
     assert knn.prepare_vectors(x, "sqeuclidean").shape == (10, 4)   # fine for sqeuclidean
 
 
-def test_top_k_rows_merges_and_orders():
+def test_merge_candidate_rows_merges_orders_and_pads():
     q = np.array([5, 5, 5, 2, 2, 5])
     n = np.array([1, 2, 3, 9, -1, 4])
     s = np.array([0.5, 0.9, 0.5, 0.1, 0.0, 0.2], np.float32)
-    out = knn.top_k_rows(q, n, s, 3)
+    out = knn.merge_candidate_rows(np.arange(6), q, n[:, None], s[:, None], 3)
     assert out.ids.tolist() == [2, 5]
     assert out.neighbors.tolist() == [[9, -1, -1], [2, 1, 3]]
     assert out.scores[1].tolist() == pytest.approx([0.9, 0.5, 0.5])
