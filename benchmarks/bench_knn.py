@@ -11,7 +11,8 @@ Everything is measured side by side in one run on the same data:
 
 Usage:
   .venv/bin/python benchmarks/bench_knn.py [--pool 'benchmarks/work/1m/pool/pool-*.parquet']
-      [--num-points N (when generating)] [--k 10] [--num-cells 1024] [--nprobe 8] [--queries 20000] [--metric cosine]
+      [--num-points N (when generating)] [--k 10] [--num-cells 1024] [--nprobe 8] [--cells-per-group 128]
+      [--queries 20000] [--metric cosine]
       [beam flags, e.g. --direct_num_workers=2 --direct_running_mode=multi_threading]
 If the pool glob matches nothing, a pool is generated with `clusmar generate-pool` (64-d, 100 classes).
 """
@@ -77,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--num-cells", type=int, default=1024)
     ap.add_argument("--nprobe", type=int, default=8)
+    ap.add_argument("--cells-per-group", type=int, default=knn.CELLS_PER_GROUP)
     ap.add_argument("--queries", type=int, default=20_000)
     ap.add_argument("--metric", default="cosine", choices=knn.METRICS)
     ap.add_argument("--batch", type=int, default=65536)
@@ -113,7 +115,8 @@ def main(argv=None):
 
     result = (pipeline
               | io.ReadTable(args.pool, required=["id", "embedding"], batch_size=args.batch)
-              | knn.ShardedKnn(k=k, num_cells=args.num_cells, nprobe=args.nprobe, metric=args.metric, temp_dir=tmp)
+              | knn.ShardedKnn(k=k, num_cells=args.num_cells, nprobe=args.nprobe, metric=args.metric, temp_dir=tmp,
+                               cells_per_group=args.cells_per_group)
               | beam.Map(keep_queries)
               | beam.combiners.ToList())
     out_path = os.path.join(tmp, "beam_out.npz")
@@ -124,13 +127,17 @@ def main(argv=None):
         np.savez(out_path, qids=qids, nbrs=nbrs, points=sum(p[1] for p in lst))
 
     _ = result | beam.Map(save)
-    runner.run_pipeline(pipeline, "bench_knn")
+    counters = {c.key.metric.name: c.committed
+                for c in runner.run_pipeline(pipeline, "bench_knn").metrics().query()["counters"]}
     beam_wall = time.perf_counter() - t
     saved = np.load(out_path)
     got = dict(zip(saved["qids"].tolist(), saved["nbrs"]))
     beam_recall = recall([got[i] for i in ids[qrows].tolist()], truth_ids, k)
     assert int(saved["points"]) == n and len(got) == len(qset)
-    print(f"beam ShardedKnn: {beam_wall:.1f}s, recall@{k} {beam_recall:.4f}", flush=True)
+    # rows per point through the shuffle: one as a database row, the rest as queries
+    rows_per_point = 1 + counters["query_rows"] / n
+    print(f"beam ShardedKnn: {beam_wall:.1f}s, recall@{k} {beam_recall:.4f}, "
+          f"{rows_per_point:.2f} rows per point shuffled", flush=True)
 
     # FAISS IndexIVFFlat with the same centroids and nprobe, one process
     centroids = np.load(sorted(glob.glob(os.path.join(tmp, "centroids-*.npy")))[0])
@@ -162,7 +169,9 @@ def main(argv=None):
     floor = flops / rate
     res = {
         "n": n, "d": d, "k": k, "num_cells": nlist, "nprobe": args.nprobe, "metric": args.metric,
-        "queries": int(qrows.size), "beam_seconds": round(beam_wall, 2), "beam_recall": round(beam_recall, 4),
+        "queries": int(qrows.size), "cells_per_group": args.cells_per_group,
+        "rows_per_point_shuffled": round(rows_per_point, 3),
+        "beam_seconds": round(beam_wall, 2), "beam_recall": round(beam_recall, 4),
         "ivf_add_seconds": round(ivf_add, 2), "ivf_search_seconds": round(ivf_search, 2),
         "ivf_total_seconds": round(ivf_add + ivf_search, 2), "ivf_recall": round(ivf_recall, 4),
         "ratio_beam_over_ivf_search": round(beam_wall / ivf_search, 3),

@@ -329,6 +329,7 @@ class _Route(beam.DoFn):
         other = groups.reshape(-1)
         keep = other != np.repeat(home, width)
         pairs = np.unique(other[keep].astype(np.int64) * n + rows[keep])  # each (group, row) once
+        beam.metrics.Metrics.counter("knn", "query_rows").inc(int(pairs.size))
         for group, pos in split_by_key(pairs // n):
             r = pairs[pos] % n
             yield group, ("q", ids[r], x[r], np.where(groups[r] == group, probes[r], -1))
