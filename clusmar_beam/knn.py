@@ -14,9 +14,9 @@ The shuffle moves cell *groups*, not cells: nearby cells (k-means of the
 centroids) form a group, a point travels to its home cell's group as a row
 and once to each other group holding one of its probes as a query, and a
 group merges its cells' candidates before the final per-point merge.  A
-point's probes are near one another, so it travels about 4 times instead of
-9 (1M x 64-d, 1,024 cells, nprobe 8; the shuffle, not the GEMMs, dominated
-the run).  The neighbour lists are the same for any grouping.
+point's probes are near one another, so it crosses the shuffle 3.7 times
+instead of 9 (1M x 64-d, 1,024 cells, nprobe 8; the shuffle, not the GEMMs,
+dominated the run).  The neighbour lists are the same for any grouping.
 
 Elements are columnar: a `KnnBatch` holds many points' neighbour lists.  The
 centroids and the cell groups travel as .npy files loaded once per worker
@@ -49,8 +49,9 @@ METRICS = ("cosine", "sqeuclidean")
 # Training points per coarse cell (FAISS warns below 39).
 TRAIN_PER_CELL = 64
 # Cells per group in the shuffle.  At 1M x 64-d, 1,024 cells and nprobe 8, a
-# point's probes fall in 3.9 groups of 128 cells, 5.0 of 32, 8 of 1; larger
-# groups shuffle less but give fewer, larger elements (benchmarks/RESULTS.md).
+# point crosses the shuffle 3.69 times with groups of 128 cells and 8 with one
+# cell each (bench_knn, benchmarks/RESULTS.md); larger groups shuffle less but
+# give fewer, larger elements.
 CELLS_PER_GROUP = 128
 
 # FAISS 1.15 computes exact distances without BLAS while queries x dims is
