@@ -173,13 +173,15 @@ def search_block(queries, database, k, metric):
     return scores, pos
 
 
-_LAST = np.iinfo(np.int64).max  # a missing neighbour (-1) sorts after every id
+def _id_key(nbrs):
+    """Neighbour ids as a sort key: a missing neighbour (-1) after every id."""
+    return np.where(nbrs < 0, np.iinfo(np.int64).max, nbrs)
 
 
 def _ordered(nbrs, scores):
     """Rows sorted by decreasing score, ties by neighbour id (missing last); only
     the rows not already in that order are sorted."""
-    key = np.where(nbrs < 0, _LAST, nbrs)
+    key = _id_key(nbrs)
     out_of_order = ((scores[:, 1:] > scores[:, :-1])
                     | ((scores[:, 1:] == scores[:, :-1]) & (key[:, 1:] < key[:, :-1]))).any(axis=1)
     if out_of_order.any():
@@ -199,8 +201,7 @@ def _best_k(nbrs, scores, k):
         kth = kept.min(axis=1, keepdims=True)
         tied = np.flatnonzero((scores == kth).sum(axis=1) > (kept == kth).sum(axis=1))
         if tied.size:
-            part[tied] = np.lexsort((np.where(nbrs[tied] < 0, _LAST, nbrs[tied]),
-                                     -scores[tied].astype(np.float64)), axis=1)[:, :k]
+            part[tied] = np.lexsort((_id_key(nbrs[tied]), -scores[tied].astype(np.float64)), axis=1)[:, :k]
         nbrs = np.take_along_axis(nbrs, part, axis=1)
         scores = np.take_along_axis(scores, part, axis=1)
     return _ordered(nbrs, scores)
@@ -362,17 +363,16 @@ class _SearchGroup(beam.DoFn):
     def process(self, element):
         group, parts = element
         parts = list(parts)
-        db = [p for p in parts if p[0] == "db"]
-        if not db:
-            return
-        db_ids, db_x, db_probes = (np.concatenate([p[i] for p in db]) for i in (1, 2, 3))
-        order = np.argsort(db_ids, kind="stable")
-        db_ids, db_x, db_home = db_ids[order], db_x[order], db_probes[order, 0]
-        # the group's queries: its own rows and the points sent here for their probes
+        # the group's queries: its own rows ("db") and the points sent here for their probes
         q_ids, q_x, q_probes = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+        is_db = np.concatenate([np.full(p[1].size, p[0] == "db") for p in parts])
+        if not is_db.any():
+            return
         order = np.argsort(q_ids, kind="stable")
-        q_ids, q_x, q_probes = q_ids[order], q_x[order], q_probes[order]
-        rows_of_cell = dict(split_by_key(db_home))
+        q_ids, q_x, q_probes, is_db = q_ids[order], q_x[order], q_probes[order], is_db[order]
+        db_rows = np.flatnonzero(is_db)
+        db_ids, db_x = q_ids[db_rows], q_x[db_rows]
+        rows_of_cell = dict(split_by_key(q_probes[db_rows, 0]))
         width = q_probes.shape[1]
         query_rows = np.repeat(np.arange(q_ids.size), width)
         cells = q_probes.reshape(-1).astype(np.int64)  # -1: a probe in another group
@@ -387,9 +387,6 @@ class _SearchGroup(beam.DoFn):
             return
         best = merge_candidate_rows(*(np.concatenate([f[i] for f in found]) for i in range(4)), self.k)
         nbrs = _narrowed(best.neighbors)
-        if self.merge_shards == 1:
-            yield 0, (group, best.ids, nbrs, best.scores)
-            return
         shard = (hash_ids(best.ids, 0x5EA) % np.uint64(self.merge_shards)).astype(np.int64)
         for s, r in split_by_key(shard):
             yield s, (group, best.ids[r], nbrs[r], best.scores[r])
