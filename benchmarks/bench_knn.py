@@ -158,6 +158,9 @@ def main(argv=None):
     ivf_found = [row[row != ids[q]][:k] for row, q in zip(found[qrows], qrows)]
     ivf_recall = recall(ivf_found, truth_ids, k)
     cell_sizes = np.bincount(home, minlength=nlist)
+    cell_group = np.load(sorted(glob.glob(os.path.join(tmp, "cell-groups-*.npy")))[0])
+    group_rows = np.bincount(cell_group[home])
+    group_rows = group_rows[group_rows > 0]  # rows per group: the balance of the search step
     pairs = float(np.sum(np.bincount(probes.reshape(-1), minlength=nlist) * cell_sizes))
     del index, found
     print(f"faiss IndexIVFFlat ({nlist} lists, nprobe {args.nprobe}): add {ivf_add:.1f}s, "
@@ -170,7 +173,8 @@ def main(argv=None):
     res = {
         "n": n, "d": d, "k": k, "num_cells": nlist, "nprobe": args.nprobe, "metric": args.metric,
         "queries": int(qrows.size), "cells_per_group": args.cells_per_group,
-        "rows_per_point_shuffled": round(rows_per_point, 3),
+        "rows_per_point_shuffled": round(rows_per_point, 3), "groups": int(group_rows.size),
+        "largest_group_rows_over_mean": round(float(group_rows.max() / group_rows.mean()), 2),
         "beam_seconds": round(beam_wall, 2), "beam_recall": round(beam_recall, 4),
         "ivf_add_seconds": round(ivf_add, 2), "ivf_search_seconds": round(ivf_search, 2),
         "ivf_total_seconds": round(ivf_add + ivf_search, 2), "ivf_recall": round(ivf_recall, 4),
