@@ -127,6 +127,7 @@ def average_linkage(
     k: int = DEFAULT_K,
     log: Callable[[str], None] | None = None,
     overwrite_input: bool = False,
+    delta: float = 0.0,
 ) -> HacResult:
     """Cut the average-linkage dendrogram of `embeddings` at `distance_threshold`.
 
@@ -187,7 +188,7 @@ def average_linkage(
     while True:
         # Only merging on towards a target needs the statistics of the clusters left (at 10M, 650 MB).
         rac = _Rac(S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=W,
-                   statistics_left=target is not None)
+                   statistics_left=target is not None, delta=delta)
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
         left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds
@@ -224,14 +225,15 @@ def default_nlist(n: int) -> int:
 def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:
     """Flat cluster labels 0..C-1 (by first appearance) of rows 0..n-1 joined by merge edges.
 
-    Merge edges (lower row, higher row) form a forest, each row joining a lower
-    one at most once, so a row's root is found by pointer jumping.
+    Each edge joins one row of each merged cluster; the clusters are the
+    connected components of the edges.
     """
     edges = np.asarray(edges, np.int64).reshape(-1, 2)
-    parent = np.arange(n, dtype=np.int64)
-    if len(edges):
-        parent[edges[:, 1]] = edges[:, 0]
-    return _number_by_first_appearance(_find_roots(parent))
+    if not len(edges):
+        return np.arange(n, dtype=np.int64)
+    graph = scipy.sparse.coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    return _number_by_first_appearance(component)
 
 
 # ---------------------------------------------------------------- input checks
@@ -337,15 +339,6 @@ def _rows_match(X, group, rep) -> bool:
     return True
 
 
-def _find_roots(parent: np.ndarray) -> np.ndarray:
-    parent = parent.copy()
-    while True:
-        grand = parent[parent]
-        if np.array_equal(grand, parent):
-            return parent
-        parent = grand
-
-
 def _number_by_first_appearance(keys: np.ndarray) -> np.ndarray:
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")
@@ -380,8 +373,9 @@ class _Rac:
     """
 
     def __init__(self, S, cnt, metric, eps, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
-                 frozen=None, statistics_left=True):
+                 frozen=None, statistics_left=True, delta=0.0):
         self.k = k
+        self.delta = float(delta)
         # Whether run returns the statistics of the clusters left, or only their ids.
         self.statistics_left = statistics_left
         self.S = S
@@ -785,14 +779,25 @@ class _Rac:
             self.pairs.append(self.orig[np.stack([a, b], axis=1)])
             self.now += 1
             self._merge(a, b)
+            if self.delta > 0 and a.size:
+                leaf, centre = self._absorb(a, b, act, nn, nd)
+            else:
+                centre = leaf = a[:0]
             parent[b] = a
+            parent[leaf] = centre
             parent = parent[parent]  # every cluster points at its root again
             active[b] = False
+            active[leaf] = False
             self.now += 1
             if a.size:
                 self._combine(a, b, parent, active)
+            if centre.size:
+                # A centre's kept list and bound no longer cover its leaves' neighbours: search it again.
+                grown = np.unique(centre)
+                self.cand[grown] = -1
+                self.bound[grown] = -np.inf
 
-            gone = np.concatenate([retired, a, b])
+            gone = np.concatenate([retired, a, b, leaf])
             if gone.size:
                 self.index.remove(gone)
             if a.size:
@@ -803,13 +808,14 @@ class _Rac:
             touched = np.zeros(u, bool)
             touched[a] = True
             touched[b] = True
+            touched[leaf] = True
             act = np.flatnonzero(active & free)
             nbr = nn[act]
             redo = touched[nbr] | ~active[nbr]
             stale[act[redo]] = True
             stale[a] = True
 
-            merged = int(a.size) + (first_round_extra if not merges_per_round else 0)
+            merged = int(a.size + leaf.size) + (first_round_extra if not merges_per_round else 0)
             merges_per_round.append(merged)
             progress.set_value("clusters left to merge", act.size)
             if a.size == 0 and retired.size == 0 and self.frozen.any():
@@ -875,6 +881,72 @@ class _Rac:
                 setattr(self, name, _keep_rows(value, keep))
         self.index.renumber(new_id, functools.partial(self._vectors, database=True))
         return np.arange(m, dtype=np.int64), np.ones(m, bool), stale[keep], renumbered(nn[keep]), nd[keep]
+
+    def _absorb(self, a, b, act, nn, nd):
+        """Grow each merged pair a (which absorbed b) into a star: (centre, leaf) of every leaf absorbed.
+
+        A leaf is a cluster whose nearest neighbour is a or b.  Each centre
+        takes its leaves nearest first, while the exact linkage of the
+        grown cluster to the next leaf stays within (1 + delta) of the
+        pair's linkage (and eps): no cluster is nearer to either side than
+        that, since a merge never brings a cluster closer than the nearer
+        of its parts.  So every merge is (1 + delta)-good (TeraHAC), and a
+        dense region's growing cluster takes all its near-equal neighbours
+        in one round instead of one per round.  Records the merges.
+        """
+        centre_of = np.full(nn.size, -1, np.int64)
+        centre_of[a] = a
+        centre_of[b] = a
+        target = centre_of[np.maximum(nn[act], 0)]
+        is_leaf = (target >= 0) & (centre_of[act] < 0) & (nn[act] >= 0)
+        leaf, centre = act[is_leaf], target[is_leaf]
+        if leaf.size == 0:
+            return leaf, centre
+        order = np.lexsort((leaf, nd[leaf], centre))
+        leaf, centre = leaf[order], centre[order]
+        first = np.r_[True, centre[1:] != centre[:-1]]
+        start = np.flatnonzero(first)
+        group = np.cumsum(first) - 1
+        # Each leaf's statistics and those of its centre grown by the leaves before it.
+        S_leaf = self.S[leaf]
+        excl = np.cumsum(S_leaf, axis=0)
+        excl -= S_leaf
+        excl -= excl[start][group]
+        P = excl
+        P += self.S[centre]
+        n_leaf = self.cnt[leaf]
+        n_excl = np.cumsum(n_leaf) - n_leaf
+        n_excl -= n_excl[start][group]
+        N = n_excl + self.cnt[centre]
+        mu_leaf = S_leaf / n_leaf[:, None]
+        P /= N[:, None]  # the grown centre's mean
+        if self.cos:
+            link = 1.0 - np.einsum("ij,ij->i", P, mu_leaf)
+        else:
+            diff = P - mu_leaf
+            sq = np.einsum("ij,ij->i", diff, diff)
+            var_leaf = self.W[leaf] / n_leaf
+            inc = self.W[leaf] + (N * n_leaf / (N + n_leaf)) * sq
+            w_excl = np.cumsum(inc) - inc
+            w_excl -= w_excl[start][group]
+            link = sq + (self.W[centre] + w_excl) / N + var_leaf
+        limit = np.minimum((1.0 + self.delta) * np.minimum(nd[centre], nd[leaf]), self.eps)
+        bad = np.cumsum(link > limit)
+        bad -= np.r_[0, bad][start][group]
+        take = bad == 0  # stop at a centre's first leaf out of reach
+        leaf, centre = leaf[take], centre[take]
+        if leaf.size == 0:
+            return leaf, centre
+        self.heights.append(link[take])
+        self.pairs.append(self.orig[np.stack([centre, leaf], axis=1)])
+        grown = np.unique(centre)
+        if not self.cos:
+            self.W[grown] += np.bincount(np.searchsorted(grown, centre), weights=inc[take], minlength=grown.size)
+        np.add.at(self.S, centre, self.S[leaf])
+        self.cnt[grown] += np.bincount(np.searchsorted(grown, centre), weights=self.cnt[leaf], minlength=grown.size)
+        self._set_means32(grown)
+        self.changed[grown] = self.now
+        return leaf, centre
 
     def _merge(self, a, b):
         if a.size == 0:

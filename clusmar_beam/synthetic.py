@@ -10,6 +10,16 @@ Each cluster has a majority class and a confusable neighbouring class (id +-1/+-
 softmax of logits favouring the majority (confident in tight clusters, uncertain in diffuse ones,
 in dense regions and far from the centre); label ~ probs: the majority class ~85% of the time.
 
+Region sizes (``make_plan(..., region_sizes=...)``): "lognormal" (default) caps every base cluster
+at max(3%, 2/B) of the pool. "heavy-tailed" mimics real web pools, where a few dense regions (a
+near-duplicate flood, one dominant kind of image) hold much of the data: base sizes follow a power
+law (the largest three hold ~13-20%, ~8-18% and ~5-16% of the pool, the largest at most 20%; the
+next ones a few percent; then a long tail of small bases). Bases from 3% of the pool up (those
+from 0.3% partly) are flat diffuse blobs: no sub-clusters, noise norm ~0.4 and a per-point noise
+scale lognormal with sigma 0.65 (0.25 elsewhere), so some points sit far out. That is the hard
+case for average-linkage HAC: one growing cluster becomes everyone's nearest neighbour. Bursts
+and labels work as above (the blobs' class confidence is that of an ordinary base).
+
 Determinism: per-row randomness comes from one numpy Generator per block of BLOCK_SIZE ids, seeded
 with SeedSequence([seed, stream, block]); per-cluster and per-burst values come from a splitmix64
 hash. Each block is always generated whole and then sliced, so [a, b) + [b, c) == [a, c) bit for bit
@@ -32,6 +42,7 @@ __all__ = [
     "generate_rows",
     "true_cluster_ids",
     "default_num_shards",
+    "REGION_SIZES",
 ]
 
 BLOCK_SIZE = 4096  # ids per random block; fixed, so shard boundaries never matter
@@ -56,6 +67,19 @@ _MEDIAN_SPREAD = 0.22  # median norm of the noise around a centre
 _BASE_CONFIDENCE = 4.0  # logit margin (beyond log(C-1)) of a median cluster
 _BASE_GAP = 2.0  # logit gap majority vs neighbouring class (before spread/region factors)
 _MAJORITY_KEEP = 0.8  # prob. that a sub-cluster keeps its base's majority class
+_RADIAL_SIGMA = 0.25  # log-sd of a point's noise scale around its centre (lognormal mode)
+
+# region_sizes="heavy-tailed": the three largest bases hold shares s1 > s2 > s3 drawn below,
+# the others follow a power law in their rank (k**-_HT_POWER, jittered) for the rest of the pool.
+REGION_SIZES = ("lognormal", "heavy-tailed")
+_HT_TOP = (0.13, 0.20)  # share of the largest base, uniform in this range (the cap is 0.20)
+_HT_RATIO = (0.6, 0.9)  # s2 / s1 and s3 / s2, uniform in this range
+_HT_POWER = 1.1  # base of rank k >= 4 gets weight ~ k**-_HT_POWER
+_HT_JITTER = 0.3  # lognormal jitter of those weights
+_HT_FLAT = (0.003, 0.03)  # share from which a base starts to / fully becomes a flat diffuse blob
+_HT_BIG_SPREAD = 0.4  # median noise norm of a flat blob
+_HT_BIG_SIGMA = 0.65  # log-sd of a point's noise scale in a flat blob (some points far out)
+_STREAM_HEAVY = 0x4EA7
 
 # Stream tags (arbitrary constants) that separate the random streams.
 _STREAM_PLAN = 0x51A7
@@ -86,11 +110,13 @@ class PoolPlan:
     num_regions: int
     num_bursts: int
     burst_fraction: float
+    region_sizes: str  # "lognormal" or "heavy-tailed" (see make_plan)
     base_centers: np.ndarray  # (B, dim) float32, norms ~1
     base_cum_weight: np.ndarray  # (B,) float64, cumulative sampling weight, last == 1
     base_sub_start: np.ndarray  # (B,) int64, global index of the base's first sub-cluster
     base_sub_count: np.ndarray  # (B,) int64, number of sub-clusters (>= 1)
     base_spread: np.ndarray  # (B,) float32, expected norm of a point's noise
+    base_noise_sigma: np.ndarray  # (B,) float32, log-sd of a point's noise scale (0.25 or more)
     base_class: np.ndarray  # (B,) int64 majority class
     base_alt_class: np.ndarray  # (B,) int64 confusable neighbouring class
     base_confidence: np.ndarray  # (B,) float32, logit margin level (difficulty^-1)
@@ -151,15 +177,63 @@ def _hash_uniform(seed: int, tag: int, idx: np.ndarray, ncols: int) -> np.ndarra
 # --------------------------------------------------------------------------- plan
 
 
-def make_plan(num_examples: int, dim: int, num_classes: int, seed: int = 0) -> PoolPlan:
+def _heavy_tailed_weights(rng: np.random.Generator, nb: int) -> np.ndarray:
+    """Base weights (sum 1) of region_sizes="heavy-tailed", in random base order: the three
+    largest hold ~13-20%, ~8-18% and ~5-16% of the pool, the next ones a few percent, then a
+    power-law tail of small bases. No base above 20% (when nb >= 5)."""
+    s1 = rng.uniform(*_HT_TOP)
+    s2 = s1 * rng.uniform(*_HT_RATIO)
+    s3 = s2 * rng.uniform(*_HT_RATIO)
+    head = np.array([s1, s2, s3])[: min(3, nb)]
+    rank = np.arange(head.size + 1, nb + 1, dtype=np.float64)
+    tail = rank**-_HT_POWER * rng.lognormal(0.0, _HT_JITTER, size=rank.size)
+    if tail.size:
+        tail *= (1.0 - head.sum()) / tail.sum()
+        weight = np.concatenate([head, tail])
+    else:
+        weight = head / head.sum()
+    cap = max(_HT_TOP[1], 1.0 / nb)
+    for _ in range(nb):  # water-fill: clip at the cap, give the excess to the others
+        over = weight > cap * (1 + 1e-12)
+        if not over.any():
+            break
+        weight[over] = cap
+        rest = weight < cap
+        if not rest.any():
+            break
+        weight[rest] *= (1.0 - weight[~rest].sum()) / weight[rest].sum()
+    return weight[rng.permutation(nb)]
+
+
+def make_plan(
+    num_examples: int,
+    dim: int,
+    num_classes: int,
+    seed: int = 0,
+    *,
+    region_sizes: str = "lognormal",
+) -> PoolPlan:
     """Builds the global plan (on the driver). Cheap, and small whatever ``num_examples`` is:
     at most ``2**19`` centre floats plus a normal bank and a few per-base arrays (about
-    3 MB pickled for dim 64)."""
+    3 MB pickled for dim 64).
+
+    ``region_sizes``: "lognormal" (default) caps every base cluster at max(3%, 2/B) of the
+    pool; "heavy-tailed" gives base sizes a power law whose largest few bases hold 10-20% of
+    the pool each, as large flat diffuse blobs (see the module docstring).
+    """
     n = _check_int("num_examples", num_examples, 1)
     d = _check_int("dim", dim, 2)
     c = _check_int("num_classes", num_classes, 2)
     seed = _check_int("seed", seed, 0)
+    if region_sizes not in REGION_SIZES:
+        raise ValueError(
+            f"region_sizes must be one of {', '.join(REGION_SIZES)}; got {region_sizes!r}"
+        )
+    heavy = region_sizes == "heavy-tailed"
     rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_PLAN]))
+    # Heavy-tailed draws come from their own stream, so `rng` draws the same sequence in
+    # both modes (same centres, regions and classes for a seed).
+    rng_heavy = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_PLAN, _STREAM_HEAVY]))
 
     k_total = max(_MIN_CLUSTERS, int(round(n / _ROWS_PER_CLUSTER)))
     base_cap = max(_MIN_BASE_CLUSTERS, min(_MAX_BASE_CLUSTERS, _PLAN_FLOAT_BUDGET // d))
@@ -170,6 +244,14 @@ def make_plan(num_examples: int, dim: int, num_classes: int, seed: int = 0) -> P
     weight /= weight.sum()
     weight = np.minimum(weight, max(0.03, 2.0 / nb))
     weight /= weight.sum()
+    if heavy:
+        weight = _heavy_tailed_weights(rng_heavy, nb)
+        # flat = 0 for bases below 0.3% of the pool, 1 from 3% up (log-linear in between):
+        # big bases become flat diffuse blobs without sub-clusters.
+        lo, hi = _HT_FLAT
+        flat = np.clip(np.log(weight / lo) / math.log(hi / lo), 0.0, 1.0)
+    else:
+        flat = np.zeros(nb)
     cum_weight = np.cumsum(weight)
     cum_weight /= cum_weight[-1]
 
@@ -178,6 +260,8 @@ def make_plan(num_examples: int, dim: int, num_classes: int, seed: int = 0) -> P
         sub_count = np.ones(nb, dtype=np.int64)
     else:
         share = weight**0.7
+        if heavy:
+            share = share * (1.0 - flat)
         share = share / share.sum() * (k_total - nb)
         sub_count = 1 + np.floor(share).astype(np.int64)
         rest = k_total - int(sub_count.sum())
@@ -206,6 +290,14 @@ def make_plan(num_examples: int, dim: int, num_classes: int, seed: int = 0) -> P
     centers *= rng.lognormal(0.0, 0.08, size=(nb, 1))
 
     spread = np.clip(np.exp(rng.normal(math.log(_MEDIAN_SPREAD), 0.5, size=nb)), 0.03, 0.9)
+    noise_sigma = np.full(nb, _RADIAL_SIGMA)
+    model_spread = spread  # how hard the base is for the model (confidence and gap below)
+    if heavy:
+        # Big bases: diffuse (noise norm ~0.4) and with a widely varying per-point scale; the
+        # model is no less sure of them than of other bases (model_spread is unchanged).
+        big = np.clip(np.exp(rng_heavy.normal(math.log(_HT_BIG_SPREAD), 0.15, size=nb)), 0.28, 0.6)
+        spread = np.exp((1.0 - flat) * np.log(spread) + flat * np.log(big))
+        noise_sigma = _RADIAL_SIGMA + flat * (_HT_BIG_SIGMA - _RADIAL_SIGMA)
 
     # Classes: skewed prior; dense regions share a theme class.
     prior = 1.0 / np.arange(1, c + 1) ** 0.8
@@ -223,14 +315,14 @@ def make_plan(num_examples: int, dim: int, num_classes: int, seed: int = 0) -> P
     # Logit margin over the other classes: lower for diffuse clusters and in dense regions.
     confidence = (
         _BASE_CONFIDENCE
-        + 1.1 * np.log(_MEDIAN_SPREAD / spread)
+        + 1.1 * np.log(_MEDIAN_SPREAD / model_spread)
         - 0.8 * in_region
         + rng.normal(0.0, 0.5, size=nb)
     )
     # Gap to the neighbouring class: small for diffuse clusters and in dense regions.
     gap = (
         (_BASE_GAP + rng.exponential(1.0, size=nb))
-        * (_MEDIAN_SPREAD / spread) ** 0.6
+        * (_MEDIAN_SPREAD / model_spread) ** 0.6
         * np.where(in_region, 0.7, 1.0)
     )
 
@@ -254,11 +346,13 @@ def make_plan(num_examples: int, dim: int, num_classes: int, seed: int = 0) -> P
         num_regions=num_regions,
         num_bursts=num_bursts,
         burst_fraction=_BURST_FRACTION,
+        region_sizes=region_sizes,
         base_centers=ro(centers, np.float32),
         base_cum_weight=ro(cum_weight, np.float64),
         base_sub_start=ro(sub_start, np.int64),
         base_sub_count=ro(sub_count, np.int64),
         base_spread=ro(spread, np.float32),
+        base_noise_sigma=ro(noise_sigma, np.float32),
         base_class=ro(base_class, np.int64),
         base_alt_class=ro(alt_class, np.int64),
         base_confidence=ro(confidence, np.float32),
@@ -365,7 +459,8 @@ def _row_clusters(plan: PoolPlan, u: np.ndarray, burst: np.ndarray):
 
 def _cluster_values(plan: PoolPlan, cluster: np.ndarray):
     """Attributes of the sub-clusters ``cluster`` (arrays aligned with it): centre, spread,
-    majority class, neighbouring class, confidence and gap. Pure function of each id."""
+    log-sd of the per-point noise scale, majority class, neighbouring class, confidence and
+    gap. Pure function of each id."""
     base = plan.base_sub_start.searchsorted(cluster, side="right") - 1
     h = _hash_uniform(plan.seed, _TAG_SUB, cluster, 6)
     z = ndtri(h[:, 1:4])
@@ -386,7 +481,7 @@ def _cluster_values(plan: PoolPlan, cluster: np.ndarray):
     conf = plan.base_confidence[base] + 1.1 * np.log(plan.base_spread[base] / spread)
     conf = conf + np.where(has_subs, 0.3 * z[:, 2], 0.0)
     gap = plan.base_gap[base] * (plan.base_spread[base] / spread) ** 0.6
-    return center, spread, major, alt, conf, gap
+    return center, spread, plan.base_noise_sigma[base], major, alt, conf, gap
 
 
 def _generate_block(plan: PoolPlan, block: int) -> dict[str, np.ndarray]:
@@ -410,10 +505,15 @@ def _generate_block(plan: PoolPlan, block: int) -> dict[str, np.ndarray]:
 
     _, cluster = _pick_cluster(plan, u_base, u_sub)
     uk, kinv = np.unique(cluster, return_inverse=True)
-    center, spread, major, alt, conf, gap = _cluster_values(plan, uk)
+    center, spread, sigma, major, alt, conf, gap = _cluster_values(plan, uk)
 
-    # Embedding: centre + Gaussian noise of norm ~ spread * exp(0.25 * radial).
-    scale = (spread[kinv] * np.exp(0.25 * radial) / math.sqrt(d)).astype(np.float32)
+    # Embedding: centre + Gaussian noise of norm ~ spread * exp(sigma * radial), sigma = 0.25
+    # (0.65 in the flat blobs of the heavy-tailed mode).
+    if plan.region_sizes == "lognormal":
+        factor = np.exp(_RADIAL_SIGMA * radial)
+    else:
+        factor = np.exp(sigma[kinv].astype(np.float64) * radial)
+    scale = (spread[kinv] * factor / math.sqrt(d)).astype(np.float32)
     pos = dr["pos"]
     emb = center[kinv]
     if nb:

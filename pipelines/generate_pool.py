@@ -27,6 +27,9 @@ class GeneratePoolOptions(runner.OutputOptions):
         parser.add_argument("--num-classes", dest="num_classes", type=int, default=10, help="classes of probs")
         parser.add_argument("--format", dest="file_format", default="parquet", help="parquet | tfrecord")
         parser.add_argument("--num-shards", dest="num_shards", type=int, help="files (default ~1 per 100K rows)")
+        parser.add_argument("--region-sizes", dest="region_sizes", default="lognormal",
+                            help="lognormal (no cluster above ~3%% of the pool) | heavy-tailed (a few "
+                                 "diffuse dense regions hold 10-20%% of the pool each)")
 
 
 def _to_table(rows: dict) -> pa.Table:
@@ -45,8 +48,11 @@ def run(argv=None) -> dict:
     n = runner.require(opts.num_examples, "--num-examples")
     if opts.file_format not in ("parquet", "tfrecord"):
         raise InputError(f"--format {opts.file_format!r}: choose parquet or tfrecord")
+    if opts.region_sizes not in synthetic.REGION_SIZES:
+        raise InputError(f"--region-sizes {opts.region_sizes!r}: choose "
+                         + " or ".join(synthetic.REGION_SIZES))
     try:
-        plan = synthetic.make_plan(n, opts.dim, opts.num_classes, opts.seed)
+        plan = synthetic.make_plan(n, opts.dim, opts.num_classes, opts.seed, region_sizes=opts.region_sizes)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     num_shards = opts.num_shards or synthetic.default_num_shards(n)
@@ -67,7 +73,7 @@ def run(argv=None) -> dict:
 
     def summary(names, _):
         return {"num_examples": n, "dim": opts.dim, "num_classes": opts.num_classes, "seed": opts.seed,
-                "format": file_format, "files": names}
+                "region_sizes": opts.region_sizes, "format": file_format, "files": names}
 
     start = time.time()
     pipeline = runner.make_pipeline(options)

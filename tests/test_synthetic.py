@@ -1,5 +1,7 @@
 """Tests for clusmar_beam.synthetic (fast: a few seconds)."""
 
+import hashlib
+import json
 import pickle
 
 import fastcluster
@@ -271,3 +273,163 @@ def test_shard_helpers_bad_arguments():
 def test_module_docstring_describes_data():
     doc = synthetic.__doc__
     assert doc and "burst" in doc.lower() and "cluster" in doc.lower()
+
+
+# ---------------------------------------------------------------- region_sizes="heavy-tailed"
+
+HT = "heavy-tailed"
+
+
+@pytest.fixture(scope="module")
+def ht_plan() -> PoolPlan:
+    return make_plan(30_000, 16, 10, seed=3, region_sizes=HT)
+
+
+@pytest.fixture(scope="module")
+def ht_big_plan() -> PoolPlan:
+    plan = make_plan(2_000_000, 32, 50, seed=5, region_sizes=HT)
+    assert plan.num_clusters > plan.num_base_clusters
+    return plan
+
+
+def base_shares(plan: PoolPlan, n: int) -> np.ndarray:
+    """Share of the first n rows in each base cluster, largest first."""
+    base = true_cluster_ids(plan, 0, n)["base"]
+    return np.sort(np.bincount(base, minlength=plan.num_base_clusters))[::-1] / n
+
+
+def test_default_region_sizes_unchanged(plan):
+    # Pinned from the generator before region_sizes existed: the default must not move.
+    assert plan.region_sizes == "lognormal"
+    assert (plan.num_clusters, plan.num_base_clusters, plan.num_bursts) == (1500, 1500, 562)
+    t = true_cluster_ids(plan, 0, 30_000)
+    digest = hashlib.sha256(
+        b"".join(t[k].astype("<i8").tobytes() for k in ("cluster", "base", "burst"))
+    ).hexdigest()
+    assert digest == "f0c26b794064baaf333c3cd64f21cd11417fc0e47fea0110a93b8a1757aa425c"
+    rows = [0, 4095, 4096, 29_999]
+    r = generate_rows(plan, 0, 30_000)
+    np.testing.assert_allclose(
+        r["embedding"][rows, :3],
+        [[0.28253889, -0.02383328, -0.16105229], [0.16444369, -0.1660835, 0.25719139],
+         [0.42500851, -0.00875447, -0.29350403], [-0.45803604, -0.02895211, -0.33519286]],
+        rtol=1e-5, atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        r["probs"][rows, :3],
+        [[0.00209184, 0.81645215, 0.00191094], [0.03469312, 0.0151137, 0.54644352],
+         [0.00593898, 0.00358969, 0.00340024], [0.0034265, 0.00107173, 0.00123017]],
+        rtol=1e-4, atol=1e-7,
+    )
+    assert r["label"][:20].tolist() == [1, 8, 5, 1, 5, 5, 6, 8, 2, 4, 5, 7, 8, 7, 6, 0, 1, 6, 8, 1]
+    explicit = make_plan(30_000, 16, 10, seed=3, region_sizes="lognormal")
+    assert_rows_equal(generate_rows(explicit, 0, 5_000), generate_rows(plan, 0, 5_000))
+    assert base_shares(plan, 30_000)[0] < 0.04  # no base above ~3% by default
+
+
+def test_heavy_tailed_same_seed_same_rows(ht_plan):
+    again = make_plan(30_000, 16, 10, seed=3, region_sizes=HT)
+    assert_rows_equal(generate_rows(ht_plan, 100, 5_000), generate_rows(again, 100, 5_000))
+    clone = pickle.loads(pickle.dumps(ht_plan))
+    assert_rows_equal(generate_rows(ht_plan, 0, 3_000), generate_rows(clone, 0, 3_000))
+    lognormal = make_plan(30_000, 16, 10, seed=3)
+    a, b = generate_rows(ht_plan, 0, 500), generate_rows(lognormal, 0, 500)
+    assert not np.allclose(a["embedding"], b["embedding"])
+
+
+@pytest.mark.parametrize("fixture", ["ht_plan", "ht_big_plan"])
+def test_heavy_tailed_shard_boundaries_do_not_matter(fixture, request):
+    p = request.getfixturevalue(fixture)
+    a, b, c = 1_000, 1_000 + BLOCK_SIZE + 37, 1_000 + 3 * BLOCK_SIZE - 5
+    whole = generate_rows(p, a, c)
+    assert_rows_equal(concat([generate_rows(p, a, b), generate_rows(p, b, c)]), whole)
+    cuts = [a, a + 1, a + 2, b - 1, b + BLOCK_SIZE, c]
+    parts = [generate_rows(p, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    assert_rows_equal(concat(parts), whole)
+    truth = true_cluster_ids(p, a, c)
+    pieces = [true_cluster_ids(p, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    for k in ("cluster", "base", "burst"):
+        np.testing.assert_array_equal(np.concatenate([x[k] for x in pieces]), truth[k])
+
+
+def test_heavy_tailed_any_number_of_shards_gives_same_pool():
+    p = make_plan(10_000, 8, 5, seed=11, region_sizes=HT)
+    ref = generate_rows(p, 0, p.num_examples)
+    for num_shards in (1, 3, 7, 64):
+        parts = [generate_rows(p, lo, hi) for lo, hi in shard_bounds(p.num_examples, num_shards)]
+        assert_rows_equal(concat(parts), ref)
+
+
+@pytest.mark.parametrize("n,dim,seed", [(30_000, 16, 3), (30_000, 64, 8), (200_000, 64, 0),
+                                        (200_000, 128, 9)])
+def test_heavy_tailed_largest_bases(n, dim, seed):
+    p = make_plan(n, dim, 10, seed=seed, region_sizes=HT)
+    shares = base_shares(p, n)
+    assert 0.08 <= shares[0] <= 0.25, shares[:5]
+    assert shares[:3].sum() >= 0.25, shares[:5]
+    assert shares[3] < shares[2] and shares[5] < 0.05  # then a few percent, then a long tail
+    assert np.median(shares[shares > 0]) < 0.001
+    # The big bases are flat blobs: no sub-clusters, a widely varying per-point noise scale.
+    weight = np.diff(np.concatenate([[0.0], p.base_cum_weight]))
+    big = np.argsort(-weight)[:3]
+    assert (p.base_sub_count[big] == 1).all()
+    assert (p.base_noise_sigma[big] >= 0.5).all()
+    assert np.median(p.base_noise_sigma) == pytest.approx(0.25)
+
+
+def test_heavy_tailed_big_base_is_diffuse(ht_plan):
+    r = generate_rows(ht_plan, 0, 20_000)
+    t = true_cluster_ids(ht_plan, 0, 20_000)
+    big = np.bincount(t["base"]).argmax()
+    rows = (t["base"] == big) & (t["burst"] < 0)
+    assert rows.sum() > 1_500
+    dist = np.linalg.norm(r["embedding"][rows] - ht_plan.base_centers[big], axis=1)
+    lo, med, hi = np.percentile(dist, [5, 50, 95])
+    assert 0.2 < med < 0.7
+    assert hi / lo > 5  # exp(0.25 * z) alone would give ~2.3; here lognormal sigma 0.65
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 100])
+def test_heavy_tailed_probs_and_labels(num_classes):
+    p = make_plan(20_000, 32, num_classes, seed=1, region_sizes=HT)
+    r = generate_rows(p, 0, 20_000)
+    probs, label = r["probs"], r["label"]
+    assert np.isfinite(r["embedding"]).all() and np.isfinite(probs).all() and (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert label.min() >= 0 and label.max() < num_classes
+    assert 0.6 < (label == probs.argmax(axis=1)).mean() < 0.97
+    cl = true_cluster_ids(p, 0, 20_000)["cluster"]
+    agree = sum(np.bincount(label[cl == k]).max() for k in np.unique(cl)) / len(cl)
+    assert 0.75 < agree < 0.97
+    assert 0.1 < (true_cluster_ids(p, 0, 20_000)["burst"] >= 0).mean() < 0.2
+
+
+def test_heavy_tailed_plan_stays_small():
+    p = make_plan(10_000_000, 64, 100, seed=0, region_sizes=HT)
+    assert p.num_clusters >= 400_000
+    assert len(pickle.dumps(p)) < 5_000_000
+
+
+def test_bad_region_sizes():
+    with pytest.raises(ValueError, match="region_sizes"):
+        make_plan(1_000, 8, 2, region_sizes="zipf")
+    with pytest.raises(TypeError):
+        make_plan(1_000, 8, 2, 0, "heavy-tailed")  # keyword only
+
+
+def test_generate_pool_region_sizes_flag(tmp_path, capsys):
+    from clusmar_beam import cli
+
+    out = tmp_path / "pool"
+    code = cli.main(["generate-pool", "--output", str(out), "--num-examples", "100", "--dim", "4",
+                     "--region-sizes", "zipf"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--region-sizes" in err and "zipf" in err
+    assert not (out / "_SUCCESS").exists()
+    assert cli.main(["generate-pool", "--output", str(out), "--num-examples", "500", "--dim", "4",
+                     "--num-classes", "3", "--region-sizes", HT]) == 0
+    info = json.loads((out / "pool.json").read_text())
+    assert info["region_sizes"] == HT and info["num_examples"] == 500
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "default"), "--num-examples", "50",
+                     "--dim", "4", "--num-classes", "3"]) == 0
+    assert json.loads((tmp_path / "default" / "pool.json").read_text())["region_sizes"] == "lognormal"
