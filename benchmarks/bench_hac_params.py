@@ -26,13 +26,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_hac_speed import pool  # noqa: E402
 from clusmar_beam import hac  # noqa: E402
+from clusmar_beam.hac import index as hac_index, rac as hac_rac  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-CONSTANTS = {"train_per_list": "_TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS",
+CONSTANTS = {"train_per_list": "TRAIN_PER_LIST", "train_iterations": "_TRAIN_ITERATIONS",
              "flat_quantiser_max": "_FLAT_QUANTISER_MAX", "groups_searched": "_GROUPS_SEARCHED",
              "compact_below": "_COMPACT_BELOW", "compact_min": "_COMPACT_MIN", "crowded_list": "_CROWDED_LIST",
              "scan_block": "_SCAN_BLOCK"}
-DEFAULTS = {name: getattr(hac, attr) for name, attr in CONSTANTS.items()}
+# A constant lives in hac.index or hac.rac; rac has its own binding of those it imports (TRAIN_PER_LIST).
+MODULES = (hac_index, hac_rac)
+DEFAULTS = {name: getattr(next(m for m in MODULES if hasattr(m, attr)), attr) for name, attr in CONSTANTS.items()}
 
 
 def parse(config: str):
@@ -47,7 +50,9 @@ def parse(config: str):
 def set_constants(constants: dict):
     """Set hac's module constants to `constants`, the others back to their defaults."""
     for name, attr in CONSTANTS.items():
-        setattr(hac, attr, constants.get(name, DEFAULTS[name]))
+        for module in MODULES:
+            if hasattr(module, attr):
+                setattr(module, attr, constants.get(name, DEFAULTS[name]))
 
 
 def main(argv=None):

@@ -3,8 +3,8 @@
 Usage:
   .venv/bin/python benchmarks/bench_hac_versions.py --old REF [--old-faiss-blas] [--n 100000] [--eps 0.15] [--repeat 3]
 
-`clusmar_beam/hac.py` of the `--old` commit (read with `git show`) is loaded as a second
-module beside the checkout's; both cluster the first n rows of the synthetic pool (as
+The HAC of the `--old` commit (read with `git show`: `clusmar_beam/hac.py`, or the
+`clusmar_beam/hac/` package of later commits) is loaded as a second module beside the checkout's; both cluster the first n rows of the synthetic pool (as
 `bench_hac_speed.py` takes them, cosine), alternating, `--repeat` times each, so a noisy
 host slows both alike. Both run with the FAISS BLAS threshold that `clusmar_beam.knn`
 sets; `--old-faiss-blas` runs the old commit with FAISS's default instead, as commits
@@ -37,12 +37,26 @@ OURS_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
 
 def load_old(ref: str):
     root = os.path.join(os.path.dirname(__file__), "..")
-    source = subprocess.run(["git", "show", f"{ref}:clusmar_beam/hac.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "hac_old.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("hac_old", path)
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+    package = git("ls-tree", "--name-only", ref, "clusmar_beam/hac/").split()
+    if package:
+        # The package: its modules import each other as clusmar_beam.hac.*, which would be the checkout's.
+        directory = os.path.join(tempfile.mkdtemp(), "hac_old")
+        os.mkdir(directory)
+        for name in package:
+            if name.endswith(".py"):
+                with open(os.path.join(directory, os.path.basename(name)), "w") as f:
+                    f.write(git("show", f"{ref}:{name}").replace("clusmar_beam.hac.", "hac_old."))
+        path = os.path.join(directory, "__init__.py")
+        spec = importlib.util.spec_from_file_location("hac_old", path, submodule_search_locations=[directory])
+    else:
+        path = os.path.join(tempfile.mkdtemp(), "hac_old.py")
+        with open(path, "w") as f:
+            f.write(git("show", f"{ref}:clusmar_beam/hac.py"))
+        spec = importlib.util.spec_from_file_location("hac_old", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["hac_old"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -51,7 +65,7 @@ def load_old(ref: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--old", required=True, help="git commit whose hac.py is compared")
+    ap.add_argument("--old", required=True, help="git commit whose HAC is compared")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--eps", type=float, default=0.15)
     ap.add_argument("--repeat", type=int, default=3)

@@ -4,14 +4,14 @@ Usage:
   .venv/bin/python benchmarks/bench_ivf_lists.py --pool '/tmp/w/pool10m/pool-*.parquet' [--queries 5000]
 
 The first RAC round searches every point in the `nprobe` lists nearest to the centroid of
-its own list (`hac._IvfIndex`), and every row of a probed list is scanned exactly, so a
+its own list (`hac.IvfIndex`), and every row of a probed list is scanned exactly, so a
 point's true nearest neighbour is found exactly when the neighbour's list is one of the
 point's probe lists. This script measures that (1-NN recall of round 1) on a sample of
 queries, against exact FAISS flat search over the whole pool (cosine, unit rows), for
 
 - flat: nlist = 4*sqrt(n) lists, k-means over all centroids, flat assignment (the code's
-  choice up to `hac._FLAT_QUANTISER_MAX` lists; at 10M its lists hold ~790 points);
-- two-level: nlist = n / `hac._LIST_SIZE` lists behind `hac._TwoLevelQuantiser` (the
+  choice up to `hac.index._FLAT_QUANTISER_MAX` lists; at 10M its lists hold ~790 points);
+- two-level: nlist = n / `hac.index._LIST_SIZE` lists behind `hac.TwoLevelQuantiser` (the
   code's choice above that; lists of ~250 points at any n),
 
 with the training time and the time to assign every point to a list (timed on 1M rows,
@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from clusmar_beam import hac  # noqa: E402
+from clusmar_beam.hac import index as hac_index  # noqa: E402
 from hac_on_pool import load  # noqa: E402
 
 
@@ -54,12 +55,12 @@ def main(argv=None):
     truth = np.where(found[:, 0] == queries, found[:, 1], found[:, 0])
     exact_s = time.perf_counter() - start
     configs = [("flat", int(round(4 * math.sqrt(n))), 1 << 30),
-               ("two-level", -(-n // hac._LIST_SIZE), 0)]
+               ("two-level", -(-n // hac_index._LIST_SIZE), 0)]
     for name, nlist, flat_max in configs:
-        hac._FLAT_QUANTISER_MAX = flat_max
-        train = vecs[np.sort(rng.choice(n, min(n, hac._TRAIN_PER_LIST * nlist), replace=False))]
+        hac_index._FLAT_QUANTISER_MAX = flat_max
+        train = vecs[np.sort(rng.choice(n, min(n, hac_index.TRAIN_PER_LIST * nlist), replace=False))]
         start = time.perf_counter()
-        quantiser = hac._TwoLevelQuantiser(train, nlist, args.seed)
+        quantiser = hac.TwoLevelQuantiser(train, nlist, args.seed)
         train_s = time.perf_counter() - start
         part = min(n, 1_000_000)
         start = time.perf_counter()

@@ -26,7 +26,7 @@ def main(argv=None):
     ap.add_argument("--eps", type=float, default=0.15)
     args = ap.parse_args(argv)
     counts = {"re-added": 0, "not the nearest list": 0}
-    among_probes = hac._IvfIndex._nearest_probe_list
+    among_probes = hac.IvfIndex._nearest_probe_list
 
     def counting(index, vecs, old):
         lists = among_probes(index, vecs, old)
@@ -34,7 +34,7 @@ def main(argv=None):
         counts["not the nearest list"] += int((lists != index.quantiser.assign(vecs)).sum())
         return lists
 
-    hac._IvfIndex._nearest_probe_list = counting
+    hac.IvfIndex._nearest_probe_list = counting
     result = hac.average_linkage(pool(args.n), args.eps, "cosine")
     print(f"n {args.n}: {counts['re-added']} re-added clusters, {counts['not the nearest list']} not in their "
           f"nearest list; {result.num_clusters} clusters")

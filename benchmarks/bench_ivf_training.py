@@ -4,7 +4,7 @@ Usage:
   .venv/bin/python benchmarks/bench_ivf_training.py [--n 1000000] [--repeat 2] CONFIG [CONFIG ...]
 
 Each CONFIG is `per_list=P,iterations=I` (k-means on P sampled points per list, I
-iterations); the lists are those `hac._Rac._build_index` makes for the first n rows of the
+iterations); the lists are those `hac.Rac._build_index` makes for the first n rows of the
 synthetic pool (`bench_hac_speed.py`'s data, cosine, 4*sqrt(n) or n/250 lists, nprobe 32).
 Prints per configuration and repeat: k-means and assignment wall time, the largest list,
 and the first round's search work: the sum over lists L of |L| times the rows of L's
@@ -36,9 +36,9 @@ def main(argv=None):
     ap.add_argument("configs", nargs="+")
     args = ap.parse_args(argv)
     n = args.n
-    stats = hac._prepare(pool(n), "cosine")
-    rac = hac._Rac(stats, np.ones(n), "cosine", 0.15, hac.EXACT_SEARCH_MAX, None, NPROBE, 0, None, time.perf_counter(),
-                   hac.DEFAULT_K)
+    stats = hac.prepare(pool(n), "cosine")
+    rac = hac.Rac(stats, np.ones(n), "cosine", 0.15, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=NPROBE,
+                  seed=0, log=None, t0=time.perf_counter(), k=hac.DEFAULT_K)
     rows = rac._vectors(np.arange(n), True)
     nlist = hac.default_nlist(n)
     for _ in range(args.repeat):

@@ -7,8 +7,8 @@ Usage (peak memory from /usr/bin/time):
 `hac.choose_threshold` cuts the pool into n / 2,500 k-means cells and draws whole cells.
 Both ways of finding a row's cells run in this one process, one after the other:
 - flat: every cell centroid is compared with every row (the code before the two-level cells,
-  forced here by lifting `hac._FLAT_SAMPLE_CELLS_MAX`);
-- two-level: the default above `hac._FLAT_SAMPLE_CELLS_MAX` cells (`hac._TwoLevelQuantiser`).
+  forced here by lifting `hac.threshold._FLAT_SAMPLE_CELLS_MAX`);
+- two-level: the default above `hac.threshold._FLAT_SAMPLE_CELLS_MAX` cells (`hac.TwoLevelQuantiser`).
 Prints, per way, the time, the chosen eps and the sample's own estimate of the mean size.
 With --check, the whole pool is then clustered once, at the larger eps (`hac.average_linkage`),
 and the mean cluster size each eps really gives is read off the merge heights (a cut at eps
@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from hac_on_pool import load  # noqa: E402
 from clusmar_beam import hac  # noqa: E402
+from clusmar_beam.hac import threshold as hac_threshold  # noqa: E402
 
 
 def main(argv=None):
@@ -37,16 +38,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     embeddings = load(args.pool)
     n = len(embeddings)
-    default_max = hac._FLAT_SAMPLE_CELLS_MAX
+    default_max = hac_threshold._FLAT_SAMPLE_CELLS_MAX
     chosen = {}
     for way, flat_max in (("flat", 1 << 40), ("two-level", default_max)):
-        hac._FLAT_SAMPLE_CELLS_MAX = flat_max
+        hac_threshold._FLAT_SAMPLE_CELLS_MAX = flat_max
         start = time.perf_counter()
         choice = hac.choose_threshold(embeddings, args.metric, args.target)
         seconds = time.perf_counter() - start
         chosen[way] = choice.distance_threshold
         print(json.dumps({"n": n, "cells": way, "seconds": round(seconds, 1), **choice.as_dict()}), flush=True)
-    hac._FLAT_SAMPLE_CELLS_MAX = default_max
+    hac_threshold._FLAT_SAMPLE_CELLS_MAX = default_max
     if args.check:
         start = time.perf_counter()
         result = hac.average_linkage(embeddings, max(chosen.values()), args.metric)

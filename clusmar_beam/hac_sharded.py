@@ -92,8 +92,8 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     S = np.array(both.S, np.float64)
     cnt = np.array(both.cnt, np.float64)
     W = np.array(both.W, np.float64)
-    rac = hac._Rac(S, cnt, metric, eps, hac.EXACT_SEARCH_MAX, None, 32, seed, None, time.perf_counter(), k, W=W,
-                   frozen=is_frozen)
+    rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=32, seed=seed,
+                  log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen)
     left, _ = rac.run(first_round_extra=0)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
@@ -200,13 +200,13 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     Labels numbered by first appearance.  Returns (labels, info dict with the
     cut, clusters and merges per round).
     """
-    eps = hac._check_threshold(distance_threshold)
-    merge_threshold = None if merge_threshold is None else hac._check_threshold(merge_threshold)
+    eps = hac.check_threshold(distance_threshold)
+    merge_threshold = None if merge_threshold is None else hac.check_threshold(merge_threshold)
     target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
     check_shard_params(shards, halo_cells, shrink, max_rounds)
-    X = hac._prepare(embeddings, metric)
+    X = hac.prepare(embeddings, metric)
     n = X.shape[0]
     clusters = initial_clusters(X)
     edges, heights = [], []
@@ -241,9 +241,9 @@ def _to_clusters(batch, metric):
     """(row ids, embeddings) batch -> initial Clusters (prepared vectors)."""
     rows, x = batch
     beam.metrics.Metrics.counter("hac", "points").inc(len(rows))
-    prepared = hac._prepare(x, metric)  # validates; unit rows for cosine
+    prepared = hac.prepare(x, metric)  # validates; unit rows for cosine
     if metric != "cosine":
-        # _prepare centres on this batch's mean; batches must share one origin
+        # prepare centres on this batch's mean; batches must share one origin
         prepared = np.array(x, np.float64)
     return initial_clusters(prepared, np.asarray(rows, np.int64))
 
@@ -325,7 +325,7 @@ def _cut(parts, final, n, eps, target):
 
 def _threshold_argument(value):
     """A checked threshold, or a singleton PCollection (checked when it is computed, in expand)."""
-    return value if isinstance(value, beam.pvalue.PCollection) else hac._check_threshold(value)
+    return value if isinstance(value, beam.pvalue.PCollection) else hac.check_threshold(value)
 
 
 class ShardedHac(beam.PTransform):
@@ -368,7 +368,7 @@ class ShardedHac(beam.PTransform):
         def checked(value, label):  # a number was checked in __init__; a PCollection is checked here
             if not isinstance(value, beam.pvalue.PCollection):
                 return value
-            return side(value | label >> beam.Map(hac._check_threshold))
+            return side(value | label >> beam.Map(hac.check_threshold))
 
         eps, merge_eps = checked(self.eps, "CheckEps"), checked(self.merge_eps, "CheckMergeEps")
         n = side(batches | "CountPoints" >> beam.Map(lambda batch: len(batch[0])) | "SumPoints" >> beam.CombineGlobally(sum))
@@ -479,7 +479,7 @@ class ThresholdFromTarget(beam.PTransform):
         self.target = hac.check_target(target_mean_cluster_size)
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
-        hac._check_count("sample_size", sample_size)
+        hac.check_count("sample_size", sample_size)
         self.metric, self.sample_size, self.margin_cells, self.seed = metric, sample_size, margin_cells, seed
 
     def expand(self, batches):

@@ -230,7 +230,7 @@ def _row_numbers(id_batches, pool_glob: str) -> dict:
 
 def _to_rows(batch: io.Batch, index: dict, metric: str, pool_glob: str):
     try:
-        hac._prepare(batch.columns["embedding"], metric)  # zero norms etc.: a clear error, counted per batch
+        hac.prepare(batch.columns["embedding"], metric)  # zero norms etc.: a clear error, counted per batch
     except hac.HacError as exc:
         raise InputError(f"--pool {pool_glob!r} ({batch.source}): {exc}") from exc
     return np.searchsorted(index["ids"], batch.ids).astype(np.int64), batch.columns["embedding"]

@@ -14,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam import cli, hac, hac_sharded
 from clusmar_beam.hac import HacError
+from clusmar_beam.hac import threshold as hac_threshold
 
 
 def _threshold(Z, quantile):
@@ -202,7 +203,7 @@ def _beam_choice(tmp_path, X, target, metric, batch_rows, **kwargs):
     ("cosine", 700, 0.0, 8)])  # 16 cells behind a two-level quantiser, as above 1024 cells
 def test_threshold_transform_matches_choose_threshold(tmp_path, metric, batch_rows, offset, flat_cells_max,
                                                       monkeypatch):
-    monkeypatch.setattr(hac, "_FLAT_SAMPLE_CELLS_MAX", flat_cells_max)
+    monkeypatch.setattr(hac_threshold, "_FLAT_SAMPLE_CELLS_MAX", flat_cells_max)
     X = (_diffuse_and_bursts(4000, seed=4) + offset).astype(np.float32)
     choice = _beam_choice(tmp_path, X, 8, metric, batch_rows, sample_size=1000, seed=3)
     assert choice == hac.choose_threshold(X, metric, 8, sample_size=1000, seed=3)   # equal floats

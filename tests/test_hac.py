@@ -6,7 +6,9 @@ from scipy.cluster.hierarchy import fcluster
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import adjusted_rand_score
 
+from clusmar_beam import knn
 from clusmar_beam.hac import HacError, HacResult, average_linkage
+from clusmar_beam.hac import index as hac_index, rac as hac_rac, threshold as hac_threshold
 
 
 def _reference(X, metric):
@@ -112,18 +114,18 @@ def test_ivf_with_two_level_quantiser(metric, monkeypatch):
     match exact average linkage."""
     from clusmar_beam import hac
 
-    monkeypatch.setattr(hac, "_FLAT_QUANTISER_MAX", 8)
-    monkeypatch.setattr(hac, "_LIST_SIZE", 40)
+    monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 8)
+    monkeypatch.setattr(hac_index, "_LIST_SIZE", 40)
     X = _diffuse_groups_and_bursts(seed=1)
     Z = _reference(X, metric)
     built = []
-    real_init = hac._TwoLevelQuantiser.__init__
+    real_init = hac.TwoLevelQuantiser.__init__
 
     def spy(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         built.append(self)
 
-    monkeypatch.setattr(hac._TwoLevelQuantiser, "__init__", spy)
+    monkeypatch.setattr(hac.TwoLevelQuantiser, "__init__", spy)
     _check_against_reference(X, metric, _threshold(Z, 0.9), Z=Z, exact_search_max=100)
     assert built and built[0].first is not None  # the two-level path ran
     assert built[0].centroids.shape[0] >= len(X) // 40 - 1  # lists of about _LIST_SIZE
@@ -135,7 +137,7 @@ def test_symmetrising_edges_of_fresh_clusters_equals_a_full_pass(metric, monkeyp
     every edge must change nothing, in the IVF phase and the exact one."""
     from clusmar_beam import hac
 
-    real = hac._symmetrise
+    real = hac_rac._symmetrise
     rounds = []
 
     def both(act, nn, nd, fresh):
@@ -145,7 +147,7 @@ def test_symmetrising_edges_of_fresh_clusters_equals_a_full_pass(metric, monkeyp
         rounds.append(bool(fresh[act].all()))
         assert np.array_equal(nn, nn_full) and np.array_equal(nd, nd_full)
 
-    monkeypatch.setattr(hac, "_symmetrise", both)
+    monkeypatch.setattr(hac_rac, "_symmetrise", both)
     X = _diffuse_groups_and_bursts(seed=2)
     average_linkage(X, _threshold(_reference(X, metric), 0.9), metric, exact_search_max=100)
     assert len(rounds) > 10 and not all(rounds)  # some rounds leave clusters out
@@ -185,21 +187,21 @@ def test_ivf_path_leaves_no_two_clusters_within_the_threshold():
 def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(monkeypatch):
     from clusmar_beam import hac
 
-    monkeypatch.setattr(hac, "_FLAT_QUANTISER_MAX", 100)
+    monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 100)
     rng = np.random.default_rng(3)
     train = rng.normal(size=(20000, 8)).astype(np.float32)
-    q = hac._TwoLevelQuantiser(train, 2000, seed=0)
+    q = hac.TwoLevelQuantiser(train, 2000, seed=0)
     assert q.first is not None and q.first[-1] == q.centroids.shape[0]
     assert abs(q.centroids.shape[0] - 2000) <= q.groups.shape[0]  # lists shared out by group size
     x = rng.normal(size=(3000, 8)).astype(np.float32)
     lists = q.assign(x)
-    groups = hac.knn.probe_cells(q.groups, x, hac._GROUPS_SEARCHED)
+    groups = knn.probe_cells(q.groups, x, hac_index._GROUPS_SEARCHED)
     for i in range(0, 3000, 97):
         allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
         assert lists[i] == allowed[np.argmin(d)]
     # most points land in their globally nearest list
-    nearest = hac.knn.probe_cells(q.centroids, x, 1)[:, 0]
+    nearest = knn.probe_cells(q.centroids, x, 1)[:, 0]
     assert (nearest == lists).mean() > 0.9
     # the threshold cells ask for a row's 3 nearest lists, nearest first
     three = q.nearest(x, 3)
@@ -355,8 +357,9 @@ def test_float32_screening_finds_the_float64_nearest():
     base = rng.normal(size=(40, 16))
     X = np.repeat(base, 25, axis=0) + rng.normal(scale=1e-7, size=(1000, 16))  # bursts: float32 ties
     X[500:520] = X[480:500]  # exact duplicates: float64 ties, broken by the lower id
-    S = hac._prepare(X, "cosine")
-    rac = hac._Rac(S, np.ones(len(S)), "cosine", 0.5, 5000, None, 32, 0, None, 0.0, 8)
+    S = hac.prepare(X, "cosine")
+    rac = hac.Rac(S, np.ones(len(S)), "cosine", 0.5, exact_search_max=5000, nlist=None, nprobe=32, seed=0, log=None,
+                  t0=0.0, k=8)
     q = np.arange(len(S))
     c = np.sort(np.concatenate([rng.integers(0, len(S), size=(len(S), 6)),
                                 (q[:, None] // 25) * 25 + rng.integers(0, 25, size=(len(S), 6))], axis=1), axis=1)
@@ -385,8 +388,8 @@ def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     ids = np.arange(3000, dtype=np.int64)
     found = {}
     for crowded in (1, 10**9):
-        monkeypatch.setattr(hac, "_CROWDED_LIST", crowded)
-        index = hac._IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
+        monkeypatch.setattr(hac_index, "_CROWDED_LIST", crowded)
+        index = hac.IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
         index.add(ids, vecs)
         found[crowded] = index.search(ids, lambda part: vecs[part], 4)[0]
     blocked, per_query = found[1], found[10**9]
@@ -401,12 +404,12 @@ def test_ivf_search_on_threads_equals_one_thread(crowded, monkeypatch):
     import faiss
     from clusmar_beam import hac
 
-    monkeypatch.setattr(hac, "_CROWDED_LIST", crowded)
-    monkeypatch.setattr(hac, "_SCAN_BLOCK", 64)
+    monkeypatch.setattr(hac_index, "_CROWDED_LIST", crowded)
+    monkeypatch.setattr(hac_index, "_SCAN_BLOCK", 64)
     rng = np.random.default_rng(6)
     vecs = rng.normal(size=(3000, 9)).astype(np.float32)
     ids = np.arange(3000, dtype=np.int64)
-    index = hac._IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
+    index = hac.IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
     index.add(ids, vecs)
     found = {}
     threads = faiss.omp_get_max_threads()
@@ -428,7 +431,7 @@ def test_own_list_search_skips_only_the_lists_already_searched():
     rng = np.random.default_rng(6)
     vecs = rng.normal(size=(3000, 9)).astype(np.float32)
     ids = np.arange(3000, dtype=np.int64)
-    index = hac._IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
+    index = hac.IvfIndex(vecs, nlist=40, nprobe=8, seed=0, size=3000)
     index.add(ids, vecs)
     home = index.list_of[ids]
     found = index.search_own_lists(ids, lambda part: vecs[part], lambda part: vecs[part], 4, searched=home)[0]
@@ -498,7 +501,7 @@ def test_target_mean_size_from_a_sample_of_cells(metric, cell_size, monkeypatch)
     """cell_size 100 makes 120 cells, above the (lowered) flat limit: the two-level cells of big pools."""
     from clusmar_beam import hac
 
-    monkeypatch.setattr(hac, "_FLAT_SAMPLE_CELLS_MAX", 30)
+    monkeypatch.setattr(hac_threshold, "_FLAT_SAMPLE_CELLS_MAX", 30)
     X = _blobs(12000, groups=300, seed=2, spread=0.5)
     choice = choose_threshold(X, metric, 8, sample_size=2000, seed=4, cell_size=cell_size)
     assert (choice.num_cells > 30) == (cell_size is not None)
@@ -573,7 +576,7 @@ def test_kept_candidates_give_the_same_clusters_as_searching_again(metric, monke
     def resolve_nothing(self, ids, parent, active):
         return np.zeros(ids.size, bool), np.full(ids.size, -1), np.full(ids.size, np.inf)
 
-    monkeypatch.setattr(hac._Rac, "_resolve", resolve_nothing)
+    monkeypatch.setattr(hac.Rac, "_resolve", resolve_nothing)
     lines_again = []
     again = average_linkage(X, eps, metric, log=lines_again.append)
     assert np.array_equal(kept.labels, again.labels)
@@ -591,7 +594,7 @@ def test_kept_candidates_give_the_same_clusters_as_searching_again(metric, monke
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
 @pytest.mark.parametrize("exact_search_max", [100, 5000])
 def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_max, monkeypatch):
-    """The rounds' arrays shrink to the active clusters (hac._compact): every merge,
+    """The rounds' arrays shrink to the active clusters (Rac._compact): every merge,
     its height and the survivors' statistics (a target raises the threshold from
     them) are those of rounds that keep every row."""
     from clusmar_beam import hac
@@ -603,11 +606,12 @@ def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_ma
     # Indexes filled block by block, also when renumbered.  Both runs build
     # with the same blocks: FAISS assigns lists to a block of under 20 rows
     # without BLAS, which can round a boundary row to another list.
-    monkeypatch.setattr(hac, "_ADD_BLOCK", 37)
-    monkeypatch.setattr(hac, "_COMPACT_MIN", 10**9)
+    monkeypatch.setattr(hac_index, "ADD_BLOCK", 37)
+    monkeypatch.setattr(hac_rac, "ADD_BLOCK", 37)
+    monkeypatch.setattr(hac_rac, "_COMPACT_MIN", 10**9)
     whole = run()
-    monkeypatch.setattr(hac, "_COMPACT_MIN", 8)
-    monkeypatch.setattr(hac, "_COMPACT_BELOW", 0.95)
+    monkeypatch.setattr(hac_rac, "_COMPACT_MIN", 8)
+    monkeypatch.setattr(hac_rac, "_COMPACT_BELOW", 0.95)
     renumbered = run()
     assert np.array_equal(whole.labels, renumbered.labels)
     assert np.array_equal(whole.pairs, renumbered.pairs)
@@ -638,28 +642,28 @@ def test_overwritten_input_gives_the_same_clusters(metric, duplicates):
 
 def test_rows_kept_in_place_block_by_block(monkeypatch):
     from clusmar_beam import hac
-    monkeypatch.setattr(hac, "_CHUNK", 3)
+    monkeypatch.setattr(hac_rac, "CHUNK", 3)
     rng = np.random.default_rng(7)
     a = rng.normal(size=(20, 4))
     keep = np.sort(rng.choice(20, size=11, replace=False))
     expected = a[keep].copy()
-    kept = hac._keep_rows(a, keep)
+    kept = hac.keep_rows(a, keep)
     assert np.shares_memory(kept, a) and np.array_equal(kept, expected)
 
 def test_renumbering_keeps_frozen_neighbours(monkeypatch):
     """Frozen clusters (a partition's neighbours in hac_sharded) survive the renumbering unmerged."""
     from clusmar_beam import hac, hac_sharded
-    X = hac._prepare(_diffuse_groups_and_bursts(seed=3), "sqeuclidean")
+    X = hac.prepare(_diffuse_groups_and_bursts(seed=3), "sqeuclidean")
     members = hac_sharded.initial_clusters(X[::2], np.arange(0, len(X), 2))
     frozen = hac_sharded.initial_clusters(X[1::2], np.arange(1, len(X), 2))
 
     def run():
         return hac_sharded.rac_on_clusters(members, 2.0, "sqeuclidean", frozen)
 
-    monkeypatch.setattr(hac, "_COMPACT_MIN", 10**9)
+    monkeypatch.setattr(hac_rac, "_COMPACT_MIN", 10**9)
     whole = run()
-    monkeypatch.setattr(hac, "_COMPACT_MIN", 8)
-    monkeypatch.setattr(hac, "_COMPACT_BELOW", 0.95)
+    monkeypatch.setattr(hac_rac, "_COMPACT_MIN", 8)
+    monkeypatch.setattr(hac_rac, "_COMPACT_BELOW", 0.95)
     renumbered = run()
     assert len(whole[0]) < len(members)  # members merged, some across frozen ones
     assert np.array_equal(whole[0].ids, renumbered[0].ids)
