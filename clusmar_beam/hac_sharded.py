@@ -74,13 +74,13 @@ def initial_clusters(X: np.ndarray, rows: np.ndarray | None = None) -> Clusters:
 
 
 def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters | None = None,
-                    seed: int = 0, k: int = hac.DEFAULT_K):
+                    seed: int = 0, k: int = hac.DEFAULT_K, delta: float = 0.0):
     """RAC among `members` with `frozen` clusters visible but never merged.
 
     Returns (merged member clusters, merge edges, their heights).  An edge
-    joins the ids (lower, higher) of the two clusters that merged and the
-    merged cluster keeps the lower, so over all rounds the edges form a
-    forest in which every id is a child at most once (hac.labels_from_edges).
+    joins the ids of two clusters that merged (one of which the merged
+    cluster keeps); the clusters are the connected components of the edges
+    of all rounds (hac.labels_from_edges).  `delta` is hac.average_linkage's.
     """
     m = len(members)
     if m == 0:
@@ -93,18 +93,18 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     cnt = np.array(both.cnt, np.float64)
     W = np.array(both.W, np.float64)
     rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=32, seed=seed,
-                  log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen)
+                  log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen, delta=delta)
     left, _ = rac.run(first_round_extra=0)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
-    alive = left.ids < m  # the frozen rows come after the members; a cluster keeps its lowest row, so its lowest id
+    alive = left.ids < m  # the frozen rows come after the members, and only members merge
     out = Clusters(members.ids[left.ids[alive]], left.cnt[alive], left.S[alive],
                    left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
     return out, members.ids[pairs], heights
 
 
 def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target: float | None = None,
-           n: int = 0, merged_before: int = 0, merge_threshold: float | None = None):
+           n: int = 0, merged_before: int = 0, merge_threshold: float | None = None, delta: float = 0.0):
     """The one-worker end: RAC on all that is left, up to eps.
 
     With a target mean cluster size, up to `merge_threshold` (when higher),
@@ -117,7 +117,7 @@ def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target
         eps = max(eps, merge_threshold)
     edges, heights = [], []
     while True:
-        clusters, e, h = rac_on_clusters(clusters, eps, metric, None, seed)
+        clusters, e, h = rac_on_clusters(clusters, eps, metric, None, seed, delta=delta)
         edges.append(e)
         heights.append(h)
         merged_before += len(e)
@@ -165,14 +165,14 @@ def _halo_rows(halo: np.ndarray) -> dict:
     return {c: pos // halo.shape[1] for c, pos in knn.split_by_key(halo.reshape(-1))}
 
 
-def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed):
+def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed, delta):
     centroids = _partition_centroids(clusters, parts, seed)
     home, halo = route(clusters, centroids, halo_cells)
     frozen_rows = _halo_rows(halo)
     outs, edges, heights = [], [], []
     for c, mem in knn.split_by_key(home):
         fro = frozen_rows.get(c, np.zeros(0, np.int64))
-        out, e, h = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed)
+        out, e, h = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed, delta=delta)
         outs.append(out)
         edges.append(e)
         heights.append(h)
@@ -188,7 +188,7 @@ def check_shard_params(shards, halo_cells, shrink, max_rounds):
 
 def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, target_mean_cluster_size=None,
                             merge_threshold=None, shards=64, halo_cells=2, shrink=4, max_rounds=8, seed=0,
-                            log=None):
+                            log=None, delta=0.0):
     """Flat average-linkage clusters by partitioned RAC rounds, remainder on one worker.
 
     `shards` partitions in the first round, `shards / shrink` in the next, ...
@@ -197,8 +197,9 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     the partitioned rounds merge up to `distance_threshold` and the last one
     up to `merge_threshold` (default: the same), raised while short of the
     target, and the result is cut at the target as in hac.average_linkage.
-    Labels numbered by first appearance.  Returns (labels, info dict with the
-    cut, clusters and merges per round).
+    Every RAC round merges (1 + delta)-good stars as hac.average_linkage
+    does.  Labels numbered by first appearance.  Returns (labels, info dict
+    with the cut, clusters and merges per round).
     """
     eps = hac.check_threshold(distance_threshold)
     merge_threshold = None if merge_threshold is None else hac.check_threshold(merge_threshold)
@@ -206,6 +207,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
     check_shard_params(shards, halo_cells, shrink, max_rounds)
+    delta = hac.check_delta(delta)
     X = hac.prepare(embeddings, metric)
     n = X.shape[0]
     clusters = initial_clusters(X)
@@ -214,7 +216,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     parts, rnd = shards, 0
     while parts > 1 and rnd < max_rounds and len(clusters) > 1:
         t = time.perf_counter()
-        clusters, e, h = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd)
+        clusters, e, h = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd, delta)
         edges.append(e)
         heights.append(h)
         info["rounds"].append({"partitions": parts, "merges": len(e), "clusters": len(clusters)})
@@ -225,7 +227,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
         rnd += 1
     merged_before = sum(len(e) for e in edges)
     e, h, info["merged_up_to"] = finish(clusters, eps, metric, seed, target=target, n=n, merged_before=merged_before,
-                                        merge_threshold=merge_threshold)
+                                        merge_threshold=merge_threshold, delta=delta)
     edges.append(e)
     heights.append(h)
     info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
@@ -277,8 +279,8 @@ class _RouteClusters(beam.DoFn):
 class _LocalRac(beam.DoFn):
     EDGES = "edges"
 
-    def __init__(self, metric, seed, round_name):
-        self.metric, self.seed, self.round_name = metric, seed, round_name
+    def __init__(self, metric, seed, round_name, delta):
+        self.metric, self.seed, self.round_name, self.delta = metric, seed, round_name, delta
 
     def process(self, element, eps):
         _, parts = element
@@ -291,7 +293,7 @@ class _LocalRac(beam.DoFn):
         frozen = Clusters.concat(fro) if fro else None
         if frozen is not None:
             frozen = frozen.take(np.argsort(frozen.ids, kind="stable"))
-        out, edges, heights = rac_on_clusters(members, eps, self.metric, frozen, self.seed)
+        out, edges, heights = rac_on_clusters(members, eps, self.metric, frozen, self.seed, delta=self.delta)
         beam.metrics.Metrics.counter("hac", f"merges_{self.round_name}").inc(len(edges))
         beam.metrics.Metrics.counter("hac", f"clusters_after_{self.round_name}").inc(len(out))
         beam.metrics.Metrics.counter("hac", f"partitions_{self.round_name}").inc(1)
@@ -299,14 +301,14 @@ class _LocalRac(beam.DoFn):
         yield beam.pvalue.TaggedOutput(self.EDGES, (edges, heights))
 
 
-def _finish(cluster_parts, eps, metric, seed, target, n, merged_before, merge_eps):
+def _finish(cluster_parts, eps, metric, seed, target, n, merged_before, merge_eps, delta):
     """The last round on one worker: (edges, heights, eps merged up to)."""
     clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
     if clusters is None or not len(clusters):
         return np.zeros((0, 2), np.int64), np.zeros(0), eps
     t = time.time()
     edges, heights, merged_up_to = finish(clusters, eps, metric, seed, target=target, n=n,
-                                          merged_before=merged_before, merge_threshold=merge_eps)
+                                          merged_before=merged_before, merge_threshold=merge_eps, delta=delta)
     beam.metrics.Metrics.counter("hac", "merges_final").inc(len(edges))
     beam.metrics.Metrics.counter("hac", "clusters").inc(len(clusters) - len(edges))
     LOG.info("sharded hac: final round on one worker: %d clusters -> %d, merged up to %.6g (%.1f s)",
@@ -351,8 +353,9 @@ class ShardedHac(beam.PTransform):
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, shrink=4, max_rounds=8,
-                 seed=0, target_mean_cluster_size=None, merge_threshold=None):
+                 seed=0, target_mean_cluster_size=None, merge_threshold=None, delta=0.0):
         super().__init__()
+        self.delta = hac.check_delta(delta)
         self.eps = _threshold_argument(distance_threshold)
         self.merge_eps = None if merge_threshold is None else _threshold_argument(merge_threshold)
         if metric not in hac.METRICS:
@@ -385,7 +388,7 @@ class ShardedHac(beam.PTransform):
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
                                                      beam.pvalue.AsSingleton(centroids))
                       | f"{name}Group" >> beam.GroupByKey()
-                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, f"round_{rnd + 1}"), eps)
+                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, f"round_{rnd + 1}", self.delta), eps)
                       .with_outputs(_LocalRac.EDGES, main="clusters"))
             clusters = result.clusters
             round_merges.append(result[_LocalRac.EDGES])
@@ -397,7 +400,7 @@ class ShardedHac(beam.PTransform):
         final = (clusters
                  | "FinalGather" >> beam.combiners.ToList()
                  | "FinalRac" >> beam.Map(_finish, eps, self.metric, self.seed, self.target, n, side(merged_before),
-                                         merge_eps))
+                                         merge_eps, self.delta))
         return merges | "Cut" >> beam.Map(_cut, side(final), n, eps, self.target)
 
 
@@ -456,10 +459,10 @@ def _sample_part(assigned, draw):
     return rows[pos], x[pos], core
 
 
-def _threshold(sample_parts, draw, metric, target, seed):
+def _threshold(sample_parts, draw, metric, target, seed, delta):
     gathered = _in_row_order(sample_parts)
     x, core = gathered if gathered else (np.zeros((0, 0), np.float32), np.zeros(0, bool))
-    return hac.threshold_from_sample(x, core, metric, target, seed, draw)
+    return hac.threshold_from_sample(x, core, metric, target, seed, draw, delta)
 
 
 class ThresholdFromTarget(beam.PTransform):
@@ -474,9 +477,11 @@ class ThresholdFromTarget(beam.PTransform):
     a mask over cells) travel as side inputs.
     """
 
-    def __init__(self, target_mean_cluster_size, metric="cosine", sample_size=10_000, margin_cells=3, seed=0):
+    def __init__(self, target_mean_cluster_size, metric="cosine", sample_size=10_000, margin_cells=3, seed=0,
+                 delta=0.0):
         super().__init__()
         self.target = hac.check_target(target_mean_cluster_size)
+        self.delta = hac.check_delta(delta)
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
         hac.check_count("sample_size", sample_size)
@@ -500,4 +505,4 @@ class ThresholdFromTarget(beam.PTransform):
         return (assigned
                 | "SampleRows" >> beam.Map(_sample_part, side(draw))
                 | "GatherSample" >> beam.combiners.ToList()
-                | "Threshold" >> beam.Map(_threshold, side(draw), self.metric, self.target, self.seed))
+                | "Threshold" >> beam.Map(_threshold, side(draw), self.metric, self.target, self.seed, self.delta))

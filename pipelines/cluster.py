@@ -58,6 +58,14 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=hac.EXACT_SEARCH_MAX,
                             help="exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")
+        parser.add_argument("--approximation", type=float, default=hac.DEFAULT_DELTA,
+                            help="delta >= 0: a merge round also lets each merging pair absorb the clusters "
+                                 "whose nearest it was while their exact linkage is within (1 + delta) of the "
+                                 "pair's ((1+delta)-good merges, as in TeraHAC); bounds the rounds dense regions "
+                                 "take; 0 is exact average linkage")
+        parser.add_argument("--warn-largest-share", dest="warn_largest_share", type=float, default=0.05,
+                            help="warn (log and clustering.json) when one cluster holds more than this share of "
+                                 "the pool: a sign that the threshold is too large for this data")
         parser.add_argument("--hac-shards", dest="hac_shards", type=int, default=1,
                             help="partitions of the first sharded HAC round (1: the whole HAC on one worker; "
                                  ">1: reciprocal-nearest merges inside partitions on many workers, fewer "
@@ -168,7 +176,7 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
         if eps is None:
             choice = hac.choose_threshold(embeddings, opts_dict["metric"], target,
                                           sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
-                                          log=every_few_seconds(LOG.info))
+                                          log=every_few_seconds(LOG.info), delta=opts_dict["approximation"])
             eps = _count_choice(choice).merge_threshold
         dim = embeddings.shape[1]
         # The HAC works on a float64 copy: make it here and let the HAC use it
@@ -177,7 +185,7 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
         result = hac.average_linkage(
             embeddings, eps, opts_dict["metric"], target_mean_cluster_size=target, k=opts_dict["knn"],
             exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
-            log=every_few_seconds(LOG.info), overwrite_input=True)
+            log=every_few_seconds(LOG.info), overwrite_input=True, delta=opts_dict["approximation"])
         del embeddings  # overwritten by the HAC
     except hac.HacError as exc:
         raise InputError(f"--pool {pool_glob!r}: {exc}") from exc
@@ -250,6 +258,18 @@ def _sharded_result(hac_result: dict, index: dict, id_type: str, started: float,
             "merges_per_round": None, "hac_seconds": time.time() - started, "dim": index["dim"]}
 
 
+def _warnings(largest: int, n: int, share: float) -> list[str]:
+    """Warnings about the clusters, logged here and written to clustering.json."""
+    warnings = []
+    if n and largest > share * n:
+        warnings.append(f"the largest cluster holds {largest} of {n} points ({largest / n:.1%}, more than "
+                        f"--warn-largest-share {share:g}): the distance threshold may be too large for this data; "
+                        "Cluster-Margin picks at most one example per cluster per pass")
+    for warning in warnings:
+        LOG.warning("cluster: %s", warning)
+    return warnings
+
+
 def _shards(result: dict, num_shards: int | None):
     n = len(result["ids"])
     count = num_shards or max(1, math.ceil(n / ROWS_PER_CLUSTER_SHARD))
@@ -288,13 +308,18 @@ def run(argv=None) -> dict:
         raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
     if opts.max_rounds < 0:
         raise InputError(f"--max-rounds must be >= 0 (got {opts.max_rounds})")
+    if not (math.isfinite(opts.approximation) and opts.approximation >= 0):
+        raise InputError(f"--approximation must be a number >= 0 (got {opts.approximation})")
+    if not (0 < opts.warn_largest_share <= 1):
+        raise InputError(f"--warn-largest-share must be in (0, 1] (got {opts.warn_largest_share})")
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num-shards must be positive (got {opts.num_shards})")
     reader = io.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
     output = io.OutputDir(output_dir, "clusters", "clustering.json", None, opts.overwrite)
     params = {"distance_threshold": eps, "target_mean_cluster_size": target,
               "threshold_sample_size": opts.threshold_sample_size, "metric": opts.metric, "knn": opts.knn,
-              "exact_search_max": opts.exact_search_max, "nprobe": opts.nprobe, "seed": opts.seed}
+              "exact_search_max": opts.exact_search_max, "nprobe": opts.nprobe, "seed": opts.seed,
+              "approximation": opts.approximation}
 
     def summary(names, result):
         labels = result["labels"]
@@ -302,10 +327,12 @@ def run(argv=None) -> dict:
         chosen = {"distance_threshold": result.get("distance_threshold", eps)}
         if result.get("threshold_choice") is not None:
             chosen["threshold_choice"] = result["threshold_choice"]
+        largest = int(sizes.max()) if len(sizes) else 0
         return {"parameters": {**params, **chosen, "linkage": "average"}, "pool": pool_glob,
                 "num_points": int(len(labels)), "num_clusters": int(len(sizes)),
                 "mean_cluster_size": float(len(labels) / max(len(sizes), 1)),
-                "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+                "largest_cluster": largest, "largest_cluster_share": largest / max(len(labels), 1),
+                "warnings": _warnings(largest, len(labels), opts.warn_largest_share),
                 "singletons": int(np.count_nonzero(sizes == 1)),
                 "cluster_size_histogram": size_histogram(labels), "dim": result["dim"],
                 "rounds": result["rounds"], "merges": result["merges"],
@@ -328,7 +355,8 @@ def run(argv=None) -> dict:
         if target is not None:
             choice = (rows
                       | "ChooseThreshold" >> hac_sharded.ThresholdFromTarget(
-                          target, opts.metric, sample_size=opts.threshold_sample_size, seed=opts.seed)
+                          target, opts.metric, sample_size=opts.threshold_sample_size, seed=opts.seed,
+                          delta=opts.approximation)
                       | "ReportThreshold" >> beam.Map(_reported_choice))
             # partitions merge up to the sample's estimate, the last round (one worker) on past it
             threshold = choice | "Eps" >> beam.Map(lambda c: c.distance_threshold)
@@ -337,7 +365,8 @@ def run(argv=None) -> dict:
                                                                 halo_cells=opts.hac_halo_cells,
                                                                 max_rounds=opts.max_rounds, seed=opts.seed,
                                                                 target_mean_cluster_size=target,
-                                                                merge_threshold=merge_threshold)
+                                                                merge_threshold=merge_threshold,
+                                                                delta=opts.approximation)
         result = merged | "Result" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
                                                beam.pvalue.AsSingleton(id_type), time.time(),
                                                beam.pvalue.AsSingleton(choice) if choice is not None else None)

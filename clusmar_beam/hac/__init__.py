@@ -9,17 +9,17 @@
 from clusmar_beam.hac.index import FlatIndex, IvfIndex, TwoLevelQuantiser, default_nlist, on_all_cores
 from clusmar_beam.hac.linkage import (TARGET_OVERSHOOT, TARGET_RAISE, HacResult, average_linkage, cut_keeping,
                                       labels_from_edges, merge_all_threshold, threshold_from_heights)
-from clusmar_beam.hac.prepare import (METRICS, HacError, check_count, check_target, check_threshold,
+from clusmar_beam.hac.prepare import (METRICS, HacError, check_count, check_delta, check_target, check_threshold,
                                       collapse_duplicates, number_by_first_appearance, prepare)
-from clusmar_beam.hac.rac import DEFAULT_K, EXACT_SEARCH_MAX, Clusters, Rac, keep_rows
+from clusmar_beam.hac.rac import DEFAULT_DELTA, DEFAULT_K, EXACT_SEARCH_MAX, Clusters, Rac, keep_rows
 from clusmar_beam.hac.threshold import (TRAIN_PER_CELL, CellDraw, SampleCells, ThresholdChoice, choose_threshold,
                                         draw_cells, lowest_hash_rows, threshold_cells, threshold_from_sample,
                                         training_rows)
 
 __all__ = [
-    "CellDraw", "Clusters", "DEFAULT_K", "EXACT_SEARCH_MAX", "FlatIndex", "HacError", "HacResult", "IvfIndex",
+    "CellDraw", "Clusters", "DEFAULT_DELTA", "DEFAULT_K", "EXACT_SEARCH_MAX", "FlatIndex", "HacError", "HacResult", "IvfIndex",
     "METRICS", "Rac", "SampleCells", "TARGET_OVERSHOOT", "TARGET_RAISE", "TRAIN_PER_CELL", "ThresholdChoice",
-    "TwoLevelQuantiser", "average_linkage", "check_count", "check_target", "check_threshold", "choose_threshold",
+    "TwoLevelQuantiser", "average_linkage", "check_count", "check_delta", "check_target", "check_threshold", "choose_threshold",
     "collapse_duplicates", "cut_keeping", "default_nlist", "draw_cells", "keep_rows", "labels_from_edges",
     "lowest_hash_rows", "merge_all_threshold", "number_by_first_appearance", "on_all_cores", "prepare",
     "threshold_cells", "threshold_from_heights", "threshold_from_sample", "training_rows",

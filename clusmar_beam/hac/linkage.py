@@ -9,7 +9,10 @@ are each other's nearest neighbour within the threshold.  Average linkage is
 reducible, so this gives the same flat clusters as sequential HAC, and a
 cluster's nearest-neighbour distance never decreases; that is why only
 clusters touched by a merge are searched again, and why a cluster whose
-nearest neighbour is beyond the threshold can be dropped for good.
+nearest neighbour is beyond the threshold can be dropped for good.  With an
+approximation delta > 0 a round also lets each merged pair absorb the clusters
+pointing at it whose linkage is within (1 + delta) of the pair's, which bounds
+the rounds that dense regions take (see average_linkage).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from clusmar_beam.hac.prepare import (METRICS, HacError, check_count, check_target, check_threshold,
+from clusmar_beam.hac.prepare import (METRICS, HacError, check_count, check_delta, check_target, check_threshold,
                                       collapse_duplicates, number_by_first_appearance, prepare)
 from clusmar_beam.hac.rac import DEFAULT_K, EXACT_SEARCH_MAX, Rac, keep_rows
 
@@ -101,12 +104,21 @@ def average_linkage(
     clustering at that threshold, so the mean size lands on M however far
     off the first threshold was.
 
+    With `delta` > 0 a round also grows each merged pair into a star:
+    it absorbs, nearest first, the clusters whose nearest neighbour was
+    one of the pair while the exact linkage stays within (1 + delta) of the
+    pair's (TeraHAC's (1+delta)-good merges).  Merge heights stay exact; only
+    the order of merges is approximate, by at most that factor.  A dense
+    region whose growing cluster is everyone's nearest neighbour then takes
+    tens of rounds instead of one round per member.  `delta` = 0 is exact.
+
     With `overwrite_input`, float64 C-ordered `embeddings` are used as the
     working copy and their contents are lost: a caller that holds its only
     copy in float64 then holds no second one through the run (at 10M the
     float32 input next to the copy was 2.6 GB of the peak).
     """
     eps = check_threshold(distance_threshold)
+    delta = check_delta(delta)
     target = None if target_mean_cluster_size is None else check_target(target_mean_cluster_size)
     if metric not in METRICS:
         raise HacError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")

@@ -47,6 +47,19 @@ def check_target(target_mean_cluster_size) -> float:
     return target
 
 
+def check_delta(delta) -> float:
+    """The merge approximation delta as a float; HacError unless a finite number >= 0."""
+    if isinstance(delta, (bool, np.bool_)):
+        raise HacError(f"approximation delta must be a number >= 0, got {delta!r}")
+    try:
+        value = float(delta)
+    except (TypeError, ValueError):
+        raise HacError(f"approximation delta must be a number >= 0, got {delta!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise HacError(f"approximation delta must be a finite number >= 0, got {delta!r}")
+    return value
+
+
 def prepare(embeddings, metric: str, copy: bool = True) -> np.ndarray:
     """Validated float64 rows, unit for cosine, centred for sqeuclidean.
 

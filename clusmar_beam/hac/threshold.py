@@ -58,6 +58,7 @@ def choose_threshold(
     margin_cells: int = 3,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    delta: float = 0.0,
 ) -> ThresholdChoice:
     """Estimate on a sample the eps whose average-linkage cut averages the target cluster size.
 
@@ -100,7 +101,7 @@ def choose_threshold(
     near = cells.assign(X)
     draw = draw_cells(np.bincount(near[:, 0], minlength=cells.num_cells), sample_size, seed)
     pos, core = draw.select(np.arange(n), near)
-    choice = threshold_from_sample(X[pos], core, metric, target, seed, draw)
+    choice = threshold_from_sample(X[pos], core, metric, target, seed, draw, delta)
     if log is not None:
         log(f"threshold: {choice.describe()} ({time.perf_counter() - t0:.1f}s)")
     return choice
@@ -264,12 +265,13 @@ def draw_cells(sizes: np.ndarray, sample_size: int, seed: int) -> CellDraw:
 
 
 def threshold_from_sample(sample_x: np.ndarray, core: np.ndarray, metric: str, target: float, seed: int,
-                          draw: CellDraw) -> ThresholdChoice:
-    """The sample's raw vectors (in row order) clustered completely, cut where its core reaches the target."""
+                          draw: CellDraw, delta: float = 0.0) -> ThresholdChoice:
+    """The sample's raw vectors (in row order) clustered completely (merges (1 + delta)-good), cut where its
+    core reaches the target."""
     sample = prepare(sample_x, metric)
     # The whole dendrogram of a sample that is small by design: exact search throughout.
     result = average_linkage(sample, merge_all_threshold(sample, metric), metric, seed=seed,
-                             exact_search_max=max(EXACT_SEARCH_MAX, sample.shape[0]))
+                             exact_search_max=max(EXACT_SEARCH_MAX, sample.shape[0]), delta=delta)
     eps, mean_size = _threshold_for_core(result, core, target)
     merge_eps, _ = _threshold_for_core(result, core, TARGET_OVERSHOOT * target)
     return ThresholdChoice(eps, target, int(core.sum()), int(core.size), draw.sample_cells, draw.num_cells,
