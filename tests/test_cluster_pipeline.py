@@ -53,6 +53,32 @@ def test_generated_pool_matches_exact_average_linkage(tmp_path, metric, eps):
     assert sorted(os.listdir(tmp_path / "c")) == ["clustering.json", "clusters-00000-of-00001.parquet"]
 
 
+@pytest.mark.parametrize("metric,eps", [("cosine", 0.3), ("sqeuclidean", 0.6)])
+def test_heavy_tailed_pool_reports_rounds_share_and_warns(tmp_path, caplog, metric, eps):
+    """A pool whose dense regions hold 10-20% each: approximate merges close to exact, few rounds, a warning."""
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "5000", "--dim", "24",
+                     "--num-classes", "5", "--seed", "11", "--region-sizes", "heavy-tailed"]) == 0
+    pool = str(tmp_path / "pool" / "pool-*.parquet")
+    runs = {}
+    for delta in ("0", "0.05"):
+        out = tmp_path / f"c{delta}"
+        assert cli.main(["cluster", "--pool", pool, "--output", str(out), "--distance-threshold", str(eps),
+                         "--metric", metric, "--approximation", delta]) == 0
+        runs[delta] = (json.load(open(out / "clustering.json")), _read_clusters(out))
+    table = pq.read_table(sorted(glob.glob(pool)), columns=["id", "embedding"])
+    ids = table.column("id").to_pylist()
+    exact = _exact(np.array(table.column("embedding").to_pylist(), dtype=np.float32), metric, eps)
+    for delta, (info, clusters) in runs.items():
+        ours = [clusters[i] for i in ids]
+        assert adjusted_rand_score(exact, ours) >= (1.0 if delta == "0" else 0.99), delta
+        assert info["parameters"]["approximation"] == float(delta)
+        sizes = np.bincount(ours)
+        assert info["largest_cluster_share"] == pytest.approx(sizes.max() / len(ids))
+        assert info["largest_cluster_share"] > 0.05 and "--warn-largest-share" in info["warnings"][0]
+    assert runs["0.05"][0]["rounds"] < runs["0"][0]["rounds"] / 2
+    assert "the largest cluster holds" in caplog.text
+
+
 def test_tfrecord_pool_with_text_ids(tmp_path, rng):
     centers = rng.normal(size=(30, 8))
     labels = rng.integers(0, 30, 900)
@@ -113,8 +139,9 @@ def _pool(tmp_path, n=4000, dim=16, seed=7):
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
 def test_target_mean_cluster_size(tmp_path, metric):
     pool = _pool(tmp_path)
+    # exact merges (--approximation 0): a cut of them is the clustering at its threshold, checked below
     assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), "--target-mean-cluster-size", "10",
-                     "--metric", metric, "--threshold-sample-size", "2000"]) == 0
+                     "--metric", metric, "--threshold-sample-size", "2000", "--approximation", "0"]) == 0
     info = json.load(open(tmp_path / "c" / "clustering.json"))
     params = info["parameters"]
     assert params["target_mean_cluster_size"] == 10
@@ -129,7 +156,7 @@ def test_target_mean_cluster_size(tmp_path, metric):
     # the cut is the clustering at the threshold it reports
     again = tmp_path / "again"
     assert cli.main(["cluster", "--pool", pool, "--output", str(again), "--metric", metric,
-                     "--distance-threshold", repr(params["distance_threshold"])]) == 0
+                     "--distance-threshold", repr(params["distance_threshold"]), "--approximation", "0"]) == 0
     assert _read_clusters(again) == clusters
 
 
@@ -140,7 +167,10 @@ def test_target_mean_cluster_size(tmp_path, metric):
     (["--target-mean-cluster-size", "nan"], "--target-mean-cluster-size"),
     (["--distance-threshold", "-1"], "--distance-threshold"),
     (["--target-mean-cluster-size", "5", "--threshold-sample-size", "0"], "--threshold-sample-size"),
-    (["--distance-threshold", "0.1", "--knn", "-2"], "--knn")])
+    (["--distance-threshold", "0.1", "--knn", "-2"], "--knn"),
+    (["--distance-threshold", "0.1", "--approximation", "-0.1"], "--approximation"),
+    (["--distance-threshold", "0.1", "--approximation", "nan"], "--approximation"),
+    (["--distance-threshold", "0.1", "--warn-largest-share", "0"], "--warn-largest-share")])
 def test_bad_target_parameters(tmp_path, capsys, flags, fragment):
     pool = _pool(tmp_path, n=50, dim=4)
     code = cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), *flags])

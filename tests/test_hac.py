@@ -671,3 +671,112 @@ def test_renumbering_keeps_frozen_neighbours(monkeypatch):
     assert np.array_equal(whole[1], renumbered[1])
     assert np.array_equal(whole[2], renumbered[2])
     assert not np.isin(renumbered[1], frozen.ids).any()
+
+
+# ------------------------------------------- heavy-tailed pools and (1+delta)-good merges
+
+
+def _heavy_tailed(n, dim=32, seed=0):
+    from clusmar_beam import synthetic
+    plan = synthetic.make_plan(n, dim, 10, seed, region_sizes="heavy-tailed")
+    return synthetic.generate_rows(plan, 0, n)["embedding"]
+
+
+@pytest.fixture(scope="module")
+def heavy_tailed_pool():
+    X = _heavy_tailed(6000)
+    return X, {metric: _reference(X, metric) for metric in ("cosine", "sqeuclidean")}
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("quantile", [0.75, 0.95])
+def test_approximate_merges_match_exact_average_linkage_on_heavy_tailed_pools(heavy_tailed_pool, metric, quantile):
+    X, trees = heavy_tailed_pool
+    eps = _threshold(trees[metric], quantile)
+    _, exact = _check_against_reference(X, metric, eps, trees[metric], min_ari=0.9999, delta=0.0)
+    _, approx = _check_against_reference(X, metric, eps, trees[metric], min_ari=0.99, delta=0.05)
+    assert approx.rounds < exact.rounds / 2, (exact.rounds, approx.rounds)
+    assert (approx.heights <= eps).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_approximate_merges_at_a_target_mean_size(heavy_tailed_pool, metric):
+    X, trees = heavy_tailed_pool
+    got = average_linkage(X, _threshold(trees[metric], 0.5), metric, target_mean_cluster_size=10, delta=0.05)
+    assert got.num_clusters == round(len(X) / 10)
+    ref = fcluster(trees[metric], got.distance_threshold, "distance")
+    assert adjusted_rand_score(ref, got.labels) >= 0.99
+
+
+def test_dense_region_takes_few_rounds():
+    """One growing cluster is everyone's nearest neighbour: RAC merges one of them per round, stars all."""
+    rng = np.random.default_rng(3)
+    blob = rng.standard_normal((3000, 16)) * np.exp(rng.normal(0, 0.6, size=(3000, 1))) * 0.05
+    X = np.ones(16) + blob
+    exact = average_linkage(X, 0.5, "cosine", delta=0.0)
+    approx = average_linkage(X, 0.5, "cosine", delta=0.05)
+    assert exact.num_clusters == approx.num_clusters == 1
+    assert approx.rounds < exact.rounds / 2, (approx.rounds, exact.rounds)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_approximate_merges_on_bundled_datasets(name, metric):
+    X = DATASETS[name]()
+    Z = _reference(X, metric)
+    for quantile in (0.5, 0.75, 0.9, 0.95):
+        _check_against_reference(X, metric, _threshold(Z, quantile), Z, min_ari=0.99, delta=0.05)
+
+
+def test_every_star_merge_is_within_delta_of_the_pairs_linkage(monkeypatch):
+    """Each leaf joins at an exact linkage within (1 + delta) of its star's pair and within eps."""
+    X = _heavy_tailed(3000, dim=16, seed=2)
+    seen = []
+    absorb = hac_rac.Rac._absorb
+
+    def recording(self, a, b, act, nn, nd):
+        pair_height = dict(zip(a.tolist(), nd[a].tolist()))
+        before = len(self.heights)
+        leaf, centre = absorb(self, a, b, act, nn, nd)
+        if len(self.heights) > before:
+            seen.append((self.heights[-1], np.array([pair_height[c] for c in centre.tolist()])))
+        return leaf, centre
+
+    monkeypatch.setattr(hac_rac.Rac, "_absorb", recording)
+    average_linkage(X, 0.3, "cosine", delta=0.2)
+    assert seen
+    for heights, pair in seen:
+        assert (heights <= 1.2 * pair + 1e-12).all() and (heights <= 0.3).all()
+
+
+@pytest.mark.parametrize("delta", [-0.1, float("nan"), float("inf"), "x", True])
+def test_bad_delta(delta):
+    with pytest.raises(HacError, match="delta"):
+        average_linkage(np.eye(3), 0.5, "cosine", delta=delta)
+
+
+def test_labels_from_edges_in_any_orientation():
+    from clusmar_beam.hac import labels_from_edges
+    # the same row a child of two edges (a star whose centre is not its lowest row)
+    edges = np.array([[5, 1], [5, 3], [5, 0], [2, 4]])
+    assert labels_from_edges(7, edges).tolist() == [0, 0, 1, 0, 1, 0, 2]
+    assert labels_from_edges(3, np.zeros((0, 2))).tolist() == [0, 1, 2]
+
+
+def test_crowded_lists_are_split():
+    """k-means puts one list at a dense core; the split leaves no list far above the mean."""
+    rng = np.random.default_rng(0)
+    core = (np.ones(16) + rng.standard_normal((6000, 16)) * np.exp(rng.normal(0, 0.7, (6000, 1))) * 0.05)
+    rest = rng.standard_normal((6000, 16))
+    train = np.concatenate([core, rest]).astype(np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    centroids = knn.train_centroids(train, 64, 0, niter=5)
+    split = hac_index.split_crowded_lists(centroids, train, 0)
+
+    def crowding(c):
+        count = np.bincount(knn.probe_cells(c, train, 1)[:, 0], minlength=c.shape[0])
+        return count.max() / count.mean()
+
+    assert crowding(centroids) > 6
+    assert crowding(split) < crowding(centroids) / 2
+    assert split.shape[0] > centroids.shape[0]
