@@ -592,6 +592,12 @@ class Rac:
         target = centre_of[np.maximum(nn[act], 0)]
         is_leaf = (target >= 0) & (centre_of[act] < 0) & (nn[act] >= 0)
         leaf, centre = act[is_leaf], target[is_leaf]
+        crowded = np.bincount(np.searchsorted(a, centre), minlength=a.size) >= MIN_STAR_LEAVES
+        # A leaf's linkage to the grown cluster is at least its nearest one (reducibility), so
+        # leaves beyond reach already are dropped before any statistics are summed.
+        reach = (crowded[np.searchsorted(a, centre)]
+                 & (nd[leaf] <= np.minimum((1.0 + self.delta) * nd[centre], self.eps)))
+        leaf, centre = leaf[reach], centre[reach]
         if leaf.size == 0:
             return leaf, centre
         order = np.lexsort((leaf, nd[leaf], centre))
@@ -626,7 +632,6 @@ class Rac:
         bad = np.cumsum(link > limit)
         bad -= np.r_[0, bad][start][group]
         take = bad == 0  # stop at a centre's first leaf out of reach
-        take &= (np.diff(np.r_[start, leaf.size]) >= MIN_STAR_LEAVES)[group]
         leaf, centre = leaf[take], centre[take]
         if leaf.size == 0:
             return leaf, centre
