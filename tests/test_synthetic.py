@@ -67,7 +67,7 @@ def test_plan_pickles_and_gives_same_rows(plan):
     assert_rows_equal(generate_rows(plan, 0, 3_000), generate_rows(clone, 0, 3_000))
 
 
-@pytest.mark.parametrize("fixture", ["plan", "big_plan"])
+@pytest.mark.parametrize("fixture", ["plan", "big_plan", "ht_plan", "ht_big_plan"])
 def test_shard_boundaries_do_not_matter(fixture, request):
     p = request.getfixturevalue(fixture)
     a, b, c = 1_000, 1_000 + BLOCK_SIZE + 37, 1_000 + 3 * BLOCK_SIZE - 5
@@ -76,6 +76,10 @@ def test_shard_boundaries_do_not_matter(fixture, request):
     cuts = [a, a + 1, a + 2, b - 1, b + BLOCK_SIZE, c]
     parts = [generate_rows(p, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
     assert_rows_equal(concat(parts), whole)
+    truth = true_cluster_ids(p, a, c)
+    pieces = [true_cluster_ids(p, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    for k in ("cluster", "base", "burst"):
+        np.testing.assert_array_equal(np.concatenate([x[k] for x in pieces]), truth[k])
 
 
 def test_any_number_of_shards_gives_same_pool():
@@ -335,21 +339,6 @@ def test_heavy_tailed_same_seed_same_rows(ht_plan):
     lognormal = make_plan(30_000, 16, 10, seed=3)
     a, b = generate_rows(ht_plan, 0, 500), generate_rows(lognormal, 0, 500)
     assert not np.allclose(a["embedding"], b["embedding"])
-
-
-@pytest.mark.parametrize("fixture", ["ht_plan", "ht_big_plan"])
-def test_heavy_tailed_shard_boundaries_do_not_matter(fixture, request):
-    p = request.getfixturevalue(fixture)
-    a, b, c = 1_000, 1_000 + BLOCK_SIZE + 37, 1_000 + 3 * BLOCK_SIZE - 5
-    whole = generate_rows(p, a, c)
-    assert_rows_equal(concat([generate_rows(p, a, b), generate_rows(p, b, c)]), whole)
-    cuts = [a, a + 1, a + 2, b - 1, b + BLOCK_SIZE, c]
-    parts = [generate_rows(p, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
-    assert_rows_equal(concat(parts), whole)
-    truth = true_cluster_ids(p, a, c)
-    pieces = [true_cluster_ids(p, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
-    for k in ("cluster", "base", "burst"):
-        np.testing.assert_array_equal(np.concatenate([x[k] for x in pieces]), truth[k])
 
 
 def test_heavy_tailed_any_number_of_shards_gives_same_pool():

@@ -19,45 +19,36 @@ class HacError(ValueError):
 # ---------------------------------------------------------------- input checks
 
 
-def check_threshold(t) -> float:
-    if isinstance(t, (bool, np.bool_)):
-        raise HacError(f"distance_threshold must be a number > 0, got {t!r}")
+def _checked_number(value, what: str, minimum: float, strict: bool) -> float:
+    """value as a float; HacError naming `what` unless it is a finite number >= minimum (> with strict)."""
+    message = f"{what} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}"
+    if isinstance(value, (bool, np.bool_)):
+        raise HacError(message)
     try:
-        eps = float(t)
+        number = float(value)
     except (TypeError, ValueError):
-        raise HacError(f"distance_threshold must be a number > 0, got {t!r}") from None
-    if not math.isfinite(eps) or eps <= 0:
-        raise HacError(f"distance_threshold must be finite and > 0, got {t!r}")
-    return eps
+        raise HacError(message) from None
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        raise HacError(message)
+    return number
+
+
+def check_threshold(t) -> float:
+    return _checked_number(t, "distance_threshold", 0, strict=True)
+
+
+def check_target(target_mean_cluster_size) -> float:
+    return _checked_number(target_mean_cluster_size, "target mean cluster size", 1, strict=False)
+
+
+def check_delta(delta) -> float:
+    """The merge approximation: 0 is exact average linkage (see average_linkage)."""
+    return _checked_number(delta, "approximation delta", 0, strict=False)
 
 
 def check_count(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise HacError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def check_target(target_mean_cluster_size) -> float:
-    """The target mean cluster size as a float; HacError unless a finite number >= 1."""
-    try:
-        target = float(target_mean_cluster_size)
-    except (TypeError, ValueError):
-        raise HacError(f"target mean cluster size must be a number >= 1, got {target_mean_cluster_size!r}") from None
-    if not math.isfinite(target) or target < 1:
-        raise HacError(f"target mean cluster size must be a finite number >= 1, got {target_mean_cluster_size!r}")
-    return target
-
-
-def check_delta(delta) -> float:
-    """The merge approximation delta as a float; HacError unless a finite number >= 0."""
-    if isinstance(delta, (bool, np.bool_)):
-        raise HacError(f"approximation delta must be a number >= 0, got {delta!r}")
-    try:
-        value = float(delta)
-    except (TypeError, ValueError):
-        raise HacError(f"approximation delta must be a number >= 0, got {delta!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise HacError(f"approximation delta must be a finite number >= 0, got {delta!r}")
-    return value
 
 
 def prepare(embeddings, metric: str, copy: bool = True) -> np.ndarray:
