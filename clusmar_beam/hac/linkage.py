@@ -55,9 +55,8 @@ class HacResult:
     merges: int
     merges_per_round: list[int]
     # Every merge made, as an edge between two input rows (one row of each
-    # side, the lower first) and its linkage distance; exact duplicates merge
-    # at 0.  Cutting at eps keeps the connected components of the edges of
-    # height <= eps.  With a target mean size the merging went past the cut,
+    # side) and its linkage distance; exact duplicates merge at 0.  Cutting at
+    # eps keeps the connected components of the edges of height <= eps.  With a target mean size the merging went past the cut,
     # so these hold more merges than `merges` (and merges_per_round counts
     # them all).
     heights: np.ndarray | None = None

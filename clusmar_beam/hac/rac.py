@@ -56,7 +56,7 @@ class Rac:
     """Cluster statistics, the FAISS index over active clusters, and the rounds.
 
     Cluster ids are row numbers of the statistics; a merged pair keeps the
-    lower id.  As clusters retire the rows are renumbered (_compact) in
+    lower id, a star its pair's.  As clusters retire the rows are renumbered (_compact) in
     order, so the lower id stays the lower; `orig` maps them back to the
     input rows, in which `pairs` are recorded.  For sqeuclidean the
     within-cluster sum of squared deviations W is kept instead of the sum of
@@ -584,7 +584,11 @@ class Rac:
         that, since a merge never brings a cluster closer than the nearer
         of its parts.  So every merge is (1 + delta)-good (TeraHAC), and a
         dense region's growing cluster takes all its near-equal neighbours
-        in one round instead of one per round.  Records the merges.
+        in one round instead of one per round.  Only pairs that at least
+        MIN_STAR_LEAVES clusters point at grow.  The grown cluster's
+        statistics before each leaf are prefix sums over the leaves before
+        it, so a star of any size costs a few array operations.  Records the
+        merges.
         """
         centre_of = np.full(nn.size, -1, np.int64)
         centre_of[a] = a
