@@ -77,6 +77,12 @@ def test_heavy_tailed_pool_reports_rounds_share_and_warns(tmp_path, caplog, metr
         assert info["largest_cluster_share"] > 0.05 and "--warn-largest-share" in info["warnings"][0]
     assert runs["0.05"][0]["rounds"] < runs["0"][0]["rounds"] / 2
     assert "the largest cluster holds" in caplog.text
+    # the threshold sample and the cut at a target merge by the same rule
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "t"), "--metric", metric,
+                     "--target-mean-cluster-size", "10", "--threshold-sample-size", "1500"]) == 0
+    info = json.load(open(tmp_path / "t" / "clustering.json"))
+    assert info["mean_cluster_size"] == pytest.approx(10, rel=0.01)
+    assert info["parameters"]["approximation"] == 0.05
 
 
 def test_tfrecord_pool_with_text_ids(tmp_path, rng):

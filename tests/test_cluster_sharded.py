@@ -110,6 +110,19 @@ def test_beam_transform_matches_in_process_rounds(tmp_path):
     assert adjusted_rand_score(labels, hac.average_linkage(X, 0.25, "cosine").labels) >= 0.99
 
 
+@pytest.mark.parametrize("metric,eps", [("cosine", 0.3), ("sqeuclidean", 0.6)])
+def test_approximate_merges_in_partitions_on_a_heavy_tailed_pool(tmp_path, metric, eps):
+    """Partitions and the last round merge (1+delta)-good stars too: close to exact, far fewer rounds."""
+    from clusmar_beam import synthetic
+    X = synthetic.generate_rows(synthetic.make_plan(6000, 24, 5, 3, region_sizes="heavy-tailed"), 0, 6000)["embedding"]
+    labels = _beam_labels(tmp_path, X, eps, metric, shards=16, batch_rows=1500, delta=0.05)
+    expected, _ = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16, delta=0.05)
+    assert np.array_equal(labels, expected)
+    exact = fcluster(fastcluster.linkage(np.asarray(X, np.float64), "average", metric=metric), eps, "distance")
+    assert adjusted_rand_score(exact, labels) >= 0.98
+    assert adjusted_rand_score(exact, hac.average_linkage(X, eps, metric, delta=0.05).labels) >= 0.99
+
+
 def test_beam_transform_without_halo_and_on_one_point(tmp_path):
     X = _diffuse_and_bursts(600, seed=7).astype(np.float32)
     labels = _beam_labels(tmp_path, X, 0.25, "cosine", shards=8, batch_rows=200, halo_cells=0)
