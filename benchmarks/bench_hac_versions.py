@@ -4,7 +4,8 @@ Usage:
   .venv/bin/python benchmarks/bench_hac_versions.py --old REF [--old-faiss-blas] [--n 100000] [--eps 0.15] [--repeat 3]
 
 The HAC of the `--old` commit (read with `git show`: `clusmar_beam/hac.py`, or the
-`clusmar_beam/hac/` package of later commits) is loaded as a second module beside the checkout's; both cluster the first n rows of the synthetic pool (as
+`clusmar_beam/hac/` package of later commits) is loaded as a second module beside the
+checkout's; both cluster the first n rows of the synthetic pool (as
 `bench_hac_speed.py` takes them, cosine), alternating, `--repeat` times each, so a noisy
 host slows both alike. Both run with the FAISS BLAS threshold that `clusmar_beam.knn`
 sets; `--old-faiss-blas` runs the old commit with FAISS's default instead, as commits

@@ -17,10 +17,11 @@ from clusmar_beam.hac.threshold import (TRAIN_PER_CELL, CellDraw, SampleCells, T
                                         training_rows)
 
 __all__ = [
-    "CellDraw", "Clusters", "DEFAULT_DELTA", "DEFAULT_K", "EXACT_SEARCH_MAX", "FlatIndex", "HacError", "HacResult", "IvfIndex",
-    "METRICS", "Rac", "SampleCells", "TARGET_OVERSHOOT", "TARGET_RAISE", "TRAIN_PER_CELL", "ThresholdChoice",
-    "TwoLevelQuantiser", "average_linkage", "check_count", "check_delta", "check_target", "check_threshold", "choose_threshold",
-    "collapse_duplicates", "cut_keeping", "default_nlist", "draw_cells", "keep_rows", "labels_from_edges",
-    "lowest_hash_rows", "merge_all_threshold", "number_by_first_appearance", "on_all_cores", "prepare",
-    "threshold_cells", "threshold_from_heights", "threshold_from_sample", "training_rows",
+    "CellDraw", "Clusters", "DEFAULT_DELTA", "DEFAULT_K", "EXACT_SEARCH_MAX", "FlatIndex", "HacError",
+    "HacResult", "IvfIndex", "METRICS", "Rac", "SampleCells", "TARGET_OVERSHOOT", "TARGET_RAISE",
+    "TRAIN_PER_CELL", "ThresholdChoice", "TwoLevelQuantiser", "average_linkage", "check_count", "check_delta",
+    "check_target", "check_threshold", "choose_threshold", "collapse_duplicates", "cut_keeping",
+    "default_nlist", "draw_cells", "keep_rows", "labels_from_edges", "lowest_hash_rows",
+    "merge_all_threshold", "number_by_first_appearance", "on_all_cores", "prepare", "threshold_cells",
+    "threshold_from_heights", "threshold_from_sample", "training_rows",
 ]

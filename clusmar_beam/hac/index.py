@@ -298,8 +298,6 @@ def on_all_cores(fn, items, per_task: int = 8):
 
 
 @functools.lru_cache(maxsize=None)
-
-
 def _thread_pool(pid: int, threads: int) -> concurrent.futures.ThreadPoolExecutor:
     """One pool per process (a forked worker does not inherit the threads) and thread count."""
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="hac-faiss")

@@ -39,8 +39,6 @@ TARGET_RAISE = 1.5
 
 
 @dataclasses.dataclass
-
-
 class HacResult:
     """Flat clusters plus how much work the merging took.
 
@@ -56,9 +54,9 @@ class HacResult:
     merges_per_round: list[int]
     # Every merge made, as an edge between two input rows (one row of each
     # side) and its linkage distance; exact duplicates merge at 0.  Cutting at
-    # eps keeps the connected components of the edges of height <= eps.  With a target mean size the merging went past the cut,
-    # so these hold more merges than `merges` (and merges_per_round counts
-    # them all).
+    # eps keeps the connected components of the edges of height <= eps.
+    # With a target mean size the merging went past the cut, so these hold
+    # more merges than `merges` (and merges_per_round counts them all).
     heights: np.ndarray | None = None
     pairs: np.ndarray | None = None
     # The cut: the threshold given, or the one picked for a target mean size.

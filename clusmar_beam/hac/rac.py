@@ -41,8 +41,6 @@ _COMPACT_MIN = 1024
 
 
 @dataclasses.dataclass
-
-
 class Clusters:
     """Clusters left by a run: their input row ids (ascending) and statistics (None unless asked for)."""
 
@@ -56,8 +54,8 @@ class Rac:
     """Cluster statistics, the FAISS index over active clusters, and the rounds.
 
     Cluster ids are row numbers of the statistics; a merged pair keeps the
-    lower id, a star its pair's.  As clusters retire the rows are renumbered (_compact) in
-    order, so the lower id stays the lower; `orig` maps them back to the
+    lower id, a star its pair's.  As clusters retire the rows are renumbered
+    (_compact) in order, so the lower id stays the lower; `orig` maps them back to the
     input rows, in which `pairs` are recorded.  For sqeuclidean the
     within-cluster sum of squared deviations W is kept instead of the sum of
     squared norms Q (W = Q - |S|^2/n): the pairwise update of W is stable

@@ -18,8 +18,6 @@ from clusmar_beam.hac.rac import EXACT_SEARCH_MAX
 
 
 @dataclasses.dataclass
-
-
 class ThresholdChoice:
     """A sample's estimate of the threshold for a target mean cluster size, and where to merge up to.
 
@@ -179,8 +177,6 @@ _FLAT_SAMPLE_CELLS_MAX = 1024
 
 
 @dataclasses.dataclass
-
-
 class SampleCells:
     """The k-means cells of the threshold sample; small enough to ship to every worker."""
 
@@ -217,8 +213,6 @@ class SampleCells:
 
 
 @dataclasses.dataclass
-
-
 class CellDraw:
     """Which rows the threshold sample takes: those near the drawn cells, or fixed rows."""
 
