@@ -3,7 +3,7 @@
 The pool is read in columnar batches and checked in parallel.  With
 `--hac-shards 1` (the default) the clustering runs on one worker
 (clusmar_beam.hac: exact linkage from cluster statistics, nearest clusters by
-FAISS).  With `--hac-shards S > 1` only the ids are gathered (to number the
+FAISS, reciprocal pairs plus (1+delta)-good stars with `--approximation`).  With `--hac-shards S > 1` only the ids are gathered (to number the
 rows in id order) and the HAC runs as Beam rounds (clusmar_beam.hac_sharded:
 S partitions by coarse cell, reciprocal-nearest merges inside each with the
 neighbouring cells' clusters visible but frozen, S/4 partitions next round,
@@ -259,15 +259,12 @@ def _sharded_result(hac_result: dict, index: dict, id_type: str, started: float,
 
 
 def _warnings(largest: int, n: int, share: float) -> list[str]:
-    """Warnings about the clusters, logged here and written to clustering.json."""
-    warnings = []
+    """Warnings about the clusters for clustering.json (run logs them where the user sees them)."""
     if n and largest > share * n:
-        warnings.append(f"the largest cluster holds {largest} of {n} points ({largest / n:.1%}, more than "
-                        f"--warn-largest-share {share:g}): the distance threshold may be too large for this data; "
-                        "Cluster-Margin picks at most one example per cluster per pass")
-    for warning in warnings:
-        LOG.warning("cluster: %s", warning)
-    return warnings
+        return [f"the largest cluster holds {largest} of {n} points ({largest / n:.1%}, more than "
+                f"--warn-largest-share {share:g}): the distance threshold may be too large for this data; "
+                "Cluster-Margin picks at most one example per cluster per pass"]
+    return []
 
 
 def _shards(result: dict, num_shards: int | None):
@@ -385,6 +382,8 @@ def run(argv=None) -> dict:
     finally:
         output.remove_temp()
     info = io.read_json(output.join("clustering.json"))
+    for warning in info["warnings"]:
+        LOG.warning("cluster: %s", warning)
     LOG.info("cluster: %d points, %d clusters (mean size %.1f) in %.1f s -> %s", info["num_points"],
              info["num_clusters"], info["mean_cluster_size"], time.time() - start, output.path)
     return info
