@@ -77,7 +77,7 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
                     seed: int = 0, k: int = hac.DEFAULT_K, delta: float = 0.0):
     """RAC among `members` with `frozen` clusters visible but never merged.
 
-    Returns (merged member clusters, merge edges, their heights).  An edge
+    Returns (merged member clusters, merge edges, their heights, merge rounds).  An edge
     joins the ids of two clusters that merged (one of which the merged
     cluster keeps); the clusters are the connected components of the edges
     of all rounds (hac.labels_from_edges).  `delta` is hac.average_linkage's.
@@ -94,13 +94,13 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     W = np.array(both.W, np.float64)
     rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=32, seed=seed,
                   log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen, delta=delta)
-    left, _ = rac.run(first_round_extra=0)
+    left, merges_per_round = rac.run(first_round_extra=0)
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
     alive = left.ids < m  # the frozen rows come after the members, and only members merge
     out = Clusters(members.ids[left.ids[alive]], left.cnt[alive], left.S[alive],
                    left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
-    return out, members.ids[pairs], heights
+    return out, members.ids[pairs], heights, len(merges_per_round)
 
 
 def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target: float | None = None,
@@ -111,19 +111,20 @@ def finish(clusters: Clusters, eps: float, metric: str, seed: int = 0, *, target
     and with n points of which `merged_before` merges were made already,
     merging goes on with the threshold raised by hac.TARGET_RAISE while the
     clusters average fewer than the target (the cut comes after, see
-    `cut`).  Returns (edges, heights, eps merged up to).
+    `cut`).  Returns (edges, heights, eps merged up to, merge rounds).
     """
     if target is not None and merge_threshold is not None:
         eps = max(eps, merge_threshold)
-    edges, heights = [], []
+    edges, heights, rounds = [], [], 0
     while True:
-        clusters, e, h = rac_on_clusters(clusters, eps, metric, None, seed, delta=delta)
+        clusters, e, h, r = rac_on_clusters(clusters, eps, metric, None, seed, delta=delta)
         edges.append(e)
         heights.append(h)
+        rounds += r
         merged_before += len(e)
         # Once eps is above every linkage all clusters merge into one, so this ends.
         if target is None or len(clusters) <= 1 or n / (n - merged_before) >= target:
-            return np.concatenate(edges), np.concatenate(heights), eps
+            return np.concatenate(edges), np.concatenate(heights), eps, rounds
         eps *= hac.TARGET_RAISE
 
 
@@ -169,14 +170,15 @@ def _partition_round(clusters: Clusters, eps, metric, parts, halo_cells, seed, d
     centroids = _partition_centroids(clusters, parts, seed)
     home, halo = route(clusters, centroids, halo_cells)
     frozen_rows = _halo_rows(halo)
-    outs, edges, heights = [], [], []
+    outs, edges, heights, rounds = [], [], [], 0
     for c, mem in knn.split_by_key(home):
         fro = frozen_rows.get(c, np.zeros(0, np.int64))
-        out, e, h = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed, delta=delta)
+        out, e, h, r = rac_on_clusters(clusters.take(mem), eps, metric, clusters.take(fro), seed, delta=delta)
         outs.append(out)
         edges.append(e)
         heights.append(h)
-    return Clusters.concat(outs), np.concatenate(edges), np.concatenate(heights)
+        rounds = max(rounds, r)  # partitions merge side by side
+    return Clusters.concat(outs), np.concatenate(edges), np.concatenate(heights), rounds
 
 
 def check_shard_params(shards, halo_cells, shrink, max_rounds):
@@ -216,21 +218,22 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     parts, rnd = shards, 0
     while parts > 1 and rnd < max_rounds and len(clusters) > 1:
         t = time.perf_counter()
-        clusters, e, h = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd, delta)
+        clusters, e, h, r = _partition_round(clusters, eps, metric, parts, halo_cells, seed + rnd, delta)
         edges.append(e)
         heights.append(h)
-        info["rounds"].append({"partitions": parts, "merges": len(e), "clusters": len(clusters)})
+        info["rounds"].append({"partitions": parts, "merges": len(e), "clusters": len(clusters), "merge_rounds": r})
         if log:
             log(f"sharded hac round {rnd + 1}: {parts} partitions, {len(e)} merges, {len(clusters)} clusters "
                 f"({time.perf_counter() - t:.1f}s)")
         parts = max(1, parts // shrink)
         rnd += 1
     merged_before = sum(len(e) for e in edges)
-    e, h, info["merged_up_to"] = finish(clusters, eps, metric, seed, target=target, n=n, merged_before=merged_before,
-                                        merge_threshold=merge_threshold, delta=delta)
+    e, h, info["merged_up_to"], r = finish(clusters, eps, metric, seed, target=target, n=n,
+                                           merged_before=merged_before, merge_threshold=merge_threshold, delta=delta)
     edges.append(e)
     heights.append(h)
-    info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e)})
+    info["rounds"].append({"partitions": 1, "merges": len(e), "clusters": len(clusters) - len(e), "merge_rounds": r})
+    info["merge_rounds"] = sum(part["merge_rounds"] for part in info["rounds"])
     labels, info["distance_threshold"] = cut(n, np.concatenate(edges), np.concatenate(heights), eps, target)
     info["num_clusters"] = int(labels.max()) + 1
     return labels, info
@@ -279,8 +282,9 @@ class _RouteClusters(beam.DoFn):
 class _LocalRac(beam.DoFn):
     EDGES = "edges"
 
-    def __init__(self, metric, seed, round_name, delta):
-        self.metric, self.seed, self.round_name, self.delta = metric, seed, round_name, delta
+    def __init__(self, metric, seed, round_index, delta):
+        self.metric, self.seed, self.round_index, self.delta = metric, seed, round_index, delta
+        self.round_name = f"round_{round_index + 1}"
 
     def process(self, element, eps):
         _, parts = element
@@ -293,36 +297,40 @@ class _LocalRac(beam.DoFn):
         frozen = Clusters.concat(fro) if fro else None
         if frozen is not None:
             frozen = frozen.take(np.argsort(frozen.ids, kind="stable"))
-        out, edges, heights = rac_on_clusters(members, eps, self.metric, frozen, self.seed, delta=self.delta)
+        out, edges, heights, rounds = rac_on_clusters(members, eps, self.metric, frozen, self.seed, delta=self.delta)
         beam.metrics.Metrics.counter("hac", f"merges_{self.round_name}").inc(len(edges))
         beam.metrics.Metrics.counter("hac", f"clusters_after_{self.round_name}").inc(len(out))
         beam.metrics.Metrics.counter("hac", f"partitions_{self.round_name}").inc(1)
         yield out
-        yield beam.pvalue.TaggedOutput(self.EDGES, (edges, heights))
+        yield beam.pvalue.TaggedOutput(self.EDGES, (edges, heights, self.round_index, rounds))
 
 
 def _finish(cluster_parts, eps, metric, seed, target, n, merged_before, merge_eps, delta):
-    """The last round on one worker: (edges, heights, eps merged up to)."""
+    """The last round on one worker: (edges, heights, eps merged up to, merge rounds)."""
     clusters = Clusters.concat(list(cluster_parts)) if cluster_parts else None
     if clusters is None or not len(clusters):
-        return np.zeros((0, 2), np.int64), np.zeros(0), eps
+        return np.zeros((0, 2), np.int64), np.zeros(0), eps, 0
     t = time.time()
-    edges, heights, merged_up_to = finish(clusters, eps, metric, seed, target=target, n=n,
+    edges, heights, merged_up_to, rounds = finish(clusters, eps, metric, seed, target=target, n=n,
                                           merged_before=merged_before, merge_threshold=merge_eps, delta=delta)
     beam.metrics.Metrics.counter("hac", "merges_final").inc(len(edges))
     beam.metrics.Metrics.counter("hac", "clusters").inc(len(clusters) - len(edges))
     LOG.info("sharded hac: final round on one worker: %d clusters -> %d, merged up to %.6g (%.1f s)",
              len(clusters), len(clusters) - len(edges), merged_up_to, time.time() - t)
-    return edges, heights, merged_up_to
+    return edges, heights, merged_up_to, rounds
 
 
 def _cut(parts, final, n, eps, target):
-    """Every round's (edges, heights) -> the labels of rows 0..n-1 and the threshold of the cut."""
+    """Every partition's (edges, heights, round, merge rounds) and the last round's -> the labels of
+    rows 0..n-1, the threshold of the cut and the merge rounds (partitions of a round run side by side)."""
     edges = np.concatenate([p[0] for p in parts] + [final[0]])
     heights = np.concatenate([p[1] for p in parts] + [final[1]])
     labels, eps = cut(n, edges, heights, eps, target)
+    longest = {}
+    for p in parts:
+        longest[p[2]] = max(longest.get(p[2], 0), p[3])
     return {"labels": labels, "distance_threshold": eps, "merged_up_to": final[2],
-            "merges": int(n - (labels.max() + 1 if n else 0))}
+            "merges": int(n - (labels.max() + 1 if n else 0)), "rounds": sum(longest.values()) + final[3]}
 
 
 def _threshold_argument(value):
@@ -333,7 +341,7 @@ def _threshold_argument(value):
 class ShardedHac(beam.PTransform):
     """PCollection of (row ids int64, embeddings) batches, rows 0..n-1 -> singleton
     PCollection of a dict: `labels` of rows 0..n-1 (numbered by first appearance),
-    `distance_threshold` (the cut), `merged_up_to` and `merges`.
+    `distance_threshold` (the cut), `merged_up_to`, `merges` and merge `rounds`.
 
     `distance_threshold` is a number, or a singleton PCollection holding it (an
     eps computed in the same pipeline, e.g. by ThresholdFromTarget).  With
@@ -388,7 +396,7 @@ class ShardedHac(beam.PTransform):
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
                                                      beam.pvalue.AsSingleton(centroids))
                       | f"{name}Group" >> beam.GroupByKey()
-                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, f"round_{rnd + 1}", self.delta), eps)
+                      | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, rnd, self.delta), eps)
                       .with_outputs(_LocalRac.EDGES, main="clusters"))
             clusters = result.clusters
             round_merges.append(result[_LocalRac.EDGES])

@@ -252,7 +252,7 @@ def _sharded_result(hac_result: dict, index: dict, id_type: str, started: float,
     beam.metrics.Metrics.counter("cluster", "clusters").inc(num_clusters)
     beam.metrics.Metrics.counter("cluster", "merges").inc(hac_result["merges"])
     LOG.info("cluster: sharded HAC: %d points -> %d clusters (%.1f s)", n, num_clusters, time.time() - started)
-    return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": None,
+    return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": hac_result["rounds"],
             "distance_threshold": hac_result["distance_threshold"],
             "threshold_choice": _choice_report(choice, hac_result["merged_up_to"]), "merges": hac_result["merges"],
             "merges_per_round": None, "hac_seconds": time.time() - started, "dim": index["dim"]}
