@@ -307,11 +307,11 @@ def split_crowded_lists(centroids: np.ndarray, train: np.ndarray, seed: int) -> 
     """Centroids with every crowded list split into lists of about the mean size.
 
     k-means puts one centroid at the core of a dense region, and every point
-    near that core is nearest to it: on heavy-tailed pools one list held 50
-    times the mean and the block searches, which cost a list's queries times
-    its probe lists' rows, ran 2-3 times longer than on balanced lists.  A
-    list holding more than _CROWDED_SHARE times the mean share of `train` is
-    replaced by a k-means of its own training rows into lists of the mean size.
+    near that core is nearest to it: on heavy-tailed pools one list held tens
+    of times the mean, and a list's block search costs its queries times its
+    probe lists' rows.  A list holding more than _CROWDED_SHARE times the
+    mean share of `train` is replaced by a k-means of its own training rows
+    into lists of about the mean size (benchmarks/RESULTS.md, issue 19).
     """
     for p in range(_SPLIT_PASSES):
         if centroids.shape[0] < 2:
