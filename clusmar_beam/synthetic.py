@@ -508,11 +508,8 @@ def _generate_block(plan: PoolPlan, block: int) -> dict[str, np.ndarray]:
     center, spread, sigma, major, alt, conf, gap = _cluster_values(plan, uk)
 
     # Embedding: centre + Gaussian noise of norm ~ spread * exp(sigma * radial), sigma = 0.25
-    # (0.65 in the flat blobs of the heavy-tailed mode).
-    if plan.region_sizes == "lognormal":
-        factor = np.exp(_RADIAL_SIGMA * radial)
-    else:
-        factor = np.exp(sigma[kinv].astype(np.float64) * radial)
+    # (0.65 in the flat blobs of the heavy-tailed mode; 0.25 is exact in float32).
+    factor = np.exp(sigma[kinv].astype(np.float64) * radial)
     scale = (spread[kinv] * factor / math.sqrt(d)).astype(np.float32)
     pos = dr["pos"]
     emb = center[kinv]

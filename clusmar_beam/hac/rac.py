@@ -479,13 +479,13 @@ class Rac:
             active[b] = False
             active[leaf] = False
             self.now += 1
-            if a.size:
-                self._combine(a, b, parent, active)
-            if centre.size:
-                # A centre's kept list and bound no longer cover its leaves' neighbours: search it again.
-                grown = np.unique(centre)
-                self.cand[grown] = -1
-                self.bound[grown] = -np.inf
+            # A star's kept list and bound would not cover its leaves' neighbours: it is searched again.
+            grown = np.isin(a, centre)
+            if grown.any():
+                self.cand[a[grown]] = -1
+                self.bound[a[grown]] = -np.inf
+            if not grown.all():
+                self._combine(a[~grown], b[~grown], parent, active)
 
             gone = np.concatenate([retired, a, b, leaf])
             if gone.size:
@@ -594,11 +594,11 @@ class Rac:
         target = centre_of[np.maximum(nn[act], 0)]
         is_leaf = (target >= 0) & (centre_of[act] < 0) & (nn[act] >= 0)
         leaf, centre = act[is_leaf], target[is_leaf]
-        crowded = np.bincount(np.searchsorted(a, centre), minlength=a.size) >= MIN_STAR_LEAVES
+        star = np.searchsorted(a, centre)  # a is ascending
+        crowded = np.bincount(star, minlength=a.size) >= MIN_STAR_LEAVES
         # A leaf's linkage to the grown cluster is at least its nearest one (reducibility), so
         # leaves beyond reach already are dropped before any statistics are summed.
-        reach = (crowded[np.searchsorted(a, centre)]
-                 & (nd[leaf] <= np.minimum((1.0 + self.delta) * nd[centre], self.eps)))
+        reach = crowded[star] & (nd[leaf] <= np.minimum((1.0 + self.delta) * nd[centre], self.eps))
         leaf, centre = leaf[reach], centre[reach]
         if leaf.size == 0:
             return leaf, centre
