@@ -4,7 +4,8 @@ Usage:
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py quality [--n 30000] [--dim 64] [--seed 0]
       [--deltas 0 0.05 0.1 0.2] [--cosine-eps 0.15 0.3] [--sqeuclidean-eps 0.3 0.6] [--target 10]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py scale [--sizes 10000 100000 1000000] [--eps 0.3]
-      [--deltas 0.1] [--region-sizes heavy-tailed]
+      [--deltas 0.05] [--region-sizes heavy-tailed]
+  .venv/bin/python benchmarks/bench_hac_heavy_tailed.py first-round [--n 1000000]
 
 Data: `clusmar generate-pool --region-sizes heavy-tailed` rows (`synthetic.generate_rows`): a
 few large diffuse regions hold 10-20% of the pool each, the rest a long tail, with
@@ -17,6 +18,10 @@ near-duplicate bursts.
 - scale: `hac.average_linkage` at each pool size: rounds, time, peak memory of the run (the
   process's peak RSS grows monotonically, so sizes run smallest first, each in a new
   process), largest cluster's share.  One JSON line per size.
+- first-round: the first round's IVF index (build) and nearest-cluster search of every point,
+  on a lognormal and a heavy-tailed pool of the same size, and how even the lists are
+  (largest list, E[size^2] / E[size]^2, and the block search's work per point: the sum over
+  lists of their queries times the rows of their probe lists).  One JSON line per pool.
 """
 from __future__ import annotations
 
@@ -89,6 +94,26 @@ def scale(args) -> None:
         subprocess.run(command, check=True)
 
 
+def first_round(args) -> None:
+    for region_sizes in ("lognormal", "heavy-tailed"):
+        X = hac.prepare(pool(args.n, args.dim, args.seed, region_sizes), "cosine")
+        rac = hac.Rac(X, np.ones(args.n), "cosine", 0.3, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None,
+                      nprobe=32, seed=args.seed, log=None, t0=time.perf_counter(), k=hac.DEFAULT_K)
+        start = time.perf_counter()
+        rac._build_index(np.arange(args.n))
+        build = time.perf_counter() - start
+        start = time.perf_counter()
+        rac._search(np.arange(args.n))
+        search = time.perf_counter() - start
+        index = rac.index.index
+        sizes = np.array([index.invlists.list_size(lst) for lst in range(index.nlist)], np.float64)
+        emit({"n": args.n, "region_sizes": region_sizes, "lists": int(sizes.size), "largest_list": int(sizes.max()),
+              "size_square_ratio": round(float((sizes ** 2).mean() / sizes.mean() ** 2), 2),
+              "block_work_per_point": round(float((sizes * sizes[rac.index.probe].sum(axis=1)).sum() / args.n)),
+              "build_seconds": round(build, 1), "search_seconds": round(search, 1)})
+        del X, rac
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -102,12 +127,15 @@ def main() -> None:
     s.add_argument("--eps", type=float, default=0.3)
     s.add_argument("--region-sizes", default="heavy-tailed")
     s.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    for p in (q, s):
+    f = sub.add_parser("first-round")
+    f.add_argument("--n", type=int, default=1_000_000)
+    for p in (q, s, f):
         p.add_argument("--dim", type=int, default=64)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--deltas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2] if p is q else [0.1])
+        p.add_argument("--deltas", type=float, nargs="+",
+                       default=[0.0, 0.05, 0.1, 0.2] if p is q else [hac.DEFAULT_DELTA])
     args = ap.parse_args()
-    quality(args) if args.mode == "quality" else scale(args)
+    {"quality": quality, "scale": scale, "first-round": first_round}[args.mode](args)
 
 
 if __name__ == "__main__":
