@@ -1,7 +1,7 @@
 """Average-linkage HAC on heavy-tailed pools: quality and speed against fastcluster, rounds by pool size.
 
 Usage:
-  .venv/bin/python benchmarks/bench_hac_heavy_tailed.py quality [--n 30000] [--dim 64] [--seed 0]
+  .venv/bin/python benchmarks/bench_hac_heavy_tailed.py quality [--n 30000] [--dim 64] [--seed 0] [--nprobe 32]
       [--deltas 0 0.05 0.1 0.2] [--cosine-eps 0.15 0.3] [--sqeuclidean-eps 0.3 0.6] [--target 10]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py scale [--sizes 10000 100000 1000000] [--eps 0.3]
       [--deltas 0.05] [--region-sizes heavy-tailed]
@@ -62,10 +62,12 @@ def quality(args) -> None:
         for delta in args.deltas:
             for eps, target in runs:
                 start = time.perf_counter()
-                result = hac.average_linkage(X, eps, metric, target_mean_cluster_size=target, delta=delta)
+                result = hac.average_linkage(X, eps, metric, target_mean_cluster_size=target, delta=delta,
+                                             nprobe=args.nprobe)
                 seconds = time.perf_counter() - start
                 reference = fcluster(tree, result.distance_threshold, "distance")
-                emit({"metric": metric, "n": args.n, "seed": args.seed, "delta": delta,
+                emit({"metric": metric, "n": args.n, "dim": args.dim, "seed": args.seed, "nprobe": args.nprobe,
+                      "delta": delta,
                       "eps": round(result.distance_threshold, 6), "target": target,
                       "ari": round(adjusted_rand_score(reference, result.labels), 5),
                       "clusters": result.num_clusters, "reference_clusters": int(reference.max()),
@@ -122,6 +124,7 @@ def main() -> None:
     q.add_argument("--cosine-eps", type=float, nargs="+", default=[0.15, 0.3])
     q.add_argument("--sqeuclidean-eps", type=float, nargs="+", default=[0.3, 0.6])
     q.add_argument("--target", type=float, default=10.0)
+    q.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (hac.average_linkage's nprobe)")
     s = sub.add_parser("scale")
     s.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     s.add_argument("--eps", type=float, default=0.3)
