@@ -39,6 +39,13 @@ _SCAN_BLOCK = 512
 # split_crowded_lists).
 _CROWDED_SHARE = 3.0
 _SPLIT_PASSES = 2
+# Queries whose nearest neighbour is looked up exactly to choose how an IVF
+# index is probed (IvfIndex.choose_probing); the share of them the per-list
+# search must miss, and the share of those misses the per-query probes must
+# recover, for the per-query probes to be chosen.
+PROBE_SAMPLE = 512
+_PER_LIST_MISSES = 0.02
+_PER_QUERY_RECOVERS = 0.6
 
 
 def default_nlist(n: int) -> int:
@@ -54,6 +61,7 @@ class FlatIndex:
     """
 
     exact = True
+    per_query = False
 
     def __init__(self, dim, inner_product=False):
         self.index = faiss.IndexIDMap(faiss.IndexFlatIP(dim) if inner_product else faiss.IndexFlatL2(dim))
@@ -123,10 +131,48 @@ class IvfIndex:
         self.centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
         self.list_of = np.full(size, -1, np.int64)
         self.index = index
+        # Whether searches probe the lists nearest each query (see choose_probing).
+        self.per_query = False
 
     @property
     def ntotal(self):
         return self.index.ntotal
+
+    def choose_probing(self, sample, all_ids, query_vectors, database_vectors) -> dict:
+        """Probe per query where the per-list block search misses what per-query probes find.
+
+        The block search probes the lists nearest a query's list, the cheap
+        way; a query far from its list's centre needs the lists nearest
+        itself.  How often that matters depends on the data: on low-dimensional
+        dense regions the per-query probes find most of what the block search
+        misses, and average linkage follows exact only with them; at higher
+        dimensions they find a small part of it at a large cost
+        (benchmarks/RESULTS.md, issue 19).  So the `sample` queries' nearest
+        other rows among `all_ids` are found exactly, and per-query probing is
+        kept when the block search misses at least _PER_LIST_MISSES of them
+        and the per-query probes recover at least _PER_QUERY_RECOVERS of those.
+        """
+        queries = query_vectors(sample)
+        inner = self.metric == faiss.METRIC_INNER_PRODUCT
+        best = np.full(sample.size, -np.inf if inner else np.inf, np.float32)
+        for s in range(0, all_ids.size, ADD_BLOCK):
+            part = all_ids[s:s + ADD_BLOCK]
+            found_score, found = faiss.knn(queries, database_vectors(part), min(2, part.size), metric=self.metric)
+            found_score[part[found] == sample[:, None]] = -np.inf if inner else np.inf
+            best = np.maximum(best, found_score.max(axis=1)) if inner else np.minimum(best, found_score.min(axis=1))
+
+        def misses(cand, score):
+            score = np.where((cand >= 0) & (cand != sample[:, None]), score, -np.inf if inner else np.inf)
+            if inner:
+                return int(np.count_nonzero(score.max(axis=1) < best - 1e-6))
+            return int(np.count_nonzero(score.min(axis=1) > best + 1e-6 * np.maximum(1.0, np.abs(best))))
+
+        per_list = misses(*self.search(sample, query_vectors, 3))
+        per_query = misses(*self.search_own_lists(sample, query_vectors, database_vectors, 3))
+        self.per_query = (per_list >= _PER_LIST_MISSES * sample.size
+                          and per_list - per_query >= _PER_QUERY_RECOVERS * per_list)
+        return {"sample": int(sample.size), "per_list_misses": per_list, "per_query_misses": per_query,
+                "per_query": bool(self.per_query)}
 
     def add(self, ids, vecs):
         """Add rows; a cluster that was in the index before (it merged) goes to a list near its old one."""

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from clusmar_beam import progress
-from clusmar_beam.hac.index import ADD_BLOCK, TRAIN_PER_LIST, FlatIndex, IvfIndex, default_nlist
+from clusmar_beam.hac.index import ADD_BLOCK, PROBE_SAMPLE, TRAIN_PER_LIST, FlatIndex, IvfIndex, default_nlist
 from clusmar_beam.hac.prepare import CHUNK
 
 # Default neighbours asked from FAISS per query (self included).  More than the
@@ -95,6 +95,7 @@ class Rac:
         self.log = log
         self.t0 = t0
         self.index = None
+        self.probing = None  # how the IVF index is probed (IvfIndex.choose_probing)
         self.heights = []
         self.pairs = []
         self.orig = np.arange(S.shape[0], dtype=np.int64)
@@ -192,6 +193,13 @@ class Rac:
         for s in range(0, ids.size, ADD_BLOCK):
             part = ids[s:s + ADD_BLOCK]
             self.index.add(part, self._vectors(part, True))
+        if not self.index.exact:
+            rng = np.random.default_rng(self.seed + 1)
+            sample = np.sort(rng.choice(ids, size=min(ids.size, PROBE_SAMPLE), replace=False))
+            self.probing = self.index.choose_probing(sample, ids, functools.partial(self._vectors, database=False),
+                                                     functools.partial(self._vectors, database=True))
+            if self.log is not None:
+                self.log(f"IVF probing: {self.probing}")
 
     def _search(self, ids, own_lists=False):
         """Nearest active cluster of each id: FAISS candidates, exact re-ranking.
@@ -199,7 +207,8 @@ class Rac:
         Ties go to the lower id.  Keeps the candidates and a lower bound on the
         linkage to every other cluster for _resolve.  With `own_lists` an IVF
         search probes the lists nearest each cluster itself rather than those
-        nearest its list (see run).
+        nearest its list (see run), as every search does where the index
+        chose per-query probing.
         """
         nn = np.full(ids.size, -1, np.int64)
         nd = np.full(ids.size, np.inf)
@@ -208,7 +217,7 @@ class Rac:
             return nn, nd
         everything = self.index.ntotal <= k  # every indexed cluster was returned
         queries = functools.partial(self._vectors, database=False)
-        if own_lists:
+        if own_lists or self.index.per_query:
             cand, score = self.index.search_own_lists(ids, queries, functools.partial(self._vectors, database=True), k)
         else:
             cand, score = self.index.search(ids, queries, k)
@@ -447,7 +456,11 @@ class Rac:
                 # gave the clusters of exact search (benchmarks/RESULTS.md).
                 # One searched this round only needs the lists it missed.
                 doubt = np.flatnonzero(fresh & (nd > eps))
+                # (A per-query search has probed the lists nearest the cluster already.)
                 searched = np.isin(doubt, todo, assume_unique=True)
+                if self.index.per_query:
+                    doubt = doubt[~searched]
+                    searched = searched[~searched]
                 widen, again = doubt[searched], doubt[~searched]
                 if widen.size:
                     nn[widen], nd[widen] = self._widen(widen)
