@@ -202,7 +202,7 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
             "distance_threshold": result.distance_threshold,
             "threshold_choice": _choice_report(choice, result.merged_up_to),
             "merges": result.merges, "merges_per_round": list(result.merges_per_round), "hac_seconds": elapsed,
-            "dim": dim}
+            "dim": dim, "ivf_probing": result.probing}
 
 
 def _choice_report(choice: hac.ThresholdChoice | None, merged_up_to: float | None) -> dict | None:
@@ -333,7 +333,8 @@ def run(argv=None) -> dict:
                 "singletons": int(np.count_nonzero(sizes == 1)),
                 "cluster_size_histogram": size_histogram(labels), "dim": result["dim"],
                 "rounds": result["rounds"], "merges": result["merges"],
-                "merges_per_round": result["merges_per_round"], "files": names}
+                "merges_per_round": result["merges_per_round"], "ivf_probing": result.get("ivf_probing"),
+                "files": names}
 
     start = time.time()
     pipeline = runner.make_pipeline(options)

@@ -76,6 +76,7 @@ def test_heavy_tailed_pool_reports_rounds_share_and_warns(tmp_path, caplog, metr
         assert info["largest_cluster_share"] == pytest.approx(sizes.max() / len(ids))
         assert info["largest_cluster_share"] > 0.05 and "--warn-largest-share" in info["warnings"][0]
     assert runs["0.05"][0]["rounds"] < runs["0"][0]["rounds"] / 2
+    assert runs["0"][0]["ivf_probing"] is None  # few enough points for exact search throughout
     assert "the largest cluster holds" in caplog.text
     # the threshold sample and the cut at a target merge by the same rule
     assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "t"), "--metric", metric,
@@ -217,3 +218,20 @@ def test_zero_norm_embeddings_with_cosine_and_a_target(tmp_path, rng, capsys):
                      "--target-mean-cluster-size", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "2 of 40" in err and "zero norm" in err
+
+
+def test_low_dimensional_pool_reports_per_query_probing(tmp_path):
+    """On 12-d dense regions the IVF index probes per query, says so, and stays with exact average linkage."""
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "8000", "--dim", "12",
+                     "--num-classes", "5", "--seed", "1", "--region-sizes", "heavy-tailed"]) == 0
+    pool = str(tmp_path / "pool" / "pool-*.parquet")
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), "--distance-threshold", "0.3",
+                     "--exact-search-max", "1000", "--approximation", "0"]) == 0
+    info = json.load(open(tmp_path / "c" / "clustering.json"))
+    assert info["ivf_probing"]["per_query"] is True
+    assert info["ivf_probing"]["per_query_misses"] < info["ivf_probing"]["per_list_misses"]
+    table = pq.read_table(sorted(glob.glob(pool)), columns=["id", "embedding"])
+    ids = table.column("id").to_pylist()
+    exact = _exact(np.array(table.column("embedding").to_pylist(), dtype=np.float32), "cosine", 0.3)
+    clusters = _read_clusters(tmp_path / "c")
+    assert adjusted_rand_score(exact, [clusters[i] for i in ids]) >= 0.999

@@ -780,3 +780,27 @@ def test_crowded_lists_are_split():
     assert crowding(centroids) > 6
     assert crowding(split) < crowding(centroids) / 2
     assert split.shape[0] > centroids.shape[0]
+
+
+def _probing(X, metric, **kwargs):
+    """The IVF index's probing choice for X, and the result of average linkage with it."""
+    result = average_linkage(X, kwargs.pop("eps", 1e-9), metric, exact_search_max=1000, **kwargs)
+    return result.probing, result
+
+
+@pytest.mark.parametrize("metric, eps", [("cosine", 0.3), ("sqeuclidean", 0.6)])
+def test_low_dimensional_dense_regions_are_probed_per_query(metric, eps):
+    """At 12-d the lists nearest a query's list miss its neighbours; the lists nearest the query find them."""
+    X = _heavy_tailed(8000, dim=12, seed=1)
+    probing, got = _probing(X, metric, eps=eps, delta=0.0)
+    assert probing["per_query"], probing
+    assert probing["per_query_misses"] < probing["per_list_misses"] / 4, probing
+    ref = fcluster(_reference(X, metric), eps, "distance")
+    assert adjusted_rand_score(ref, got.labels) >= 0.999
+
+
+def test_higher_dimensional_pools_keep_the_per_list_search():
+    """At 64-d per-query probes recover a minority of the block search's misses: not worth their cost."""
+    probing, _ = _probing(_heavy_tailed(20000, dim=64, seed=4), "cosine")
+    assert not probing["per_query"], probing
+    assert probing["per_list_misses"] > 0.01 * probing["sample"], probing

@@ -39,12 +39,14 @@ _SCAN_BLOCK = 512
 # split_crowded_lists).
 _CROWDED_SHARE = 3.0
 _SPLIT_PASSES = 2
-# Queries whose nearest neighbour is looked up exactly to choose how an IVF
-# index is probed (IvfIndex.choose_probing); the share of them the per-list
-# search must miss, and the share of those misses the per-query probes must
-# recover, for the per-query probes to be chosen.
-PROBE_SAMPLE = 512
-_PER_LIST_MISSES = 0.02
+# How an IVF index is probed is chosen on a sample of queries whose nearest
+# neighbour is looked up exactly (IvfIndex.choose_probing): as many as cost
+# about PROBE_SAMPLE_WORK distances, within the bounds given; the share of
+# them the per-list search must miss, and the share of those misses the
+# per-query probes must recover, for the per-query probes to be chosen.
+PROBE_SAMPLE_WORK = 1 << 29
+PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX = 512, 4096
+_PER_LIST_MISSES = 0.01
 _PER_QUERY_RECOVERS = 0.6
 
 

@@ -63,6 +63,8 @@ class HacResult:
     distance_threshold: float | None = None
     # With a target: the threshold the merging reached before it was cut.
     merged_up_to: float | None = None
+    # How the first IVF index was probed (IvfIndex.choose_probing); None when every search was exact.
+    probing: dict | None = None
 
 
 def average_linkage(
@@ -145,6 +147,7 @@ def average_linkage(
     # The clusters still to merge (as rows of the duplicate-free statistics) and their statistics.
     live, cnt, W = np.arange(u, dtype=np.int64), counts.astype(np.float64), None
     merges_per_round = []
+    probing = None
     while True:
         # Only merging on towards a target needs the statistics of the clusters left (at 10M, 650 MB).
         rac = Rac(S, cnt, metric, eps, exact_search_max=exact_search_max, nlist=nlist, nprobe=nprobe, seed=seed,
@@ -152,6 +155,7 @@ def average_linkage(
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
         left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds
+        probing = probing or rac.probing
         pairs += [rep[live[p]] for p in rac.pairs]
         heights += rac.heights
         # Once eps is above every linkage all clusters merge into one, so this ends.
@@ -174,7 +178,7 @@ def average_linkage(
         log(f"hac done: {n} points -> {num_clusters} clusters in {len(merges_per_round)} rounds, "
             f"{time.perf_counter() - t0:.1f}s")
     return HacResult(labels, num_clusters, len(merges_per_round), n - num_clusters, merges_per_round, heights,
-                     pairs, eps, None if target is None else merged_up_to)
+                     pairs, eps, None if target is None else merged_up_to, probing)
 
 
 def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:

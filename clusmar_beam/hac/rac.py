@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from clusmar_beam import progress
-from clusmar_beam.hac.index import ADD_BLOCK, PROBE_SAMPLE, TRAIN_PER_LIST, FlatIndex, IvfIndex, default_nlist
+from clusmar_beam.hac.index import (ADD_BLOCK, PROBE_SAMPLE_MAX, PROBE_SAMPLE_MIN, PROBE_SAMPLE_WORK, TRAIN_PER_LIST,
+                                    FlatIndex, IvfIndex, default_nlist)
 from clusmar_beam.hac.prepare import CHUNK
 
 # Default neighbours asked from FAISS per query (self included).  More than the
@@ -195,7 +196,8 @@ class Rac:
             self.index.add(part, self._vectors(part, True))
         if not self.index.exact:
             rng = np.random.default_rng(self.seed + 1)
-            sample = np.sort(rng.choice(ids, size=min(ids.size, PROBE_SAMPLE), replace=False))
+            size = int(np.clip(PROBE_SAMPLE_WORK // ids.size, PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX))
+            sample = np.sort(rng.choice(ids, size=min(ids.size, size), replace=False))
             self.probing = self.index.choose_probing(sample, ids, functools.partial(self._vectors, database=False),
                                                      functools.partial(self._vectors, database=True))
             if self.log is not None:
