@@ -3,6 +3,7 @@
 Usage:
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py quality [--n 30000] [--dim 64] [--seed 0] [--nprobe 32]
       [--deltas 0 0.05 0.1 0.2] [--cosine-eps 0.15 0.3] [--sqeuclidean-eps 0.3 0.6] [--target 10]
+      [--stability 0.001]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py scale [--sizes 10000 100000 1000000] [--eps 0.3]
       [--deltas 0.05] [--region-sizes heavy-tailed]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py first-round [--n 1000000]
@@ -58,6 +59,14 @@ def quality(args) -> None:
         tree = fastcluster.linkage(X.astype(np.float64), "average", metric=metric)
         reference_seconds = time.perf_counter() - start
         emit({"metric": metric, "n": args.n, "fastcluster_seconds": round(reference_seconds, 2)})
+        if args.stability:
+            rng = np.random.default_rng(args.seed + 1)
+            noisy = X + rng.standard_normal(X.shape) * (args.stability * float(np.abs(X).mean()))
+            noisy_tree = fastcluster.linkage(noisy.astype(np.float64), "average", metric=metric)
+            for eps in thresholds:
+                emit({"metric": metric, "n": args.n, "dim": args.dim, "seed": args.seed, "eps": eps,
+                      "noise": args.stability, "exact_vs_exact_with_noise_ari": round(adjusted_rand_score(
+                          fcluster(tree, eps, "distance"), fcluster(noisy_tree, eps, "distance")), 5)})
         runs = [(eps, None) for eps in thresholds] + [(thresholds[0], args.target)]
         for delta in args.deltas:
             for eps, target in runs:
@@ -72,6 +81,7 @@ def quality(args) -> None:
                       "ari": round(adjusted_rand_score(reference, result.labels), 5),
                       "clusters": result.num_clusters, "reference_clusters": int(reference.max()),
                       "rounds": result.rounds, "seconds": round(seconds, 2),
+                      "per_query_probing": None if result.probing is None else result.probing["per_query"],
                       "speedup": round(reference_seconds / seconds, 1),
                       "largest_share": round(float(np.bincount(result.labels).max()) / args.n, 4)})
 
@@ -125,6 +135,8 @@ def main() -> None:
     q.add_argument("--sqeuclidean-eps", type=float, nargs="+", default=[0.3, 0.6])
     q.add_argument("--target", type=float, default=10.0)
     q.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (hac.average_linkage's nprobe)")
+    q.add_argument("--stability", type=float, default=0.0,
+                   help="also cluster exactly with noise of this relative scale and report the ARI (0: skip)")
     s = sub.add_parser("scale")
     s.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     s.add_argument("--eps", type=float, default=0.3)
