@@ -10,7 +10,7 @@ import pytest
 from scipy.cluster.hierarchy import fcluster
 from sklearn.metrics import adjusted_rand_score
 
-from clusmar_beam import cli
+from clusmar_beam import cli, hac
 from conftest import write_tfrecord
 
 
@@ -83,7 +83,7 @@ def test_heavy_tailed_pool_reports_rounds_share_and_warns(tmp_path, caplog, metr
                      "--target-mean-cluster-size", "10", "--threshold-sample-size", "1500"]) == 0
     info = json.load(open(tmp_path / "t" / "clustering.json"))
     assert info["mean_cluster_size"] == pytest.approx(10, rel=0.01)
-    assert info["parameters"]["approximation"] == 0.05
+    assert info["parameters"]["approximation"] == hac.DEFAULT_DELTA
 
 
 def test_tfrecord_pool_with_text_ids(tmp_path, rng):

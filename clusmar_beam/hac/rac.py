@@ -19,7 +19,7 @@ DEFAULT_K = 8
 # a round also merges (1 + delta)-good stars, not only reciprocal nearest
 # pairs (see Rac._absorb); measured against exact average linkage in
 # benchmarks/bench_hac_heavy_tailed.py.
-DEFAULT_DELTA = 0.05
+DEFAULT_DELTA = 0.03
 # A merging pair grows into a star only when at least this many clusters
 # point at it: that crowding is what makes RAC's rounds grow with a dense
 # region, and everywhere else reciprocal pairs keep the merge order exact
