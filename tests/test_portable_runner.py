@@ -1,0 +1,70 @@
+"""The cluster pipeline through Beam's PortableRunner with an EXTERNAL worker pool, as Flink runs Python.
+
+The SDK workers are separate processes started by `worker_pool_main`, so what reaches
+them is what a Flink or Dataflow worker gets: pickled DoFns, coders, files through
+FileSystems.  Their output must be the DirectRunner's, byte for byte.
+"""
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clusmar_beam import cli
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_pool():
+    """A worker_pool_main on a free port; it starts each SDK worker with the `python` on PATH."""
+    port = _free_port()
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                             f"--service_port={port}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker_pool_main exited with {proc.returncode}")
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("worker_pool_main did not open its port")
+        yield f"localhost:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the pool and the SDK workers it started
+        proc.wait(timeout=60)
+
+
+def _portable(endpoint):
+    return ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+            f"--environment_config={endpoint}"]
+
+
+def _files(directory):
+    return {os.path.basename(p): open(p, "rb").read()
+            for p in sorted(glob.glob(os.path.join(directory, "clusters-*.parquet")))}
+
+
+@pytest.mark.parametrize("extra", [[], ["--hac-shards", "3"]], ids=["one-worker", "sharded"])
+def test_cluster_on_external_workers_matches_direct_runner(tmp_path, worker_pool, extra):
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "3000", "--dim", "12",
+                     "--num-classes", "5", "--seed", "21", "--region-sizes", "heavy-tailed",
+                     "--num-shards", "3"]) == 0
+    args = ["cluster", "--pool", str(tmp_path / "pool" / "pool-*.parquet"), "--distance-threshold", "0.3", *extra]
+    assert cli.main([*args, "--output", str(tmp_path / "direct")]) == 0
+    assert cli.main([*args, "--output", str(tmp_path / "portable"), *_portable(worker_pool)]) == 0
+    direct, portable = _files(tmp_path / "direct"), _files(tmp_path / "portable")
+    assert direct and portable == direct
