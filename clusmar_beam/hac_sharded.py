@@ -312,7 +312,8 @@ def _finish(cluster_parts, eps, metric, seed, target, n, merged_before, merge_ep
         return np.zeros((0, 2), np.int64), np.zeros(0), eps, 0
     t = time.time()
     edges, heights, merged_up_to, rounds = finish(clusters, eps, metric, seed, target=target, n=n,
-                                          merged_before=merged_before, merge_threshold=merge_eps, delta=delta)
+                                                  merged_before=merged_before, merge_threshold=merge_eps,
+                                                  delta=delta)
     beam.metrics.Metrics.counter("hac", "merges_final").inc(len(edges))
     beam.metrics.Metrics.counter("hac", "clusters").inc(len(clusters) - len(edges))
     LOG.info("sharded hac: final round on one worker: %d clusters -> %d, merged up to %.6g (%.1f s)",

@@ -3,8 +3,9 @@
 The pool is read in columnar batches and checked in parallel.  With
 `--hac-shards 1` (the default) the clustering runs on one worker
 (clusmar_beam.hac: exact linkage from cluster statistics, nearest clusters by
-FAISS, reciprocal pairs plus (1+delta)-good stars with `--approximation`).  With `--hac-shards S > 1` only the ids are gathered (to number the
-rows in id order) and the HAC runs as Beam rounds (clusmar_beam.hac_sharded:
+FAISS, reciprocal pairs plus (1+delta)-good stars with `--approximation`).
+With `--hac-shards S > 1` only the ids are gathered (to number the rows in id
+order) and the HAC runs as Beam rounds (clusmar_beam.hac_sharded:
 S partitions by coarse cell, reciprocal-nearest merges inside each with the
 neighbouring cells' clusters visible but frozen, S/4 partitions next round,
 ..., the remainder on one worker).  `--target-mean-cluster-size M` estimates

@@ -460,12 +460,10 @@ class Rac:
                 # gave the clusters of exact search (benchmarks/RESULTS.md).
                 # One searched this round only needs the lists it missed.
                 doubt = np.flatnonzero(fresh & (nd > eps))
-                # (A per-query search has probed the lists nearest the cluster already.)
                 searched = np.isin(doubt, todo, assume_unique=True)
-                if self.index.per_query:
-                    doubt = doubt[~searched]
-                    searched = searched[~searched]
                 widen, again = doubt[searched], doubt[~searched]
+                if self.index.per_query:
+                    widen = widen[:0]  # their search probed the lists nearest themselves already
                 if widen.size:
                     nn[widen], nd[widen] = self._widen(widen)
                 if again.size:
