@@ -127,8 +127,12 @@ def _arrow_kind(arrow_type) -> tuple[str, bool]:
 
 
 def parquet_schema(path: str) -> dict[str, Column]:
+    """The file's columns; a file that is not Parquet (truncated, another format) is bad input."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
-        schema = pq.read_schema(handle)
+        try:
+            schema = pq.read_schema(handle)
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
     return {field.name: Column(field.name, *_arrow_kind(field.type)) for field in schema}
 
 

@@ -50,6 +50,21 @@ def test_no_files_match(tmp_path, capsys):
     _nothing_written(tmp_path / "out")
 
 
+def test_truncated_parquet_file(tmp_path, rng, capsys):
+    """A file cut short (a killed writer, a partial copy): named, for select and for cluster."""
+    _good_pool(tmp_path, rng)
+    path = _good_pool(tmp_path, rng, name="pool-1.parquet", id=np.arange(200, 400, dtype=np.int64))
+    _clusters(tmp_path, np.arange(400))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "pool-1.parquet", "not a readable Parquet file")
+    _nothing_written(tmp_path / "out")
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.3"])
+    _assert_failed_cleanly(code, capsys, "pool-1.parquet", "not a readable Parquet file")
+    _nothing_written(tmp_path / "c")
+
+
 @pytest.mark.parametrize("column", ["id", "probs"])
 def test_missing_column(tmp_path, rng, capsys, column):
     path = _good_pool(tmp_path, rng)
