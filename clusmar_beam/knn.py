@@ -32,15 +32,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import logging
-import os
 import time
 
 import apache_beam as beam
 import faiss
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
+from clusmar_beam import io as pool_io
 from clusmar_beam.errors import InputError
 from clusmar_beam.selection import mix64
 
@@ -236,16 +239,23 @@ def merge_candidate_rows(cells, qids, nbrs, scores, k):
 
 
 def save_array(directory: str, name: str, array: np.ndarray) -> str:
-    """Write `array` to DIR/name-<content digest>.npy (atomically) and return the path."""
+    """Write `array` to DIR/name-<content digest>.npy through Beam's FileSystems (any runner's file system:
+    local, gs://, s3://, hdfs://) and return the path.  The name is the content, so a rewrite is harmless."""
     digest = hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"{name}-{digest}.npy")
-    if not os.path.exists(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
+    path = FileSystems.join(directory, f"{name}-{digest}.npy")
+    if not FileSystems.exists(path):
+        if not FileSystems.exists(directory):
+            FileSystems.mkdirs(directory)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        pool_io.write_bytes_atomic(path, buffer.getvalue())
     return path
+
+
+def load_array(path: str) -> np.ndarray:
+    """An array written by save_array, read through FileSystems."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return np.load(io.BytesIO(handle.read()))
 
 
 class _Loaded:
@@ -317,7 +327,7 @@ class _Route(beam.DoFn):
             return
         centroids_path, groups_path = paths
         loaded = self.shared_handle.acquire(
-            lambda: _Loaded((np.load(centroids_path), np.load(groups_path))), tag=f"{centroids_path}|{groups_path}")
+            lambda: _Loaded((load_array(centroids_path), load_array(groups_path))), tag=f"{centroids_path}|{groups_path}")
         centroids, cell_group = loaded.array
         x = prepare_vectors(x, self.metric)
         probes = probe_cells(centroids, x, self.nprobe).astype(np.int32)

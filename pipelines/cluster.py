@@ -4,11 +4,13 @@ The pool is read in columnar batches and checked in parallel.  With
 `--hac-shards 1` (the default) the clustering runs on one worker
 (clusmar_beam.hac: exact linkage from cluster statistics, nearest clusters by
 FAISS, reciprocal pairs plus (1+delta)-good stars with `--approximation`).
-With `--hac-shards S > 1` only the ids are gathered (to number the rows in id
-order) and the HAC runs as Beam rounds (clusmar_beam.hac_sharded:
-S partitions by coarse cell, reciprocal-nearest merges inside each with the
-neighbouring cells' clusters visible but frozen, S/4 partitions next round,
-..., the remainder on one worker).  `--target-mean-cluster-size M` estimates
+With `--hac-shards S > 1` nothing gathers the pool: the rows are numbered in id
+order by ranges of ids (clusmar_beam.ranks) and the HAC runs as Beam rounds
+(clusmar_beam.hac_sharded: partitions of about n / S clusters by coarse cell,
+merges inside each with the neighbouring cells' clusters visible but frozen,
+as many rounds as merges are left across borders); each point's cluster is
+found by joins keyed by row range, and every output file is written from its
+own keyed shard.  `--target-mean-cluster-size M` estimates
 how far to merge on a sample of whole k-means cells plus their border
 (hac.choose_threshold on the one worker; with --hac-shards, the same steps as
 Beam transforms, hac_sharded.ThresholdFromTarget), then cuts the pool's own
@@ -32,7 +34,7 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from clusmar_beam import hac, io, runner
+from clusmar_beam import element_sizes, hac, hac_sharded, io, ranks, runner
 from clusmar_beam.errors import InputError
 
 LOG = logging.getLogger("clusmar")
@@ -69,13 +71,14 @@ class ClusterOptions(runner.CommonOptions):
                                  "the pool: a sign that the threshold is too large for this data")
         parser.add_argument("--hac-shards", dest="hac_shards", type=int, default=1,
                             help="partitions of the first sharded HAC round (1: the whole HAC on one worker; "
-                                 ">1: reciprocal-nearest merges inside partitions on many workers, fewer "
-                                 "partitions each round, the remainder on one worker)")
+                                 ">1: merges inside partitions of about n / S clusters on many workers, round "
+                                 "after round, with nothing gathered on one worker)")
         parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
                             help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
                                  "next nearest cells, this many")
-        parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=8,
-                            help="sharded HAC: at most this many partitioned rounds before the one-worker finish")
+        parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=hac_sharded.DEFAULT_MAX_ROUNDS,
+                            help="sharded HAC: at most this many partitioned rounds (they stop earlier once no "
+                                 "merge is left across a partition border)")
         parser.add_argument("--num-shards", dest="num_shards", type=int,
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
 
@@ -228,35 +231,88 @@ def _reported_choice(choice: hac.ThresholdChoice) -> hac.ThresholdChoice:
     return _count_choice(choice)
 
 
-def _row_numbers(id_batches, pool_glob: str) -> dict:
-    """All ids (only ids) on one worker -> sorted ids; a point's row is its rank."""
-    dim = _one_width((width, source) for _, width, source in id_batches)
-    parts = [ids for ids, _, _ in id_batches if len(ids)]
-    ids = np.concatenate(parts) if parts else None
-    _check_ids(ids, pool_glob)
-    return {"ids": np.sort(ids, kind="stable"), "dim": dim}
-
-
-def _to_rows(batch: io.Batch, index: dict, metric: str, pool_glob: str):
+def _checked_for_hac(batch: io.Batch, metric: str, pool_glob: str) -> io.Batch:
+    """Zero norms etc.: one clear error naming the file, checked where the batch is read."""
     try:
-        hac.prepare(batch.columns["embedding"], metric)  # zero norms etc.: a clear error, counted per batch
+        hac.prepare(batch.columns["embedding"], metric)
     except hac.HacError as exc:
         raise InputError(f"--pool {pool_glob!r} ({batch.source}): {exc}") from exc
-    return np.searchsorted(index["ids"], batch.ids).astype(np.int64), batch.columns["embedding"]
+    return batch
 
 
-def _sharded_result(hac_result: dict, index: dict, id_type: str, started: float,
-                    choice: hac.ThresholdChoice | None) -> dict:
-    labels = hac_result["labels"]
-    n, num_clusters = len(labels), int(labels.max()) + 1
-    beam.metrics.Metrics.counter("cluster", "points").inc(n)
-    beam.metrics.Metrics.counter("cluster", "clusters").inc(num_clusters)
-    beam.metrics.Metrics.counter("cluster", "merges").inc(hac_result["merges"])
-    LOG.info("cluster: sharded HAC: %d points -> %d clusters (%.1f s)", n, num_clusters, time.time() - started)
-    return {"ids": index["ids"], "labels": labels, "id_type": id_type, "rounds": hac_result["rounds"],
-            "distance_threshold": hac_result["distance_threshold"],
-            "threshold_choice": _choice_report(choice, hac_result["merged_up_to"]), "merges": hac_result["merges"],
-            "merges_per_round": None, "hac_seconds": time.time() - started, "dim": index["dim"]}
+def _widths(batch: io.Batch):
+    return {int(batch.columns["embedding"].shape[1]): batch.source} if len(batch) else {}
+
+
+def _union(dicts):
+    out = {}
+    for d in dicts:
+        for key, value in d.items():
+            out.setdefault(key, value)
+    return out
+
+
+def _checked_pool(duplicates, count: int, widths: dict, pool_glob: str) -> int:
+    """The pool-wide checks of the sharded path (each of its parts found where the rows are): the width."""
+    _one_width((width, source) for width, source in widths.items())
+    if not count:
+        raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
+    found, examples = duplicates
+    if found:
+        raise InputError(f"--pool {pool_glob!r}: column 'id' has {found} duplicated ids (e.g. {examples})")
+    return next(iter(widths))
+
+
+def _shard_of(rows: np.ndarray, n: int, num_shards: int | None):
+    """Output shard of each row, and the shard count: contiguous row ranges, as `_shards` cuts them."""
+    count = num_shards or max(1, math.ceil(n / ROWS_PER_CLUSTER_SHARD))
+    bounds = np.linspace(0, n, count + 1).astype(np.int64)
+    return np.searchsorted(bounds, rows, side="right") - 1, count
+
+
+def _by_shard(rows, values, tag, n, num_shards):
+    shard, _ = _shard_of(rows, n, num_shards)
+    from clusmar_beam import knn
+    for index, pos in knn.split_by_key(shard):
+        yield index, (tag, rows[pos], values[pos])
+
+
+def _shard_payload(element, n, num_shards, id_type):
+    """One output file's rows, in row (id) order: (index, count, (ids, labels, id_type))."""
+    index, parts = element
+    got = {"ids": [], "labels": []}
+    for tag, rows, values in parts:
+        got[tag].append((rows, values))
+    rows_i = np.concatenate([r for r, _ in got["ids"]])
+    ids = np.concatenate([v for _, v in got["ids"]])
+    rows_l = np.concatenate([r for r, _ in got["labels"]])
+    labels = np.concatenate([v for _, v in got["labels"]])
+    order_i, order_l = np.argsort(rows_i), np.argsort(rows_l)
+    if not np.array_equal(rows_i[order_i], rows_l[order_l]):
+        raise RuntimeError(f"cluster: shard {index}: the rows with ids and the rows with clusters differ")
+    return index, _shard_of(np.zeros(0, np.int64), n, num_shards)[1], (ids[order_i], labels[order_l], id_type)
+
+
+def _sharded_summary(hac_summary: dict, dim: int, id_type: str, choice: hac.ThresholdChoice | None) -> dict:
+    """What clustering.json needs from the sharded path (all of it from combiners)."""
+    return {"num_points": hac_summary["merges"] + hac_summary["num_clusters"],
+            "num_clusters": hac_summary["num_clusters"], "largest_cluster": hac_summary["largest_cluster"],
+            "singletons": hac_summary["singletons"], "cluster_size_histogram": hac_summary["histogram"],
+            "rounds": hac_summary["rounds"], "merges": hac_summary["merges"], "merges_per_round": None,
+            "distance_threshold": hac_summary["distance_threshold"],
+            "threshold_choice": _choice_report(choice, hac_summary["merged_up_to"]), "dim": dim,
+            "sharded_rounds": hac_summary["sharded_rounds"], "waiting": hac_summary["waiting"],
+            "id_type": id_type}
+
+
+def _one_worker_summary(result: dict) -> dict:
+    """The one-worker result without its per-row arrays: what clustering.json needs."""
+    labels = result["labels"]
+    sizes = np.bincount(labels)
+    return {"num_points": int(len(labels)), "num_clusters": int(len(sizes)),
+            "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+            "singletons": int(np.count_nonzero(sizes == 1)), "cluster_size_histogram": size_histogram(labels),
+            **{k: v for k, v in result.items() if k not in ("ids", "labels")}}
 
 
 def _warnings(largest: int, n: int, share: float) -> list[str]:
@@ -304,8 +360,8 @@ def run(argv=None) -> dict:
         raise InputError(f"--hac-shards must be at least 1 (got {opts.hac_shards})")
     if opts.hac_halo_cells < 0:
         raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
-    if opts.max_rounds < 0:
-        raise InputError(f"--max-rounds must be >= 0 (got {opts.max_rounds})")
+    if opts.max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1 (got {opts.max_rounds})")
     if not (math.isfinite(opts.approximation) and opts.approximation >= 0):
         raise InputError(f"--approximation must be a number >= 0 (got {opts.approximation})")
     if not (0 < opts.warn_largest_share <= 1):
@@ -320,36 +376,50 @@ def run(argv=None) -> dict:
               "approximation": opts.approximation}
 
     def summary(names, result):
-        labels = result["labels"]
-        sizes = np.bincount(labels)
         chosen = {"distance_threshold": result.get("distance_threshold", eps)}
         if result.get("threshold_choice") is not None:
             chosen["threshold_choice"] = result["threshold_choice"]
-        largest = int(sizes.max()) if len(sizes) else 0
-        return {"parameters": {**params, **chosen, "linkage": "average"}, "pool": pool_glob,
-                "num_points": int(len(labels)), "num_clusters": int(len(sizes)),
-                "mean_cluster_size": float(len(labels) / max(len(sizes), 1)),
-                "largest_cluster": largest, "largest_cluster_share": largest / max(len(labels), 1),
-                "warnings": _warnings(largest, len(labels), opts.warn_largest_share),
-                "singletons": int(np.count_nonzero(sizes == 1)),
-                "cluster_size_histogram": size_histogram(labels), "dim": result["dim"],
+        n, largest = result["num_points"], result["largest_cluster"]
+        info = {"parameters": {**params, **chosen, "linkage": "average"}, "pool": pool_glob,
+                "num_points": n, "num_clusters": result["num_clusters"],
+                "mean_cluster_size": float(n / max(result["num_clusters"], 1)),
+                "largest_cluster": largest, "largest_cluster_share": largest / max(n, 1),
+                "warnings": _warnings(largest, n, opts.warn_largest_share),
+                "singletons": result["singletons"],
+                "cluster_size_histogram": result["cluster_size_histogram"], "dim": result["dim"],
                 "rounds": result["rounds"], "merges": result["merges"],
                 "merges_per_round": result["merges_per_round"], "ivf_probing": result.get("ivf_probing"),
                 "files": names}
+        if "sharded_rounds" in result:
+            info["sharded_rounds"] = result["sharded_rounds"]
+            info["waiting"] = result["waiting"]
+            if result["waiting"]:
+                info["warnings"].append(
+                    f"{result['waiting']} clusters still had a neighbour within the threshold across a partition "
+                    f"border after --max-rounds {opts.max_rounds} sharded rounds: raise --max-rounds, or lower "
+                    "--hac-shards")
+        return info
 
     start = time.time()
     pipeline = runner.make_pipeline(options)
     if opts.hac_shards > 1:
-        from clusmar_beam import hac_sharded
         params.update(hac_shards=opts.hac_shards, hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
-        batches = pipeline | reader | "Check" >> beam.Map(_validated)
-        index = (batches
-                 | "Ids" >> beam.Map(lambda b: (b.ids, b.columns["embedding"].shape[1], b.source))
-                 | "GatherIds" >> beam.combiners.ToList()
-                 | "RowNumbers" >> beam.Map(_row_numbers, pool_glob))
+        side = beam.pvalue.AsSingleton
+        batches = (pipeline | reader | "Check" >> beam.Map(_validated)
+                   | "CheckForHac" >> beam.Map(_checked_for_hac, opts.metric, pool_glob))
+        widths = batches | "Widths" >> beam.Map(_widths) | "AllWidths" >> beam.CombineGlobally(_union)
         id_type = (batches | "IdType" >> beam.Map(lambda b: b.id_type)
                    | "OneIdType" >> beam.CombineGlobally(lambda types: sorted(set(types))[0] if types else "int64"))
-        rows = batches | "Rows" >> beam.Map(_to_rows, beam.pvalue.AsSingleton(index), opts.metric, pool_glob)
+        # Batches of another width would fail inside a range: check the widths first.
+        ranked = (batches
+                  | "WidthsChecked" >> beam.Map(lambda b, widths: b, side(widths | "OneWidth" >> beam.Map(
+                      lambda w: _one_width((k, v) for k, v in w.items()))))
+                  | "RankIds" >> ranks.RankIds())
+        n = ranked["count"]
+        dim = (ranked["duplicates"]
+               | "CheckPool" >> beam.Map(_checked_pool, side(n), side(widths), pool_glob))
+        rows = ranked["ranked"] | "Rows" >> beam.Map(lambda b, _: (b.columns["row"], b.columns["embedding"]),
+                                                     side(dim))
         threshold, merge_threshold, choice = eps, None, None
         if target is not None:
             choice = (rows
@@ -357,7 +427,7 @@ def run(argv=None) -> dict:
                           target, opts.metric, sample_size=opts.threshold_sample_size, seed=opts.seed,
                           delta=opts.approximation)
                       | "ReportThreshold" >> beam.Map(_reported_choice))
-            # partitions merge up to the sample's estimate, the last round (one worker) on past it
+            # the rounds merge up to the sample's estimate, then on past it, and are cut at the target
             threshold = choice | "Eps" >> beam.Map(lambda c: c.distance_threshold)
             merge_threshold = choice | "MergeEps" >> beam.Map(lambda c: c.merge_threshold)
         merged = rows | "ShardedHac" >> hac_sharded.ShardedHac(threshold, opts.metric, shards=opts.hac_shards,
@@ -366,9 +436,17 @@ def run(argv=None) -> dict:
                                                                 target_mean_cluster_size=target,
                                                                 merge_threshold=merge_threshold,
                                                                 delta=opts.approximation)
-        result = merged | "Result" >> beam.Map(_sharded_result, beam.pvalue.AsSingleton(index),
-                                               beam.pvalue.AsSingleton(id_type), time.time(),
-                                               beam.pvalue.AsSingleton(choice) if choice is not None else None)
+        result = merged["summary"] | "Result" >> beam.Map(_sharded_summary, side(dim), side(id_type),
+                                                          side(choice) if choice is not None else None)
+        ids = ranked["ranked"] | "IdsByShard" >> beam.FlatMap(
+            lambda b, n: _by_shard(b.columns["row"], b.ids, "ids", n, opts.num_shards), side(n))
+        labels = merged["labels"] | "LabelsByShard" >> beam.FlatMap(
+            lambda rl, n: _by_shard(rl[0], rl[1], "labels", n, opts.num_shards), side(n))
+        shards = ((ids | "MeasureIds" >> element_sizes.measured("shard_ids"),
+                   labels | "MeasureLabels" >> element_sizes.measured("shard_labels"))
+                  | "ShardRows" >> beam.Flatten()
+                  | "GroupShard" >> beam.GroupByKey()
+                  | "Shards" >> beam.Map(_shard_payload, side(n), opts.num_shards, side(id_type)))
     else:
         result = (pipeline
                   | reader
@@ -376,14 +454,19 @@ def run(argv=None) -> dict:
                   | "Spill" >> beam.Map(spill, output.temp)
                   | "Gather" >> beam.combiners.ToList()
                   | "Cluster" >> beam.Map(cluster_pool, params, pool_glob))
-    _ = (result
-         | "Shards" >> beam.FlatMap(_shards, opts.num_shards)
-         | "Write" >> io.WriteShards(output, ".parquet", _write_clusters_shard, summary, result))
+        shards = result | "Shards" >> beam.FlatMap(_shards, opts.num_shards)
+        result = result | "Summary" >> beam.Map(_one_worker_summary)
+    _ = shards | "Write" >> io.WriteShards(output, ".parquet", _write_clusters_shard, summary, result)
     try:
-        runner.run_pipeline(pipeline, "cluster")
+        outcome = runner.run_pipeline(pipeline, "cluster")
     finally:
         output.remove_temp()
     info = io.read_json(output.join("clustering.json"))
+    sizes = element_sizes.largest(outcome)
+    if sizes:
+        LOG.info("cluster: largest element per step (bytes): %s",
+                 ", ".join(f"{step} {size}" for step, size in sorted(sizes.items())))
+    info["largest_element_bytes"] = sizes  # returned to a caller, not written: clustering.json is already final
     for warning in info["warnings"]:
         LOG.warning("cluster: %s", warning)
     LOG.info("cluster: %d points, %d clusters (mean size %.1f) in %.1f s -> %s", info["num_points"],

@@ -52,7 +52,8 @@ def test_matches_exact_average_linkage(name, metric):
         eps = _threshold(Z, quantile)
         labels, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16)
         assert adjusted_rand_score(fcluster(Z, eps, "distance"), labels) >= 0.99, (name, metric, quantile)
-        assert info["rounds"][0]["partitions"] == 16
+        assert info["rounds"][0]["parts"] == 16
+        assert info["waiting"] == 0   # the rounds ended with nothing left across a border
 
 
 @pytest.mark.parametrize("metric,eps", [("cosine", 0.08), ("cosine", 0.3), ("sqeuclidean", 1.5),
@@ -63,16 +64,32 @@ def test_same_clusters_with_1_and_64_shards(metric, eps):
     many, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=64)
     assert adjusted_rand_score(one, many) >= 0.99
     assert np.array_equal(one, hac.average_linkage(X, eps, metric).labels)   # 1 shard = single-machine RAC
-    assert [r["partitions"] for r in info["rounds"]] == [64, 16, 4, 1]
+    parts = [r["parts"] for r in info["rounds"]]
+    assert parts[0] == 64 and parts == sorted(parts, reverse=True)  # fewer clusters, fewer partitions
     assert sum(r["merges"] for r in info["rounds"]) == len(X) - info["num_clusters"]
     assert info["rounds"][0]["merges"] > 0                                     # the partitions did real work
+    assert info["waiting"] == 0
 
 
-def test_max_rounds_zero_is_one_worker():
-    X = _diffuse_and_bursts(800)
-    labels, info = hac_sharded.sharded_average_linkage(X, 0.2, "cosine", shards=64, max_rounds=0)
-    assert [r["partitions"] for r in info["rounds"]] == [1]
-    assert np.array_equal(labels, hac.average_linkage(X, 0.2, "cosine").labels)
+def test_rounds_follow_the_clusters_left(monkeypatch):
+    """A partition holds about n / shards clusters; rounds repeat while members wait across a border;
+    once the clusters left are few (FINISH_ON_ONE_WORKER) a repeat is one exact RAC on all of them."""
+    X = _diffuse_and_bursts(2000, seed=4)
+    exact = hac.average_linkage(X, 0.3, "cosine").labels
+    monkeypatch.setattr(hac_sharded, "FINISH_ON_ONE_WORKER", 0)   # partitions to the end
+    labels, info = hac_sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=30)
+    size, clusters = -(-len(X) // 16), len(X)
+    for r in info["rounds"]:
+        assert r["parts"] == -(-clusters // size)
+        clusters = r["clusters"]
+    assert len(info["rounds"]) > 2 and info["waiting"] == 0 and info["rounds"][-1]["merges"] == 0
+    assert adjusted_rand_score(labels, exact) >= 0.99
+    monkeypatch.undo()
+    labels, info = hac_sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16)
+    assert [r["parts"] for r in info["rounds"]] == [16, 1] and info["waiting"] == 0
+    assert adjusted_rand_score(labels, exact) >= 0.99
+    _, short = hac_sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=1)
+    assert len(short["rounds"]) == 1 and short["waiting"] > 0   # reported, not hidden
 
 
 def test_frozen_neighbours_block_merges():
@@ -80,22 +97,29 @@ def test_frozen_neighbours_block_merges():
     X = np.array([[0.0, 0.0], [1.0, 0.0], [-0.5, 0.0]])
     members = hac_sharded.initial_clusters(X[:2])
     frozen = hac_sharded.initial_clusters(X[2:], np.array([2]))
-    out, edges, _, _ = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
-    assert len(out) == 2 and len(edges) == 0
-    out, edges, _, _ = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
-    assert len(out) == 1 and edges.tolist() == [[0, 1]]
+    out, edges, _, _, waiting = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
+    assert len(out) == 2 and len(edges) == 0 and waiting == 2
+    out, edges, _, _, waiting = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
+    assert len(out) == 1 and edges.tolist() == [[0, 1]] and waiting == 0
 
 
 def _beam_result(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
-    """The ShardedHac transform's result, run on DirectRunner over batches of `batch_rows`."""
+    """The ShardedHac transform's summary and labels, run on DirectRunner over batches of `batch_rows`."""
     rows = np.arange(len(X))
-    out = tmp_path / "result.npz"
+    labels_file, summary_file = tmp_path / "labels.npz", tmp_path / "summary.json"
     with beam.Pipeline() as p:
-        _ = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows]) for s in range(0, len(X), batch_rows)],
-                             reshuffle=False)
-             | hac_sharded.ShardedHac(eps, metric, shards=shards, **kwargs)
-             | beam.Map(lambda result: np.savez(out, **result)))
-    return {key: value[()] if value.ndim == 0 else value for key, value in np.load(out).items()}
+        result = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows])
+                                   for s in range(0, len(X), batch_rows)], reshuffle=False)
+                  | hac_sharded.ShardedHac(eps, metric, shards=shards, **kwargs))
+        _ = (result["labels"] | beam.combiners.ToList()
+             | beam.Map(lambda parts: np.savez(labels_file, rows=np.concatenate([r for r, _ in parts]),
+                                               labels=np.concatenate([l for _, l in parts]))))
+        _ = result["summary"] | beam.Map(lambda summary: summary_file.write_text(json.dumps(summary)))
+    got = np.load(labels_file)
+    labels = np.full(len(X), -1)
+    labels[got["rows"]] = got["labels"]
+    assert np.sort(got["rows"]).tolist() == rows.tolist()   # every row exactly once
+    return {**json.loads(summary_file.read_text()), "labels": labels}
 
 
 def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
@@ -119,12 +143,10 @@ def test_approximate_merges_in_partitions_on_a_heavy_tailed_pool(tmp_path, metri
     labels = result["labels"]
     expected, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16, delta=0.05)
     assert np.array_equal(labels, expected)
-    # partitions of a round run side by side: the longest counts; the rounds of all levels add up
-    assert info["merge_rounds"] == sum(r["merge_rounds"] for r in info["rounds"])
-    # With identical labels the two runs' round counts differ a little (cosine 128 against 127,
-    # sqeuclidean 113 against 107): the Beam transform keeps uncentred sqeuclidean statistics and
-    # gathers clusters in another order, so near-equal linkages can fall into other rounds.
-    assert abs(result["rounds"] - info["merge_rounds"]) <= 0.1 * info["merge_rounds"]
+    # the same rounds, partitions and merges in process and as Beam transforms
+    assert result["rounds"] == info["merge_rounds"]
+    assert [(r["parts"], r["merges"]) for r in result["sharded_rounds"]] == [
+        (r["parts"], r["merges"]) for r in info["rounds"]]
     exact = fcluster(fastcluster.linkage(np.asarray(X, np.float64), "average", metric=metric), eps, "distance")
     assert adjusted_rand_score(exact, labels) >= 0.98
     assert adjusted_rand_score(exact, hac.average_linkage(X, eps, metric, delta=0.05).labels) >= 0.99
@@ -138,7 +160,7 @@ def test_beam_transform_without_halo_and_on_one_point(tmp_path):
     assert _beam_labels(tmp_path, X[:1], 0.25, "cosine", shards=8, batch_rows=1).tolist() == [0]
 
 
-@pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"shrink": 1}, {"max_rounds": -1}])
+@pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"max_rounds": 0}, {"max_rounds": 1.5}])
 def test_bad_parameters(kwargs):
     with pytest.raises(HacError):
         hac_sharded.sharded_average_linkage(np.eye(4), 0.5, "cosine", **kwargs)
@@ -187,7 +209,7 @@ def test_cli_hac_shards_with_text_ids_and_bad_input(tmp_path, rng, capsys):
     assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "b"), "--distance-threshold", "0.3",
                      "--hac-shards", "8"]) == 0
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
-    for flags, fragment in ((["--hac-shards", "0"], "--hac-shards"), (["--max-rounds", "-1"], "--max-rounds"),
+    for flags, fragment in ((["--hac-shards", "0"], "--hac-shards"), (["--max-rounds", "0"], "--max-rounds"),
                             (["--hac-shards", "4", "--target-mean-cluster-size", "0"], "--target-mean-cluster-size")):
         code = cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), *flags]
                         + ([] if "--target-mean-cluster-size" in flags else ["--distance-threshold", "0.3"]))

@@ -14,7 +14,7 @@ from clusmar_beam.hac.prepare import (METRICS, HacError, check_count, check_delt
 from clusmar_beam.hac.rac import DEFAULT_DELTA, DEFAULT_K, EXACT_SEARCH_MAX, Clusters, Rac, keep_rows
 from clusmar_beam.hac.threshold import (TRAIN_PER_CELL, CellDraw, SampleCells, ThresholdChoice, choose_threshold,
                                         draw_cells, lowest_hash_rows, threshold_cells, threshold_from_sample,
-                                        training_rows)
+                                        training_rows, training_size)
 
 __all__ = [
     "CellDraw", "Clusters", "DEFAULT_DELTA", "DEFAULT_K", "EXACT_SEARCH_MAX", "FlatIndex", "HacError",
@@ -23,5 +23,5 @@ __all__ = [
     "check_target", "check_threshold", "choose_threshold", "collapse_duplicates", "cut_keeping",
     "default_nlist", "draw_cells", "keep_rows", "labels_from_edges", "lowest_hash_rows",
     "merge_all_threshold", "number_by_first_appearance", "on_all_cores", "prepare", "threshold_cells",
-    "threshold_from_heights", "threshold_from_sample", "training_rows",
+    "threshold_from_heights", "threshold_from_sample", "training_rows", "training_size",
 ]

@@ -99,6 +99,7 @@ class Rac:
         self.t0 = t0
         self.index = None
         self.probing = None  # how the IVF index is probed (IvfIndex.choose_probing)
+        self.waiting = 0  # members left waiting on a frozen neighbour when run ends
         self.heights = []
         self.pairs = []
         self.orig = np.arange(S.shape[0], dtype=np.int64)
@@ -532,6 +533,8 @@ class Rac:
                          f"{'exact' if self.index.exact else 'ivf'}, "
                          f"{time.perf_counter() - self.t0:.1f}s")
         self.index = None
+        # Members still within eps of a frozen neighbour: a partition's merges left to a later round.
+        self.waiting = int(np.count_nonzero(active & ~self.frozen))
         self._set_aside(np.flatnonzero(parent == np.arange(u)))
         # The rounds' arrays are done with: free them before the result is joined.
         self.means32 = self.cand = self.cand_d = self.cand_exact = self.bound = self.computed = self.changed = None

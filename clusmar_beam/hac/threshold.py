@@ -166,9 +166,20 @@ def lowest_hash_rows(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(rows[np.argpartition(knn.hash_ids(rows, seed), k - 1)[:k]])
 
 
+# At most this many rows train the threshold cells, however large the pool: on a
+# pool of tens of millions the cells get fewer training rows each, but the
+# training set stays one bounded element (the sharded path gathers it).
+TRAIN_ROWS_MAX = 1 << 18
+
+
+def training_size(num_cells: int) -> int:
+    """How many rows train the cell centroids (none for one cell)."""
+    return min(TRAIN_PER_CELL * num_cells, TRAIN_ROWS_MAX) if num_cells > 1 else 0
+
+
 def training_rows(n: int, num_cells: int, seed: int) -> np.ndarray:
-    """Rows whose vectors train the cell centroids (bottom-k by hash; none for one cell)."""
-    return lowest_hash_rows(n, TRAIN_PER_CELL * num_cells if num_cells > 1 else 0, seed)
+    """Rows whose vectors train the cell centroids (bottom-k by hash)."""
+    return lowest_hash_rows(n, training_size(num_cells), seed)
 
 
 # Above this many threshold cells they are found by a two-level quantiser:
