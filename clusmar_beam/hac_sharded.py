@@ -51,27 +51,42 @@ LOG = logging.getLogger("clusmar")
 
 @dataclasses.dataclass
 class Clusters:
-    """Statistics of many clusters: ids (the smallest point row in each), n, S, W."""
+    """Statistics of many clusters: ids (the smallest point row in each), n, S, W; and `route`, the point
+    a cluster is partitioned by (NaN: its own mean; a cluster that waited on a neighbour across a border
+    is routed with it)."""
 
     ids: np.ndarray
     cnt: np.ndarray
     S: np.ndarray
     W: np.ndarray
+    route: np.ndarray | None = None
 
     def __len__(self):
         return int(self.ids.size)
 
     def take(self, idx):
-        return Clusters(self.ids[idx], self.cnt[idx], self.S[idx], self.W[idx])
+        return Clusters(self.ids[idx], self.cnt[idx], self.S[idx], self.W[idx],
+                        None if self.route is None else self.route[idx])
 
     @staticmethod
     def concat(parts):
         parts = [p for p in parts if len(p)]
-        return Clusters(*(np.concatenate([getattr(p, f) for p in parts])
-                          for f in ("ids", "cnt", "S", "W")))
+        routes = None
+        if any(p.route is not None for p in parts):
+            routes = np.concatenate([p.route if p.route is not None else np.full(p.S.shape, np.nan, np.float32)
+                                     for p in parts])
+        return Clusters(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "cnt", "S", "W")),
+                        routes)
 
     def means(self):
         return self.S / self.cnt[:, None]
+
+    def routing_points(self) -> np.ndarray:
+        points = np.ascontiguousarray(self.means(), np.float32)
+        if self.route is not None:
+            given = ~np.isnan(self.route[:, 0])
+            points[given] = self.route[given]
+        return points
 
 
 def initial_clusters(X: np.ndarray, rows: np.ndarray | None = None) -> Clusters:
@@ -112,19 +127,36 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     ids = smallest_connected(edges, members.ids[left.ids[alive]]) if len(edges) else members.ids[left.ids[alive]]
     out = Clusters(ids, left.cnt[alive], left.S[alive],
                    left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
+    if rac.waiting:
+        # A member waiting on a cluster across the border goes, next round, where the lower-id one of the
+        # two is routed: a pair split by a border is not split the same way again.
+        row_of = np.full(len(both), -1, np.int64)
+        row_of[left.ids] = np.arange(left.ids.size)
+        member, other = rac.waiting_on[:, 0], rac.waiting_on[:, 1]
+        lead = np.where(both.ids[other] < both.ids[member], other, member)
+        lead_row = row_of[lead]
+        route = np.full(out.S.shape, np.nan, np.float32)
+        at = np.searchsorted(left.ids[alive], member)  # members' rows in `out` (left.ids ascending)
+        route[at] = (left.S[lead_row] / left.cnt[lead_row][:, None]).astype(np.float32)
+        out.route = route
     return out, edges, heights, len(merges_per_round), rac.waiting
 
 
 PARTITION_KMEANS_ITERATIONS = 15
 SAMPLE_PER_PARTITION = 64  # clusters of lowest id hash per partition that train the partition centroids
+SAMPLE_MAX = 1 << 16  # ... but never more than this many: the sample is one element
 ROWS_PER_BUCKET = 1 << 17  # rows per bucket of the joins that follow merges back to the points
-DEFAULT_MAX_ROUNDS = 12
+DEFAULT_MAX_ROUNDS = 16
 # A round goes on to a higher threshold (a target's) once at most this share of the clusters waited on a
 # neighbour across a border: repeating the threshold for them would cost a whole round each time.
 WAITING_TO_MOVE_ON = 0.01
 # A round that repeats its threshold for members still waiting across a border runs on one worker once
 # at most this many clusters are left (the stated one-worker bound: it does not grow with the pool).
 FINISH_ON_ONE_WORKER = 1 << 18
+
+
+def partition_sample_size(shards: int) -> int:
+    return min(shards * SAMPLE_PER_PARTITION, SAMPLE_MAX)
 
 
 def _partition_centroids(clusters: Clusters, parts: int, seed: int, sample_size: int):
@@ -138,7 +170,7 @@ def _partition_centroids(clusters: Clusters, parts: int, seed: int, sample_size:
 
 def route(clusters: Clusters, centroids: np.ndarray, halo_cells: int):
     """(home cell, cells where the cluster is a frozen neighbour)."""
-    cells = knn.probe_cells(centroids, np.ascontiguousarray(clusters.means(), np.float32), 1 + halo_cells)
+    cells = knn.probe_cells(centroids, clusters.routing_points(), 1 + halo_cells)
     return cells[:, 0], cells[:, 1:]
 
 
@@ -273,8 +305,8 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
         if plan["parts"] == 0:
             break
         t = time.perf_counter()
-        parts = partition_round(clusters, plan, metric, halo_cells, seed + rnd, delta, shards * SAMPLE_PER_PARTITION,
-                                n, target)
+        parts = partition_round(clusters, plan, metric, halo_cells, seed + rnd, delta,
+                                partition_sample_size(shards), n, target)
         clusters = Clusters.concat([p[0] for p in parts])
         edges += [p[1] for p in parts]
         heights += [p[2] for p in parts]
@@ -310,7 +342,7 @@ def _to_clusters(batch, metric):
 
 
 def _ids_and_means(clusters: Clusters):
-    return clusters.ids, clusters.means()
+    return clusters.ids, clusters.means().astype(np.float32)  # as _partition_centroids trains on them
 
 
 def _train(sample, plan, seed):
@@ -708,7 +740,7 @@ class ShardedHac(beam.PTransform):
                                                 self.shards, self.target))
             centroids = (clusters
                          | f"{name}Sample" >> beam.CombineGlobally(
-                             knn.BottomKByHash(self.shards * SAMPLE_PER_PARTITION, seed, _ids_and_means))
+                             knn.BottomKByHash(partition_sample_size(self.shards), seed, _ids_and_means))
                          .without_defaults()
                          | f"{name}MeasureSample" >> measured("partition_sample")
                          | f"{name}Train" >> beam.Map(_train, side(plan), seed)

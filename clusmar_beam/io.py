@@ -136,6 +136,29 @@ def parquet_schema(path: str) -> dict[str, Column]:
     return {field.name: Column(field.name, *_arrow_kind(field.type)) for field in schema}
 
 
+def column_bytes(files: list[str], name: str) -> int:
+    """Bytes of one column across a pool's files, from the Parquet footers only (uncompressed, as a worker
+    holds it); for TFRecord files, the files' sizes (an upper bound)."""
+    total = 0
+    for match in FileSystems.match(files):
+        for meta in match.metadata_list:
+            if not meta.path.endswith(".parquet"):
+                total += meta.size_in_bytes
+                continue
+            with FileSystems.open(meta.path, compression_type="uncompressed") as handle:
+                try:
+                    footer = pq.ParquetFile(handle).metadata
+                except pa.ArrowInvalid as exc:
+                    raise InputError(f"{meta.path}: not a readable Parquet file ({exc})") from None
+            for group in range(footer.num_row_groups):
+                row_group = footer.row_group(group)
+                for c in range(row_group.num_columns):
+                    column = row_group.column(c)
+                    if column.path_in_schema.split(".")[0] == name:
+                        total += column.total_uncompressed_size
+    return total
+
+
 def tfrecord_schema(path: str) -> dict[str, Column]:
     """Feature kinds from the first record; an empty file gives an empty schema."""
     import tensorflow as tf

@@ -105,9 +105,10 @@ class RankIds(beam.PTransform):
     "duplicates": singleton (ids occurring more than once, a few examples)}.
     """
 
-    def __init__(self, rows_per_range: int = ROWS_PER_RANGE, sample_size: int = SAMPLE_SIZE):
+    def __init__(self, rows_per_range: int | None = None, sample_size: int | None = None):
         super().__init__()
-        self.rows_per_range, self.sample_size = rows_per_range, sample_size
+        self.rows_per_range = rows_per_range or ROWS_PER_RANGE
+        self.sample_size = sample_size or SAMPLE_SIZE
 
     def expand(self, batches):
         side = beam.pvalue.AsSingleton

@@ -39,6 +39,28 @@ from clusmar_beam.errors import InputError
 
 LOG = logging.getLogger("clusmar")
 ROWS_PER_CLUSTER_SHARD = 1_000_000
+# `--hac-shards auto`: the one-worker HAC peaks at 6-8 times the embeddings' bytes (benchmarks/RESULTS.md), so
+# up to this many bytes of embeddings it runs on one worker ...
+AUTO_ONE_WORKER_EMBEDDING_BYTES = 1 << 30
+# ... and above, sharded with a partition per this many bytes of them.
+AUTO_EMBEDDING_BYTES_PER_SHARD = 64 << 20
+
+
+def _shards_flag(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--hac-shards {value!r}: give a number of partitions or auto") from None
+
+
+def auto_shards(embedding_bytes: int) -> int:
+    """`--hac-shards auto`: 1 (one worker) for a pool whose embeddings fit one worker comfortably, else
+    a partition per AUTO_EMBEDDING_BYTES_PER_SHARD."""
+    if embedding_bytes <= AUTO_ONE_WORKER_EMBEDDING_BYTES:
+        return 1
+    return max(2, math.ceil(embedding_bytes / AUTO_EMBEDDING_BYTES_PER_SHARD))
 
 
 class ClusterOptions(runner.CommonOptions):
@@ -69,10 +91,12 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--warn-largest-share", dest="warn_largest_share", type=float, default=0.05,
                             help="warn (log and clustering.json) when one cluster holds more than this share of "
                                  "the pool: a sign that the threshold is too large for this data")
-        parser.add_argument("--hac-shards", dest="hac_shards", type=int, default=1,
+        parser.add_argument("--hac-shards", dest="hac_shards", type=_shards_flag, default=1,
                             help="partitions of the first sharded HAC round (1: the whole HAC on one worker; "
                                  ">1: merges inside partitions of about n / S clusters on many workers, round "
-                                 "after round, with nothing gathered on one worker)")
+                                 "after round, with nothing gathered on one worker; auto: one worker up to "
+                                 f"{AUTO_ONE_WORKER_EMBEDDING_BYTES >> 30} GiB of embeddings, else one partition "
+                                 f"per {AUTO_EMBEDDING_BYTES_PER_SHARD >> 20} MiB of them)")
         parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
                             help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
                                  "next nearest cells, this many")
@@ -356,8 +380,8 @@ def run(argv=None) -> dict:
         raise InputError(f"--metric {opts.metric!r}: choose cosine or sqeuclidean")
     if opts.knn < 2:
         raise InputError(f"--knn must be at least 2 (got {opts.knn})")
-    if opts.hac_shards < 1:
-        raise InputError(f"--hac-shards must be at least 1 (got {opts.hac_shards})")
+    if opts.hac_shards != "auto" and opts.hac_shards < 1:
+        raise InputError(f"--hac-shards must be at least 1 or auto (got {opts.hac_shards})")
     if opts.hac_halo_cells < 0:
         raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
     if opts.max_rounds < 1:
@@ -369,11 +393,19 @@ def run(argv=None) -> dict:
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num-shards must be positive (got {opts.num_shards})")
     reader = io.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
+    shards_flag = opts.hac_shards
+    if shards_flag == "auto":
+        embedding_bytes = io.column_bytes(reader.files, "embedding")
+        opts.hac_shards = auto_shards(embedding_bytes)
+        LOG.info("cluster: --hac-shards auto: %.1f MiB of embeddings -> %s", embedding_bytes / (1 << 20),
+                 "one worker" if opts.hac_shards == 1 else f"{opts.hac_shards} partitions")
     output = io.OutputDir(output_dir, "clusters", "clustering.json", None, opts.overwrite)
     params = {"distance_threshold": eps, "target_mean_cluster_size": target,
               "threshold_sample_size": opts.threshold_sample_size, "metric": opts.metric, "knn": opts.knn,
               "exact_search_max": opts.exact_search_max, "nprobe": opts.nprobe, "seed": opts.seed,
-              "approximation": opts.approximation}
+              "approximation": opts.approximation, "hac_shards": opts.hac_shards}
+    if shards_flag == "auto":
+        params["hac_shards_flag"] = "auto"
 
     def summary(names, result):
         chosen = {"distance_threshold": result.get("distance_threshold", eps)}
@@ -403,7 +435,7 @@ def run(argv=None) -> dict:
     start = time.time()
     pipeline = runner.make_pipeline(options)
     if opts.hac_shards > 1:
-        params.update(hac_shards=opts.hac_shards, hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
+        params.update(hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
         side = beam.pvalue.AsSingleton
         batches = (pipeline | reader | "Check" >> beam.Map(_validated)
                    | "CheckForHac" >> beam.Map(_checked_for_hac, opts.metric, pool_glob))

@@ -100,6 +100,7 @@ class Rac:
         self.index = None
         self.probing = None  # how the IVF index is probed (IvfIndex.choose_probing)
         self.waiting = 0  # members left waiting on a frozen neighbour when run ends
+        self.waiting_on = np.zeros((0, 2), np.int64)
         self.heights = []
         self.pairs = []
         self.orig = np.arange(S.shape[0], dtype=np.int64)
@@ -534,7 +535,10 @@ class Rac:
                          f"{time.perf_counter() - self.t0:.1f}s")
         self.index = None
         # Members still within eps of a frozen neighbour: a partition's merges left to a later round.
-        self.waiting = int(np.count_nonzero(active & ~self.frozen))
+        waiting = np.flatnonzero(active & ~self.frozen)
+        self.waiting = int(waiting.size)
+        # Each waiting member and the cluster it waits on, as input rows (a partitioned HAC routes them together).
+        self.waiting_on = self.orig[np.stack([waiting, np.where(nn[waiting] >= 0, nn[waiting], waiting)], axis=1)]
         self._set_aside(np.flatnonzero(parent == np.arange(u)))
         # The rounds' arrays are done with: free them before the result is joined.
         self.means32 = self.cand = self.cand_d = self.cand_exact = self.bound = self.computed = self.changed = None
