@@ -80,7 +80,7 @@ def main(argv=None):
     for size in (int(s) for s in args.sizes.split(",")):
         base = os.path.join(args.work, f"{args.region_sizes}-{size}-{args.dim}")
         pool = os.path.join(base, "pool")
-        if not os.path.exists(os.path.join(pool, "generation.json")):
+        if not os.path.exists(os.path.join(pool, "_SUCCESS")):
             subprocess.run([PY, "-m", "clusmar_beam.cli", "generate-pool", "--output", pool, "--num-examples",
                             str(size), "--dim", str(args.dim), "--num-classes", "100", "--seed", "0",
                             "--region-sizes", args.region_sizes, "--overwrite"], check=True, cwd=ROOT)

@@ -60,26 +60,37 @@ class Clusters:
     S: np.ndarray
     W: np.ndarray
     route: np.ndarray | None = None
+    # Single points may travel as the pool's float32 rows (half the bytes of float64 statistics): S is then
+    # the raw embedding, prepared for this metric (hac.prepare, row by row) where it is used.
+    raw_metric: str | None = None
 
     def __len__(self):
         return int(self.ids.size)
 
     def take(self, idx):
         return Clusters(self.ids[idx], self.cnt[idx], self.S[idx], self.W[idx],
-                        None if self.route is None else self.route[idx])
+                        None if self.route is None else self.route[idx], self.raw_metric)
 
     @staticmethod
     def concat(parts):
         parts = [p for p in parts if len(p)]
+        if len({p.raw_metric for p in parts}) > 1:
+            raise ValueError("cannot join raw points and cluster statistics")
         routes = None
         if any(p.route is not None for p in parts):
             routes = np.concatenate([p.route if p.route is not None else np.full(p.S.shape, np.nan, np.float32)
                                      for p in parts])
         return Clusters(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "cnt", "S", "W")),
-                        routes)
+                        routes, parts[0].raw_metric if parts else None)
+
+    def sums(self) -> np.ndarray:
+        """S as float64 statistics (raw points prepared)."""
+        if self.raw_metric == "cosine":
+            return hac.prepare(self.S, "cosine")
+        return np.array(self.S, np.float64)
 
     def means(self):
-        return self.S / self.cnt[:, None]
+        return self.sums() / self.cnt[:, None]
 
     def routing_points(self) -> np.ndarray:
         points = np.ascontiguousarray(self.means(), np.float32)
@@ -112,7 +123,7 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     both = members if frozen is None or not len(frozen) else Clusters.concat([members, frozen])
     is_frozen = np.zeros(len(both), bool)
     is_frozen[m:] = True
-    S = np.array(both.S, np.float64)
+    S = both.sums()
     cnt = np.array(both.cnt, np.float64)
     W = np.array(both.W, np.float64)
     rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=32, seed=seed,
@@ -330,15 +341,14 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
 
 
 def _to_clusters(batch, metric):
-    """(row ids, embeddings) batch -> initial Clusters (prepared vectors)."""
+    """(row ids, embeddings) batch -> initial Clusters: the raw float32 rows, prepared where they merge
+    (for sqeuclidean without hac.prepare's centring on a mean: batches must share one origin)."""
     rows, x = batch
     beam.metrics.Metrics.counter("hac", "points").inc(len(rows))
-    if metric == "cosine":
-        prepared = hac.prepare(x, metric)  # validates; unit rows
-    else:
-        # prepare centres on this batch's mean; batches must share one origin
-        prepared = np.array(x, np.float64)
-    return initial_clusters(prepared, np.asarray(rows, np.int64))
+    hac.prepare(x, metric)  # validates (zero norms, NaN)
+    n = len(rows)
+    return Clusters(np.asarray(rows, np.int64), np.ones(n), np.asarray(x, np.float32), np.zeros(n),
+                    raw_metric=metric)
 
 
 def _ids_and_means(clusters: Clusters):

@@ -2,6 +2,7 @@
 the same answer whatever the number of shards, the Beam transforms and `clusmar cluster --hac-shards`."""
 import glob
 import json
+import math
 import os
 
 import apache_beam as beam
@@ -12,7 +13,7 @@ from scipy.cluster.hierarchy import fcluster
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import adjusted_rand_score
 
-from clusmar_beam import cli, hac, hac_sharded
+from clusmar_beam import cli, hac, hac_sharded, io
 from clusmar_beam.hac import HacError
 from clusmar_beam.hac import threshold as hac_threshold
 
@@ -351,3 +352,27 @@ def test_no_element_grows_with_the_pool(tmp_path, monkeypatch):
     assert set(largest[3000]) == set(largest[12000]) == steps
     for step in steps:
         assert largest[12000][step] <= max(1.5 * largest[3000][step], 16 << 10), (step, largest)
+    assert max(largest[12000].values()) <= 1 << 20   # a small cap at this size
+
+
+def test_hac_shards_auto(tmp_path, rng, capsys):
+    """auto: one worker for a pool whose embeddings fit one worker comfortably, else a partition per
+    AUTO_EMBEDDING_BYTES_PER_SHARD; the embeddings' bytes come from the Parquet footers."""
+    from conftest import write_parquet
+    from pipelines import cluster
+    mib = 1 << 20
+    assert cluster.auto_shards(cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES) == 1
+    assert cluster.auto_shards(cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES + 1) == math.ceil(
+        (cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES + 1) / cluster.AUTO_EMBEDDING_BYTES_PER_SHARD)
+    assert cluster.auto_shards(100 * 64 * mib) == 100
+    x = rng.normal(size=(2000, 8)).astype(np.float32)
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(2000), "embedding": x})
+    pool = str(tmp_path / "pool" / "*")
+    assert 2000 * 8 * 4 <= io.column_bytes([str(tmp_path / "pool" / "p.parquet")], "embedding") < 2000 * 8 * 4 * 1.5
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "a"), "--distance-threshold", "0.3",
+                     "--hac-shards", "auto"]) == 0
+    params = json.load(open(tmp_path / "a" / "clustering.json"))["parameters"]
+    assert params["hac_shards"] == 1 and params["hac_shards_flag"] == "auto"
+    assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "b"), "--distance-threshold", "0.3",
+                     "--hac-shards", "many"]) == 2
+    assert "--hac-shards 'many'" in capsys.readouterr().err
