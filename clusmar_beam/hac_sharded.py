@@ -347,8 +347,9 @@ def _to_clusters(batch, metric):
     beam.metrics.Metrics.counter("hac", "points").inc(len(rows))
     hac.prepare(x, metric)  # validates (zero norms, NaN)
     n = len(rows)
-    return Clusters(np.asarray(rows, np.int64), np.ones(n), np.asarray(x, np.float32), np.zeros(n),
-                    raw_metric=metric)
+    x = np.asarray(x)
+    raw = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)  # as given: rounding would change it
+    return Clusters(np.asarray(rows, np.int64), np.ones(n), raw, np.zeros(n), raw_metric=metric)
 
 
 def _ids_and_means(clusters: Clusters):
@@ -413,7 +414,9 @@ class _LocalRac(beam.DoFn):
         beam.metrics.Metrics.distribution("hac", "partition_frozen").update(len(frozen) if frozen else 0)
         # A worker's state for the partition: the statistics it merges (the RAC's own arrays are a few times
         # that, in proportion).
-        beam.metrics.Metrics.distribution(element_sizes.NAMESPACE, "partition_state").update(
+        # A finishing round (one partition) is bounded by FINISH_ON_ONE_WORKER clusters, not by the partition size.
+        state = "finish_state" if plan["parts"] == 1 else "partition_state"
+        beam.metrics.Metrics.distribution(element_sizes.NAMESPACE, state).update(
             element_sizes.element_bytes(members) + (element_sizes.element_bytes(frozen) if frozen else 0))
         yield out
         if len(edges):
