@@ -157,7 +157,7 @@ PARTITION_KMEANS_ITERATIONS = 15
 SAMPLE_PER_PARTITION = 64  # clusters of lowest id hash per partition that train the partition centroids
 SAMPLE_MAX = 1 << 16  # ... but never more than this many: the sample is one element
 ROWS_PER_BUCKET = 1 << 17  # rows per bucket of the joins that follow merges back to the points
-DEFAULT_MAX_ROUNDS = 16
+DEFAULT_MAX_ROUNDS = 20
 # A round goes on to a higher threshold (a target's) once at most this share of the clusters waited on a
 # neighbour across a border: repeating the threshold for them would cost a whole round each time.
 WAITING_TO_MOVE_ON = 0.01

@@ -136,6 +136,21 @@ def parquet_schema(path: str) -> dict[str, Column]:
     return {field.name: Column(field.name, *_arrow_kind(field.type)) for field in schema}
 
 
+def _parquet_footer(path: str):
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        try:
+            return pq.ParquetFile(handle).metadata
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def parquet_rows(files: list[str]) -> int | None:
+    """Rows across a pool's files from the Parquet footers only; None when any file is not Parquet."""
+    if not all(f.endswith(".parquet") for f in files):
+        return None
+    return sum(_parquet_footer(f).num_rows for f in files)
+
+
 def column_bytes(files: list[str], name: str) -> int:
     """Bytes of one column across a pool's files, from the Parquet footers only (uncompressed, as a worker
     holds it); for TFRecord files, the files' sizes (an upper bound)."""
@@ -145,11 +160,7 @@ def column_bytes(files: list[str], name: str) -> int:
             if not meta.path.endswith(".parquet"):
                 total += meta.size_in_bytes
                 continue
-            with FileSystems.open(meta.path, compression_type="uncompressed") as handle:
-                try:
-                    footer = pq.ParquetFile(handle).metadata
-                except pa.ArrowInvalid as exc:
-                    raise InputError(f"{meta.path}: not a readable Parquet file ({exc})") from None
+            footer = _parquet_footer(meta.path)
             for group in range(footer.num_row_groups):
                 row_group = footer.row_group(group)
                 for c in range(row_group.num_columns):

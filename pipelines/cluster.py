@@ -96,9 +96,10 @@ class ClusterOptions(runner.CommonOptions):
         parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
                             help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
                                  "next nearest cells, this many")
-        parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=hac_sharded.DEFAULT_MAX_ROUNDS,
-                            help="sharded HAC: at most this many partitioned rounds (they stop earlier once no "
-                                 "merge is left across a partition border)")
+        parser.add_argument("--max-rounds", dest="max_rounds", type=int,
+                            help="sharded HAC: at most this many rounds (they stop earlier once no merge is left "
+                                 f"across a partition border; default {hac_sharded.DEFAULT_MAX_ROUNDS}, or 2 for a "
+                                 "Parquet pool small enough for the second round to finish on one worker)")
         parser.add_argument("--num-shards", dest="num_shards", type=int,
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
 
@@ -380,7 +381,7 @@ def run(argv=None) -> dict:
         raise InputError(f"--hac-shards must be at least 1 or auto (got {opts.hac_shards})")
     if opts.hac_halo_cells < 0:
         raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
-    if opts.max_rounds < 1:
+    if opts.max_rounds is not None and opts.max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1 (got {opts.max_rounds})")
     if not (math.isfinite(opts.approximation) and opts.approximation >= 0):
         raise InputError(f"--approximation must be a number >= 0 (got {opts.approximation})")
@@ -431,6 +432,12 @@ def run(argv=None) -> dict:
     start = time.time()
     pipeline = runner.make_pipeline(options)
     if opts.hac_shards > 1:
+        if opts.max_rounds is None:
+            # Each round is a fixed part of the pipeline, run even when nothing is left to merge; a pool of at
+            # most FINISH_ON_ONE_WORKER points needs two (the second finishes on one worker).
+            rows = io.parquet_rows(reader.files)
+            small = rows is not None and rows <= hac_sharded.FINISH_ON_ONE_WORKER
+            opts.max_rounds = 2 if small else hac_sharded.DEFAULT_MAX_ROUNDS
         params.update(hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
         side = beam.pvalue.AsSingleton
         batches = (pipeline | reader | "Check" >> beam.Map(_validated)
