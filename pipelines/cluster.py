@@ -34,7 +34,7 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from clusmar_beam import element_sizes, hac, hac_sharded, io, ranks, runner
+from clusmar_beam import element_sizes, hac, hac_sharded, io, knn, ranks, runner
 from clusmar_beam.errors import InputError
 
 LOG = logging.getLogger("clusmar")
@@ -274,8 +274,8 @@ def _union(dicts):
 
 
 def _checked_pool(duplicates, count: int, widths: dict, pool_glob: str) -> int:
-    """The pool-wide checks of the sharded path (each of its parts found where the rows are): the width."""
-    _one_width((width, source) for width, source in widths.items())
+    """The sharded path's pool-wide checks, from what each part found where its rows are; the width."""
+    _one_width(widths.items())
     if not count:
         raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows)")
     found, examples = duplicates
@@ -284,17 +284,18 @@ def _checked_pool(duplicates, count: int, widths: dict, pool_glob: str) -> int:
     return next(iter(widths))
 
 
-def _shard_of(rows: np.ndarray, n: int, num_shards: int | None):
-    """Output shard of each row, and the shard count: contiguous row ranges, as `_shards` cuts them."""
-    count = num_shards or max(1, math.ceil(n / ROWS_PER_CLUSTER_SHARD))
-    bounds = np.linspace(0, n, count + 1).astype(np.int64)
-    return np.searchsorted(bounds, rows, side="right") - 1, count
+def _shard_count(n: int, num_shards: int | None) -> int:
+    return num_shards or max(1, math.ceil(n / ROWS_PER_CLUSTER_SHARD))
+
+
+def _shard_of(rows: np.ndarray, n: int, num_shards: int | None) -> np.ndarray:
+    """Output shard of each row: contiguous row ranges, as `_shards` cuts them."""
+    bounds = np.linspace(0, n, _shard_count(n, num_shards) + 1).astype(np.int64)
+    return np.searchsorted(bounds, rows, side="right") - 1
 
 
 def _by_shard(rows, values, tag, n, num_shards):
-    shard, _ = _shard_of(rows, n, num_shards)
-    from clusmar_beam import knn
-    for index, pos in knn.split_by_key(shard):
+    for index, pos in knn.split_by_key(_shard_of(rows, n, num_shards)):
         yield index, (tag, rows[pos], values[pos])
 
 
@@ -311,11 +312,14 @@ def _shard_payload(element, n, num_shards, id_type):
     order_i, order_l = np.argsort(rows_i), np.argsort(rows_l)
     if not np.array_equal(rows_i[order_i], rows_l[order_l]):
         raise RuntimeError(f"cluster: shard {index}: the rows with ids and the rows with clusters differ")
-    return index, _shard_of(np.zeros(0, np.int64), n, num_shards)[1], (ids[order_i], labels[order_l], id_type)
+    return index, _shard_count(n, num_shards), (ids[order_i], labels[order_l], id_type)
 
 
 def _sharded_summary(hac_summary: dict, dim: int, id_type: str, choice: hac.ThresholdChoice | None) -> dict:
     """What clustering.json needs from the sharded path (all of it from combiners)."""
+    for name in ("merges", "num_clusters"):
+        beam.metrics.Metrics.counter("cluster", name.replace("num_", "")).inc(hac_summary[name])
+    beam.metrics.Metrics.counter("cluster", "points").inc(hac_summary["merges"] + hac_summary["num_clusters"])
     return {"num_points": hac_summary["merges"] + hac_summary["num_clusters"],
             "num_clusters": hac_summary["num_clusters"], "largest_cluster": hac_summary["largest_cluster"],
             "singletons": hac_summary["singletons"], "cluster_size_histogram": hac_summary["histogram"],
@@ -347,7 +351,7 @@ def _warnings(largest: int, n: int, share: float) -> list[str]:
 
 def _shards(result: dict, num_shards: int | None):
     n = len(result["ids"])
-    count = num_shards or max(1, math.ceil(n / ROWS_PER_CLUSTER_SHARD))
+    count = _shard_count(n, num_shards)
     bounds = np.linspace(0, n, count + 1).astype(np.int64)
     for index in range(count):
         part = slice(bounds[index], bounds[index + 1])
@@ -445,10 +449,10 @@ def run(argv=None) -> dict:
         widths = batches | "Widths" >> beam.Map(_widths) | "AllWidths" >> beam.CombineGlobally(_union)
         id_type = (batches | "IdType" >> beam.Map(lambda b: b.id_type)
                    | "OneIdType" >> beam.CombineGlobally(lambda types: sorted(set(types))[0] if types else "int64"))
-        # Batches of another width would fail inside a range: check the widths first.
+        # Batches of another width would fail inside a range: the ranking waits for the width check.
+        width = widths | "OneWidth" >> beam.Map(lambda found: _one_width(found.items()))
         ranked = (batches
-                  | "WidthsChecked" >> beam.Map(lambda b, widths: b, side(widths | "OneWidth" >> beam.Map(
-                      lambda w: _one_width((k, v) for k, v in w.items()))))
+                  | "AfterWidthCheck" >> beam.Map(lambda batch, _: batch, side(width))
                   | "RankIds" >> ranks.RankIds())
         n = ranked["count"]
         dim = (ranked["duplicates"]
