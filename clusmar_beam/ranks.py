@@ -100,7 +100,7 @@ def _sum_duplicates(found):
 
 
 class RankIds(beam.PTransform):
-    """io.Batch es with an `id` column -> {"ranked": the same rows regrouped by id range, sorted,
+    """io.Batch batches with an `id` column -> {"ranked": the same rows regrouped by id range, sorted,
     with a `row` column (0..n-1 in id order; duplicates get consecutive rows), "count": singleton n,
     "duplicates": singleton (ids occurring more than once, a few examples)}.
     """
