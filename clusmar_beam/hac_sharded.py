@@ -712,7 +712,8 @@ class ShardedHac(beam.PTransform):
     raised while the clusters average fewer than the target, and the merges
     are then cut at the target (as hac.average_linkage does).  Every element,
     side input and partition is bounded by the partition size (about n /
-    `shards` clusters plus their halo) or by ROWS_PER_BUCKET, not by n.
+    `shards` clusters plus their halo), ROWS_PER_BUCKET, SAMPLE_MAX or
+    FINISH_ON_ONE_WORKER, not by n.
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, max_rounds=DEFAULT_MAX_ROUNDS,
