@@ -44,7 +44,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 
-from clusmar_beam import element_sizes, hac, knn, ranks
+from clusmar_beam import element_sizes, hac, io, knn, ranks
 
 LOG = logging.getLogger("clusmar")
 
@@ -212,8 +212,8 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
     repeat or go higher does all that is left on one worker instead.
     """
     size = max(1, math.ceil(n / shards))
-    if prev is not None and (prev["parts"] == 0 or clusters <= 1):
-        return {"parts": 0, "eps": prev["eps"], "finish": False}
+    if clusters <= 1 or (prev is not None and prev["parts"] == 0):
+        return {"parts": 0, "eps": eps if prev is None else prev["eps"], "finish": False}
     if prev is None:
         step = eps
     else:
@@ -228,8 +228,6 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
             return {"parts": 1, "eps": max(prev["eps"], merge_eps or 0.0), "finish": target is not None}
         # the few waiting pairs are within the higher threshold too
         step = higher if higher is not None and waiting <= WAITING_TO_MOVE_ON * clusters else prev["eps"]
-    if clusters <= 1:
-        return {"parts": 0, "eps": step, "finish": False}
     return {"parts": max(1, math.ceil(clusters / size)), "eps": step, "finish": False}
 
 
@@ -413,8 +411,7 @@ class _LocalRac(beam.DoFn):
         beam.metrics.Metrics.distribution("hac", "partition_members").update(len(members))
         beam.metrics.Metrics.distribution("hac", "partition_frozen").update(len(frozen) if frozen else 0)
         # A worker's state for the partition: the statistics it merges (the RAC's own arrays are a few times
-        # that, in proportion).
-        # A finishing round (one partition) is bounded by FINISH_ON_ONE_WORKER clusters, not by the partition size.
+        # that).  A finishing round's one partition is bounded by FINISH_ON_ONE_WORKER, not the partition size.
         state = "finish_state" if plan["parts"] == 1 else "partition_state"
         beam.metrics.Metrics.distribution(element_sizes.NAMESPACE, state).update(
             element_sizes.element_bytes(members) + (element_sizes.element_bytes(frozen) if frozen else 0))
@@ -471,7 +468,7 @@ class _FollowMerges(beam.DoFn):
 
     def process(self, element):
         _, grouped = element
-        parents = [p for p in grouped["parents"]]
+        parents = list(grouped["parents"])
         if parents:
             rows = np.concatenate([p[0] for p in parents])
             roots = np.concatenate([p[1] for p in parents])
@@ -491,7 +488,6 @@ class _FollowMerges(beam.DoFn):
 
 def _root_batch(labels):
     """(rows, roots) -> the roots among them, as an io.Batch to number."""
-    from clusmar_beam import io
     rows, roots = labels
     return io.Batch("", {"id": rows[rows == roots]})
 
@@ -560,6 +556,11 @@ class SizeSummary(beam.CombineFn):
             low, high = 2 ** b, 2 ** (b + 1) - 1
             histogram[str(low) if low == high else f"{low}-{high}"] = acc["histogram"][b]
         return {**acc, "histogram": histogram}
+
+
+def size_summary(sizes: np.ndarray) -> dict:
+    """The cluster count, largest, singletons and size histogram ("1", "2-3", "4-7", ...) of these sizes."""
+    return SizeSummary().extract_output(_size_summary(sizes))
 
 
 # Exact cut at a target: the m-th lowest merge height, found 16 bits at a time from histograms.
@@ -668,7 +669,7 @@ class CutAtTarget(beam.PTransform):
                       | f"SumDigit{digit}" >> beam.CombineGlobally(_sum_counts))
             state = counts | f"Narrow{digit}" >> beam.Map(_next_digit, side(state))
         kept = state | "Kept" >> beam.Map(lambda s: _from_ordered_bits(s["prefix"]) if s["keep"] else None)
-        above = (heights | "Above" >> beam.Map(lambda h, v: _height_facts(h, v), side(kept))
+        above = (heights | "Above" >> beam.Map(_height_facts, side(kept))
                  | "AllAbove" >> beam.CombineGlobally(_merge_facts))
         return state | "Cut" >> beam.Map(_cut_from, side(facts), side(above))
 

@@ -126,17 +126,8 @@ def _arrow_kind(arrow_type) -> tuple[str, bool]:
     return str(base), is_list
 
 
-def parquet_schema(path: str) -> dict[str, Column]:
-    """The file's columns; a file that is not Parquet (truncated, another format) is bad input."""
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        try:
-            schema = pq.read_schema(handle)
-        except pa.ArrowInvalid as exc:
-            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-    return {field.name: Column(field.name, *_arrow_kind(field.type)) for field in schema}
-
-
 def _parquet_footer(path: str):
+    """The file's Parquet metadata; a file that is not Parquet (truncated, another format) is bad input."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         try:
             return pq.ParquetFile(handle).metadata
@@ -144,30 +135,26 @@ def _parquet_footer(path: str):
             raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def parquet_rows(files: list[str]) -> int | None:
-    """Rows across a pool's files from the Parquet footers only; None when any file is not Parquet."""
-    if not all(f.endswith(".parquet") for f in files):
-        return None
-    return sum(_parquet_footer(f).num_rows for f in files)
+def parquet_schema(path: str) -> dict[str, Column]:
+    """The file's columns."""
+    schema = _parquet_footer(path).schema.to_arrow_schema()
+    return {field.name: Column(field.name, *_arrow_kind(field.type)) for field in schema}
 
 
-def column_bytes(files: list[str], name: str) -> int:
-    """Bytes of one column across a pool's files, from the Parquet footers only (uncompressed, as a worker
-    holds it); for TFRecord files, the files' sizes (an upper bound)."""
-    total = 0
-    for match in FileSystems.match(files):
-        for meta in match.metadata_list:
-            if not meta.path.endswith(".parquet"):
-                total += meta.size_in_bytes
-                continue
-            footer = _parquet_footer(meta.path)
-            for group in range(footer.num_row_groups):
-                row_group = footer.row_group(group)
-                for c in range(row_group.num_columns):
-                    column = row_group.column(c)
-                    if column.path_in_schema.split(".")[0] == name:
-                        total += column.total_uncompressed_size
-    return total
+def footprint(files: list[str], file_format: str, column: str) -> tuple[int | None, int]:
+    """(rows, bytes of `column` as a worker holds it) across a pool's files, from the Parquet footers
+    only; for TFRecord, (None, the files' sizes): an upper bound, since counting would read them."""
+    if file_format != "parquet":
+        return None, sum(m.size_in_bytes for match in FileSystems.match(files) for m in match.metadata_list)
+    rows = size = 0
+    for path in files:
+        footer = _parquet_footer(path)
+        rows += footer.num_rows
+        for group in range(footer.num_row_groups):
+            row_group = footer.row_group(group)
+            size += sum(row_group.column(c).total_uncompressed_size for c in range(row_group.num_columns)
+                        if row_group.column(c).path_in_schema.split(".")[0] == column)
+    return rows, size
 
 
 def tfrecord_schema(path: str) -> dict[str, Column]:

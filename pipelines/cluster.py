@@ -104,19 +104,6 @@ class ClusterOptions(runner.CommonOptions):
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
 
 
-def size_histogram(labels: np.ndarray) -> dict:
-    """Cluster counts by size bucket: 1, 2-3, 4-7, ... (powers of two)."""
-    sizes = np.bincount(labels)
-    buckets = np.floor(np.log2(sizes)).astype(int)
-    histogram = {}
-    for b in range(int(buckets.max()) + 1 if len(sizes) else 0):
-        count = int(np.count_nonzero(buckets == b))
-        if count:
-            low, high = 2 ** b, 2 ** (b + 1) - 1
-            histogram[str(low) if low == high else f"{low}-{high}"] = count
-    return histogram
-
-
 def every_few_seconds(log, seconds: float = 10.0):
     """A log function that passes on a RAC round line at most every `seconds`
     (a 1M pool takes hundreds of rounds); other lines always pass."""
@@ -332,11 +319,10 @@ def _sharded_summary(hac_summary: dict, dim: int, id_type: str, choice: hac.Thre
 
 def _one_worker_summary(result: dict) -> dict:
     """The one-worker result without its per-row arrays: what clustering.json needs."""
-    labels = result["labels"]
-    sizes = np.bincount(labels)
-    return {"num_points": int(len(labels)), "num_clusters": int(len(sizes)),
-            "largest_cluster": int(sizes.max()) if len(sizes) else 0,
-            "singletons": int(np.count_nonzero(sizes == 1)), "cluster_size_histogram": size_histogram(labels),
+    sizes = hac_sharded.size_summary(np.bincount(result["labels"]))
+    return {"num_points": int(len(result["labels"])), "num_clusters": sizes["num_clusters"],
+            "largest_cluster": sizes["largest_cluster"], "singletons": sizes["singletons"],
+            "cluster_size_histogram": sizes["histogram"],
             **{k: v for k, v in result.items() if k not in ("ids", "labels")}}
 
 
@@ -394,9 +380,10 @@ def run(argv=None) -> dict:
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num-shards must be positive (got {opts.num_shards})")
     reader = io.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
-    shards_flag = opts.hac_shards
+    shards_flag, pool_rows = opts.hac_shards, None
+    if shards_flag == "auto" or (shards_flag != 1 and opts.max_rounds is None):
+        pool_rows, embedding_bytes = io.footprint(reader.files, reader.format, "embedding")
     if shards_flag == "auto":
-        embedding_bytes = io.column_bytes(reader.files, "embedding")
         opts.hac_shards = auto_shards(embedding_bytes)
         LOG.info("cluster: --hac-shards auto: %.1f MiB of embeddings -> %s", embedding_bytes / (1 << 20),
                  "one worker" if opts.hac_shards == 1 else f"{opts.hac_shards} partitions")
@@ -439,8 +426,7 @@ def run(argv=None) -> dict:
         if opts.max_rounds is None:
             # Each round is a fixed part of the pipeline, run even when nothing is left to merge; a pool of at
             # most FINISH_ON_ONE_WORKER points needs two (the second finishes on one worker).
-            rows = io.parquet_rows(reader.files)
-            small = rows is not None and rows <= hac_sharded.FINISH_ON_ONE_WORKER
+            small = pool_rows is not None and pool_rows <= hac_sharded.FINISH_ON_ONE_WORKER
             opts.max_rounds = 2 if small else hac_sharded.DEFAULT_MAX_ROUNDS
         params.update(hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
         side = beam.pvalue.AsSingleton

@@ -379,7 +379,8 @@ def test_hac_shards_auto(tmp_path, rng, capsys):
     x = rng.normal(size=(2000, 8)).astype(np.float32)
     write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(2000), "embedding": x})
     pool = str(tmp_path / "pool" / "*")
-    assert 2000 * 8 * 4 <= io.column_bytes([str(tmp_path / "pool" / "p.parquet")], "embedding") < 2000 * 8 * 4 * 1.5
+    rows, size = io.footprint([str(tmp_path / "pool" / "p.parquet")], "parquet", "embedding")
+    assert rows == 2000 and 2000 * 8 * 4 <= size < 2000 * 8 * 4 * 1.5
     assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "a"), "--distance-threshold", "0.3",
                      "--hac-shards", "auto"]) == 0
     params = json.load(open(tmp_path / "a" / "clustering.json"))["parameters"]
