@@ -15,7 +15,7 @@ $(STAMP): setup.py
 
 ## demo: generate a 100K pool, cluster it, select a 10K cluster-margin batch (DirectRunner)
 demo: $(STAMP)
-	$(BIN)/python -m clusmar_beam.demo --workdir $${DEMO_DIR:-demo-output}
+	$(BIN)/python -m clusmar_beam.app.demo --workdir $${DEMO_DIR:-demo-output}
 
 ## test: install what the tests need and run the whole suite
 test: $(STAMP)

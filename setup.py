@@ -20,9 +20,9 @@ setuptools.setup(
     name="clusmar_beam",
     version="0.1.0",
     description="Cluster-Margin batch active learning (Citovsky et al., 2021) on Apache Beam",
-    packages=setuptools.find_packages(include=["clusmar_beam", "clusmar_beam.*", "pipelines", "pipelines.*"]),
+    packages=setuptools.find_packages(include=["clusmar_beam", "clusmar_beam.*"]),
     python_requires=">=3.10,<3.13",
     install_requires=REQUIRED,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["clusmar = clusmar_beam.cli:main"]},
+    entry_points={"console_scripts": ["clusmar = clusmar_beam.app.cli:main"]},
 )

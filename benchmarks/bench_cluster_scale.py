@@ -8,7 +8,7 @@ Usage:
 For each size it generates a pool (once; kept in --work), runs `clusmar cluster --hac-shards S`
 with S = size / rows-per-shard (shards proportional to the pool) in a subprocess under
 /usr/bin/time, and prints one JSON line: wall time, peak RSS, clusters, the sharded rounds, and
-the largest element per step (the Beam Distributions of clusmar_beam.element_sizes: every shuffle
+the largest element per step (the Beam Distributions of clusmar_beam.transforms.element_sizes: every shuffle
 and side input of the cluster pipeline, and `partition_state`, the statistics one worker merges).
 Sizes listed in --one-worker are also clustered on one worker (--hac-shards 1) in the same run,
 and the ARI between the two is printed.
@@ -16,53 +16,28 @@ and the ARI between the two is printed.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
-import numpy as np
-import pyarrow.parquet as pq
 from sklearn.metrics import adjusted_rand_score
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-PY = sys.executable
+from data import PY, ROOT, cluster_labels, generate_pool, timed_command
 
 _CLUSTER = """
 import json, sys
 import logging
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("clusmar").setLevel(logging.INFO)
-from pipelines import cluster
+from clusmar_beam.pipelines import cluster
 info = cluster.run(sys.argv[2:])
 json.dump(info, open(sys.argv[1], "w"))
 """
 
 
-def timed(cmd):
-    """Run cmd under /usr/bin/time -v: (wall seconds, peak RSS GB)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
-        subprocess.run(["/usr/bin/time", "-v", "-o", t.name, *cmd], check=True, cwd=ROOT)
-        text = t.read()
-    wall = next(line for line in text.splitlines() if "Elapsed (wall" in line).split()[-1]
-    parts = [float(p) for p in wall.split(":")]
-    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-    rss = int(next(line for line in text.splitlines() if "Maximum resident" in line).split()[-1])
-    return round(seconds, 1), round(rss / 1048576, 2)
-
-
-def labels_by_id(directory):
-    t = pq.read_table(sorted(glob.glob(os.path.join(directory, "clusters-*.parquet"))))
-    ids = np.asarray(t.column("id").to_numpy())
-    return np.asarray(t.column("cluster_id").to_numpy())[np.argsort(ids)]
-
-
 def cluster(pool, out, flags, beam_args):
     info_file = out + ".info.json"
-    wall, rss = timed([PY, "-c", _CLUSTER, info_file, "--pool", pool, "--output", out, "--overwrite",
-                       *flags, *beam_args])
+    wall, rss = timed_command([PY, "-c", _CLUSTER, info_file, "--pool", pool, "--output", out, "--overwrite",
+                               *flags, *beam_args])
     return wall, rss, json.load(open(info_file))
 
 
@@ -79,12 +54,7 @@ def main(argv=None):
     one_worker = {int(s) for s in args.one_worker.split(",") if s}
     for size in (int(s) for s in args.sizes.split(",")):
         base = os.path.join(args.work, f"{args.region_sizes}-{size}-{args.dim}")
-        pool = os.path.join(base, "pool")
-        if not os.path.exists(os.path.join(pool, "_SUCCESS")):
-            subprocess.run([PY, "-m", "clusmar_beam.cli", "generate-pool", "--output", pool, "--num-examples",
-                            str(size), "--dim", str(args.dim), "--num-classes", "100", "--seed", "0",
-                            "--region-sizes", args.region_sizes, "--overwrite"], check=True, cwd=ROOT)
-        glob_ = os.path.join(pool, "pool-*.parquet")
+        glob_, _ = generate_pool(os.path.join(base, "pool"), size, dim=args.dim, region_sizes=args.region_sizes)
         flags = ["--distance-threshold", args.distance_threshold]
         shards = max(2, size // args.rows_per_shard)
         wall, rss, info = cluster(glob_, os.path.join(base, "sharded"), flags + ["--hac-shards", str(shards)],
@@ -98,7 +68,7 @@ def main(argv=None):
             wall1, rss1, info1 = cluster(glob_, os.path.join(base, "one"), flags, beam_args)
             row["one_worker"] = {"seconds": wall1, "peak_rss_gb": rss1, "clusters": info1["num_clusters"]}
             row["ari_vs_one_worker"] = round(float(adjusted_rand_score(
-                labels_by_id(os.path.join(base, "one")), labels_by_id(os.path.join(base, "sharded")))), 5)
+                cluster_labels(os.path.join(base, "one"))[1], cluster_labels(os.path.join(base, "sharded"))[1])), 5)
         print(json.dumps(row), flush=True)
 
 

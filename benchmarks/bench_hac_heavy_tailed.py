@@ -8,7 +8,7 @@ Usage:
       [--deltas 0.05] [--region-sizes heavy-tailed]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py first-round [--n 1000000]
 
-Data: `clusmar generate-pool --region-sizes heavy-tailed` rows (`synthetic.generate_rows`): a
+Data: `clusmar generate-pool --region-sizes heavy-tailed` rows (`data.synthetic_embeddings`, 10 classes): a
 few large diffuse regions hold 10-20% of the pool each, the rest a long tail, with
 near-duplicate bursts.
 
@@ -36,12 +36,12 @@ import time
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from clusmar_beam import hac, synthetic
+from clusmar_beam.core import hac
+from data import synthetic_embeddings
 
 
 def pool(n: int, dim: int, seed: int, region_sizes: str = "heavy-tailed") -> np.ndarray:
-    plan = synthetic.make_plan(n, dim, 10, seed, region_sizes=region_sizes)
-    return synthetic.generate_rows(plan, 0, n)["embedding"]
+    return synthetic_embeddings(n, dim, 10, seed, region_sizes)
 
 
 def emit(record: dict) -> None:

@@ -3,8 +3,8 @@
 Usage:
   .venv/bin/python benchmarks/bench_hac_speed.py [--small 20000] [--large 100000] [--eps 0.15] [--knn 16] [--repeat 3]
 
-Data: the first rows of the synthetic pool (`synthetic.generate_rows`, 64-d, 100 classes,
-seed 0: the same generator as `clusmar generate-pool`), cosine distance.
+Data: the first rows of the synthetic pool (`data.synthetic_embeddings`: 64-d, 100 classes,
+seed 0, the same generator as `clusmar generate-pool`), cosine distance.
 
 - small: `hac.average_linkage` (its own FAISS neighbour search included) against
   fastcluster's exact average linkage cut at the same distance; ARI between the two;
@@ -23,21 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clusmar_beam import hac, synthetic  # noqa: E402
-
-
-def pool(n):
-    plan = synthetic.make_plan(n, 64, 100, 0)
-    return synthetic.generate_rows(plan, 0, n)["embedding"].astype(np.float32)
+from clusmar_beam.core import hac
+from data import synthetic_embeddings as pool
 
 
 def timed(fn):

@@ -22,7 +22,6 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -31,28 +30,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clusmar_beam import io, selection, synthetic  # noqa: E402
-
-PY = sys.executable
-
-
-def _time_v(cmd, time_file):
-    start = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-v", "-o", time_file, *cmd], check=True)
-    wall = time.perf_counter() - start
-    text = open(time_file).read()
-    rss = int(next(line.split()[-1] for line in text.splitlines() if "Maximum resident" in line))
-    return wall, rss / 1048576
+from clusmar_beam.core import selection, synthetic
+from clusmar_beam.core.batch import Batch
+from clusmar_beam.core.hashing import pick_hash, tiebreak_hash
+from clusmar_beam.core.margins import top2_margins
+from clusmar_beam.transforms import storage
+from data import CLI, generate_pool, timed_command
 
 
 def make_inputs(work, n):
     pool = os.path.join(work, "pool")
-    if not os.path.exists(os.path.join(pool, "_SUCCESS")):
-        wall, rss = _time_v([PY, "-m", "clusmar_beam.cli", "generate-pool", "--output", pool, "--num-examples",
-                             str(n), "--dim", "64", "--num-classes", "100", "--seed", "0", "--overwrite"],
-                            os.path.join(work, "generate.time"))
-        print(f"generate-pool: {wall:.1f} s, {rss:.2f} GB", flush=True)
+    _, timing = generate_pool(pool, n, time_file=os.path.join(work, "generate.time"))
+    if timing:
+        print(f"generate-pool: {timing[0]:.1f} s, {timing[1]:.2f} GB", flush=True)
     clusters = os.path.join(work, "clusters")
     if not os.path.exists(os.path.join(clusters, "clustering.json")):
         plan = synthetic.make_plan(n, 64, 100, 0)
@@ -62,10 +52,10 @@ def make_inputs(work, n):
         for i, start in enumerate(range(0, n, step)):
             end = min(n, start + step)
             truth = synthetic.true_cluster_ids(plan, start, end)
-            io.write_parquet(os.path.join(clusters, f"clusters-{i:05d}-of-{count:05d}.parquet"),
+            storage.write_parquet(os.path.join(clusters, f"clusters-{i:05d}-of-{count:05d}.parquet"),
                              pa.table({"id": np.arange(start, end, dtype=np.int64),
                                        "cluster_id": truth["cluster"]}))
-        io.write_json_atomic(os.path.join(clusters, "clustering.json"),
+        storage.write_json_atomic(os.path.join(clusters, "clustering.json"),
                              {"source": "synthetic.true_cluster_ids (benchmark input)", "num_points": n})
     return pool, clusters
 
@@ -79,14 +69,14 @@ def numpy_select(pool, clusters, k_t, k_m, seed, round_index):
         probs = table.column("probs").combine_chunks()
         width = len(probs[0])
         ids.append(table.column("id").to_numpy())
-        margins.append(selection.margins_from_probs(probs.values.to_numpy().reshape(-1, width)))
+        margins.append(top2_margins(probs.values.to_numpy().reshape(-1, width)))
     ids, margins = np.concatenate(ids), np.concatenate(margins)
     ct = pq.read_table(sorted(glob.glob(os.path.join(clusters, "clusters-*.parquet"))))
     cluster_of = np.empty(len(ids), np.int64)
     cluster_of[ct.column("id").to_numpy()] = ct.column("cluster_id").to_numpy()  # ids are 0..n-1 here
-    keep = selection.lowest(margins, selection.tiebreak_hash(ids, seed), ids, min(k_m, len(ids)))
-    cand = io.Batch("numpy", {"id": ids[keep], "margin": margins[keep], "cluster_id": cluster_of[ids[keep]],
-                              "pick": selection.pick_hash(ids[keep], seed, round_index)})
+    keep = selection.lowest(margins, tiebreak_hash(ids, seed), ids, min(k_m, len(ids)))
+    cand = Batch("numpy", {"id": ids[keep], "margin": margins[keep], "cluster_id": cluster_of[ids[keep]],
+                           "pick": pick_hash(ids[keep], seed, round_index)})
     chosen = selection.order_candidates(cand, "cluster-margin", k_t)
     return chosen.ids, time.perf_counter() - start
 
@@ -114,9 +104,9 @@ def main(argv=None):
     n, k_t = args.num_examples, args.batch_size
     pool, clusters = make_inputs(args.work, n)
     manifest = os.path.join(args.work, "manifest")
-    wall, rss = _time_v([PY, "-m", "clusmar_beam.cli", "select", "--pool", os.path.join(pool, "pool-*.parquet"),
-                         "--clusters", clusters, "--batch-size", str(k_t), "--candidates", str(n),
-                         "--output", manifest, "--overwrite", *beam_args], os.path.join(args.work, "select.time"))
+    wall, rss = timed_command([*CLI, "select", "--pool", os.path.join(pool, "pool-*.parquet"),
+                               "--clusters", clusters, "--batch-size", str(k_t), "--candidates", str(n),
+                               "--output", manifest, "--overwrite", *beam_args], os.path.join(args.work, "select.time"))
     print(f"pipeline: {wall:.1f} s wall, {rss:.2f} GB peak RSS", flush=True)
     ref_ids, ref_seconds = numpy_select(pool, clusters, k_t, n, 0, 0)
     print(f"numpy one process: {ref_seconds:.1f} s", flush=True)

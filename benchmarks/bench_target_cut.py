@@ -3,13 +3,13 @@
 Usage:
   .venv/bin/python benchmarks/bench_target_cut.py [--n 200000] [--target 10] [--shards 64]
 
-Data: the first n rows of the synthetic pool (as `bench_hac_speed.py` takes them), cosine.
+Data: the first n rows of the synthetic pool (`data.synthetic_embeddings`: 64-d, 100 classes, seed 0), cosine.
 All in this one process, in order:
 - the sample's estimate (`hac.choose_threshold`) and the mean size that estimate really gives;
 - one worker: merged up to the sample's threshold for 2 x the target, cut at the target
   (`hac.average_linkage(..., target_mean_cluster_size=M)`), against a run straight at the
   threshold of the cut (the cut should be that clustering);
-- sharded (`hac_sharded.sharded_average_linkage`, as `clusmar cluster --hac-shards`):
+- sharded (`clusmar_beam.core.hac.sharded.sharded_average_linkage`, the rounds of `clusmar cluster --hac-shards`):
   partitions up to the sample's estimate, last round past it, cut at the target; against a
   one-worker run straight at the sharded cut's threshold, and against the one-worker cut.
 Prints one JSON line per step.
@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 from sklearn.metrics import adjusted_rand_score
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_hac_speed import pool  # noqa: E402
-from clusmar_beam import hac, hac_sharded  # noqa: E402
+from clusmar_beam.core import hac
+from clusmar_beam.core.hac import sharded
+from data import synthetic_embeddings as pool
 
 
 def timed(fn):
@@ -60,7 +57,7 @@ def main(argv=None):
          merged_up_to=one.merged_up_to, mean_size=n / one.num_clusters,
          straight_at_cut=dict(seconds=direct_s, mean_size=round(n / direct.num_clusters, 3),
                               ari=round(ari(one.labels, direct.labels), 5)))
-    (labels, info), sharded_s = timed(lambda: hac_sharded.sharded_average_linkage(
+    (labels, info), sharded_s = timed(lambda: sharded.sharded_average_linkage(
         X, choice.distance_threshold, "cosine", target_mean_cluster_size=target,
         merge_threshold=choice.merge_threshold, shards=args.shards))
     straight = hac.average_linkage(X, info["distance_threshold"], "cosine")

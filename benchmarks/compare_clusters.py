@@ -9,20 +9,12 @@ JSON line per comparison.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 
 import numpy as np
-import pyarrow.parquet as pq
 from sklearn.metrics import adjusted_rand_score
 
-
-def labels_by_id(directory):
-    table = pq.read_table(sorted(glob.glob(os.path.join(directory, "clusters-*.parquet"))))
-    ids = table.column("id").to_numpy(zero_copy_only=False)
-    order = np.argsort(ids, kind="stable")
-    return ids[order], table.column("cluster_id").to_numpy()[order]
+from data import cluster_labels
 
 
 def main(argv=None):
@@ -30,9 +22,9 @@ def main(argv=None):
     ap.add_argument("first")
     ap.add_argument("others", nargs="+")
     args = ap.parse_args(argv)
-    ids, first = labels_by_id(args.first)
+    ids, first = cluster_labels(args.first)
     for other in args.others:
-        other_ids, labels = labels_by_id(other)
+        other_ids, labels = cluster_labels(other)
         if not np.array_equal(ids, other_ids):
             raise SystemExit(f"{other}: not the same ids as {args.first}")
         print(json.dumps({"a": args.first, "b": other, "clusters_a": int(np.unique(first).size),

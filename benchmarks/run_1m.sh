@@ -11,7 +11,7 @@ EPS=${EPS:-0.15}
 mkdir -p "$WORK"
 run() {
   local name=$1; shift
-  /usr/bin/time -v -o "$WORK/$name.time" "$PY" -m clusmar_beam.cli "$@"
+  /usr/bin/time -v -o "$WORK/$name.time" "$PY" -m clusmar_beam.app.cli "$@"
   echo "$name: wall $(grep 'Elapsed (wall' "$WORK/$name.time" | awk '{print $NF}'), peak RSS $(grep 'Maximum resident' "$WORK/$name.time" | awk '{printf "%.2f GB", $NF/1048576}')"
 }
 run generate generate-pool --output "$WORK/pool" --num-examples "$N" --dim 64 --num-classes 100 --seed 0 --overwrite "$@"

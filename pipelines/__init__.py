@@ -1,0 +1,1 @@
+"""Entry modules: `python -m pipelines.NAME [flags]` runs `clusmar NAME` (the code is in clusmar_beam)."""

@@ -1,32 +1,7 @@
-"""`clusmar status --workdir DIR`: a table of the work directory's active-learning rounds.
-
-Columns: round, status (and the stages done of an unfinished round), model, pool size,
-labels back when the round started, selected, when (completed, or started), where (the
-manifest directory). --json prints state.json's rounds instead.
-"""
-from __future__ import annotations
-
-import json
+"""`python -m pipelines.status`: the same as `clusmar status` (clusmar_beam.app.status)."""
 import sys
 
-from clusmar_beam import rounds, runner
-
-
-class StatusOptions(runner.SubcommandOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        parser.add_argument("--workdir", help="the work directory of `clusmar round`")
-        parser.add_argument("--json", dest="as_json", action="store_true", help="print the rounds as JSON")
-
-
-def run(argv=None) -> dict:
-    _, opts = runner.parse_options(StatusOptions, argv)
-    workdir = runner.require(opts.workdir, "--workdir").rstrip("/")
-    rows = rounds.status_rows(workdir)
-    print(json.dumps(rows, indent=2) if opts.as_json else rounds.format_status(workdir))
-    return {"rounds": rows}
-
+from clusmar_beam.app.cli import main
 
 if __name__ == "__main__":
-    from clusmar_beam.cli import main
-    sys.exit(main(["status"] + sys.argv[1:]))
+    sys.exit(main(["status", *sys.argv[1:]]))

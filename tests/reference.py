@@ -1,11 +1,12 @@
 """A deliberately plain, loop-by-loop reading of the paper's selection rule.
 
-Independent of clusmar_beam.selection's vectorised code: tests compare the two.
+Independent of clusmar_beam.core.selection's vectorised code: tests compare the two.
 Hashes are the only shared piece (they are part of the contract: seeded hash of
 the id for margin ties, of (seed, round, id) for the pick inside a cluster).
 """
-from clusmar_beam.selection import pick_hash, tiebreak_hash
 import numpy as np
+
+from clusmar_beam.core.hashing import pick_hash, tiebreak_hash
 
 
 def reference_select(ids, margins, cluster_of, labeled, k_t, k_m, seed, round_index, strategy="cluster-margin"):
@@ -33,3 +34,9 @@ def reference_select(ids, margins, cluster_of, labeled, k_t, k_m, seed, round_in
                 chosen.append(groups[c][depth])
         depth += 1
     return chosen
+
+
+def margins_from_probs(probs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability, computed in float64 by sorting each row: the plain definition."""
+    top2 = np.partition(probs.astype(np.float64), -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from clusmar_beam import cli
+from clusmar_beam.app import cli
 from conftest import random_probs, write_parquet, write_tfrecord
 
 

@@ -10,7 +10,8 @@ import pytest
 from scipy.cluster.hierarchy import fcluster
 from sklearn.metrics import adjusted_rand_score
 
-from clusmar_beam import cli, hac
+from clusmar_beam.app import cli
+from clusmar_beam.core import hac
 from conftest import write_tfrecord
 
 

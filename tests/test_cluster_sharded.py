@@ -1,4 +1,4 @@
-"""Sharded average-linkage HAC (clusmar_beam.hac_sharded): quality against exact average linkage,
+"""Sharded average-linkage HAC (clusmar_beam.transforms.sharded_hac): quality against exact average linkage,
 the same answer whatever the number of shards, the Beam transforms and `clusmar cluster --hac-shards`."""
 import glob
 import json
@@ -13,9 +13,10 @@ from scipy.cluster.hierarchy import fcluster
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import adjusted_rand_score
 
-from clusmar_beam import cli, hac, hac_sharded, io
-from clusmar_beam.hac import HacError
-from clusmar_beam.hac import threshold as hac_threshold
+from clusmar_beam.app import cli
+from clusmar_beam.core import hac
+from clusmar_beam.core.hac import HacError, sharded, threshold as hac_threshold
+from clusmar_beam.transforms import sharded_hac, storage
 
 
 def _threshold(Z, quantile):
@@ -51,7 +52,7 @@ def test_matches_exact_average_linkage(name, metric):
         Z = fastcluster.linkage(X, "average", metric="sqeuclidean")
     for quantile in (0.5, 0.9):
         eps = _threshold(Z, quantile)
-        labels, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16)
+        labels, info = sharded.sharded_average_linkage(X, eps, metric, shards=16)
         assert adjusted_rand_score(fcluster(Z, eps, "distance"), labels) >= 0.99, (name, metric, quantile)
         assert info["rounds"][0]["parts"] == 16
         assert info["waiting"] == 0   # the rounds ended with nothing left across a border
@@ -61,8 +62,8 @@ def test_matches_exact_average_linkage(name, metric):
                                         ("sqeuclidean", 6.0)])
 def test_same_clusters_with_1_and_64_shards(metric, eps):
     X = _diffuse_and_bursts()
-    one, _ = hac_sharded.sharded_average_linkage(X, eps, metric, shards=1)
-    many, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=64)
+    one, _ = sharded.sharded_average_linkage(X, eps, metric, shards=1)
+    many, info = sharded.sharded_average_linkage(X, eps, metric, shards=64)
     assert adjusted_rand_score(one, many) >= 0.99
     assert np.array_equal(one, hac.average_linkage(X, eps, metric).labels)   # 1 shard = single-machine RAC
     parts = [r["parts"] for r in info["rounds"]]
@@ -77,8 +78,8 @@ def test_rounds_follow_the_clusters_left(monkeypatch):
     once the clusters left are few (FINISH_ON_ONE_WORKER) a repeat is one exact RAC on all of them."""
     X = _diffuse_and_bursts(2000, seed=4)
     exact = hac.average_linkage(X, 0.3, "cosine").labels
-    monkeypatch.setattr(hac_sharded, "FINISH_ON_ONE_WORKER", 0)   # partitions to the end
-    labels, info = hac_sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=30)
+    monkeypatch.setattr(sharded, "FINISH_ON_ONE_WORKER", 0)   # partitions to the end
+    labels, info = sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=30)
     size, clusters = -(-len(X) // 16), len(X)
     for r in info["rounds"]:
         assert r["parts"] == -(-clusters // size)
@@ -86,21 +87,21 @@ def test_rounds_follow_the_clusters_left(monkeypatch):
     assert len(info["rounds"]) > 2 and info["waiting"] == 0
     assert adjusted_rand_score(labels, exact) >= 0.99
     monkeypatch.undo()
-    labels, info = hac_sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16)
+    labels, info = sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16)
     assert [r["parts"] for r in info["rounds"]] == [16, 1] and info["waiting"] == 0
     assert adjusted_rand_score(labels, exact) >= 0.99
-    _, short = hac_sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=1)
+    _, short = sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=1)
     assert len(short["rounds"]) == 1 and short["waiting"] > 0   # reported, not hidden
 
 
 def test_frozen_neighbours_block_merges():
     # a - b are close, c is frozen and nearer to a than b is: a must not merge with b
     X = np.array([[0.0, 0.0], [1.0, 0.0], [-0.5, 0.0]])
-    members = hac_sharded.initial_clusters(X[:2])
-    frozen = hac_sharded.initial_clusters(X[2:], np.array([2]))
-    out, edges, _, _, waiting = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
+    members = sharded.initial_clusters(X[:2])
+    frozen = sharded.initial_clusters(X[2:], np.array([2]))
+    out, edges, _, _, waiting = sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
     assert len(out) == 2 and len(edges) == 0 and waiting == 2
-    out, edges, _, _, waiting = hac_sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
+    out, edges, _, _, waiting = sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
     assert len(out) == 1 and edges.tolist() == [[0, 1]] and waiting == 0
 
 
@@ -111,7 +112,7 @@ def _beam_result(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
     with beam.Pipeline() as p:
         result = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows])
                                    for s in range(0, len(X), batch_rows)], reshuffle=False)
-                  | hac_sharded.ShardedHac(eps, metric, shards=shards, **kwargs))
+                  | sharded_hac.ShardedHac(eps, metric, shards=shards, **kwargs))
         _ = (result["labels"] | beam.combiners.ToList()
              | beam.Map(lambda parts: np.savez(labels_file, rows=np.concatenate([r for r, _ in parts]),
                                                labels=np.concatenate([l for _, l in parts]))))
@@ -130,7 +131,7 @@ def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
 def test_beam_transform_matches_in_process_rounds(tmp_path):
     X = _diffuse_and_bursts(3000, seed=2).astype(np.float32)
     labels = _beam_labels(tmp_path, X, 0.25, "cosine", shards=32, batch_rows=700)
-    expected, _ = hac_sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
+    expected, _ = sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
     assert np.array_equal(labels, expected)
     assert adjusted_rand_score(labels, hac.average_linkage(X, 0.25, "cosine").labels) >= 0.99
 
@@ -138,11 +139,11 @@ def test_beam_transform_matches_in_process_rounds(tmp_path):
 @pytest.mark.parametrize("metric,eps", [("cosine", 0.3), ("sqeuclidean", 0.6)])
 def test_approximate_merges_in_partitions_on_a_heavy_tailed_pool(tmp_path, metric, eps):
     """Partitions and the last round merge (1+delta)-good stars too: close to exact, far fewer rounds."""
-    from clusmar_beam import synthetic
+    from clusmar_beam.core import synthetic
     X = synthetic.generate_rows(synthetic.make_plan(6000, 24, 5, 3, region_sizes="heavy-tailed"), 0, 6000)["embedding"]
     result = _beam_result(tmp_path, X, eps, metric, shards=16, batch_rows=1500, delta=0.05)
     labels = result["labels"]
-    expected, info = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16, delta=0.05)
+    expected, info = sharded.sharded_average_linkage(X, eps, metric, shards=16, delta=0.05)
     assert np.array_equal(labels, expected)
     # the same rounds, partitions and merges in process and as Beam transforms
     assert result["rounds"] == info["merge_rounds"]
@@ -156,7 +157,7 @@ def test_approximate_merges_in_partitions_on_a_heavy_tailed_pool(tmp_path, metri
 def test_beam_transform_without_halo_and_on_one_point(tmp_path):
     X = _diffuse_and_bursts(600, seed=7).astype(np.float32)
     labels = _beam_labels(tmp_path, X, 0.25, "cosine", shards=8, batch_rows=200, halo_cells=0)
-    expected, _ = hac_sharded.sharded_average_linkage(X, 0.25, "cosine", shards=8, halo_cells=0)
+    expected, _ = sharded.sharded_average_linkage(X, 0.25, "cosine", shards=8, halo_cells=0)
     assert np.array_equal(labels, expected)
     assert _beam_labels(tmp_path, X[:1], 0.25, "cosine", shards=8, batch_rows=1).tolist() == [0]
 
@@ -164,21 +165,21 @@ def test_beam_transform_without_halo_and_on_one_point(tmp_path):
 @pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"max_rounds": 0}, {"max_rounds": 1.5}])
 def test_bad_parameters(kwargs):
     with pytest.raises(HacError):
-        hac_sharded.sharded_average_linkage(np.eye(4), 0.5, "cosine", **kwargs)
+        sharded.sharded_average_linkage(np.eye(4), 0.5, "cosine", **kwargs)
     with pytest.raises(HacError):
-        hac_sharded.ShardedHac(0.5, "cosine", **kwargs)
+        sharded_hac.ShardedHac(0.5, "cosine", **kwargs)
 
 
 @pytest.mark.parametrize("eps", [0, -1, float("nan")])
 def test_bad_threshold(eps):
     with pytest.raises(HacError):
-        hac_sharded.sharded_average_linkage(np.eye(4), eps, "cosine")
+        sharded.sharded_average_linkage(np.eye(4), eps, "cosine")
 
 
 def test_identical_and_single_points():
-    labels, _ = hac_sharded.sharded_average_linkage(np.ones((40, 3)), 0.1, "cosine", shards=8)
+    labels, _ = sharded.sharded_average_linkage(np.ones((40, 3)), 0.1, "cosine", shards=8)
     assert labels.tolist() == [0] * 40
-    labels, _ = hac_sharded.sharded_average_linkage(np.ones((1, 3)), 0.1, "sqeuclidean", shards=8)
+    labels, _ = sharded.sharded_average_linkage(np.ones((1, 3)), 0.1, "sqeuclidean", shards=8)
     assert labels.tolist() == [0]
 
 
@@ -236,7 +237,7 @@ def _beam_choice(tmp_path, X, target, metric, batch_rows, **kwargs):
     out = tmp_path / "choice.json"
     with beam.Pipeline() as p:
         _ = (p | beam.Create([(rows[s:s + batch_rows], X[s:s + batch_rows]) for s in starts], reshuffle=False)
-             | hac_sharded.ThresholdFromTarget(target, metric, **kwargs)
+             | sharded_hac.ThresholdFromTarget(target, metric, **kwargs)
              | beam.Map(lambda c: out.write_text(json.dumps(c.as_dict()))))
     return hac.ThresholdChoice(**json.loads(out.read_text()))
 
@@ -262,11 +263,11 @@ def test_threshold_transform_on_a_small_pool_takes_every_row(tmp_path):
 
 def test_threshold_transform_bad_parameters():
     with pytest.raises(HacError, match="target mean cluster size"):
-        hac_sharded.ThresholdFromTarget(0.5)
+        sharded_hac.ThresholdFromTarget(0.5)
     with pytest.raises(HacError):
-        hac_sharded.ThresholdFromTarget(5, "l1")
+        sharded_hac.ThresholdFromTarget(5, "l1")
     with pytest.raises(HacError):
-        hac_sharded.ThresholdFromTarget(5, sample_size=0)
+        sharded_hac.ThresholdFromTarget(5, sample_size=0)
 
 
 def test_cli_target_mean_cluster_size_with_hac_shards(tmp_path):
@@ -299,7 +300,7 @@ def test_sharded_cut_at_a_target_matches_exact_average_linkage(tmp_path, metric,
     X = _diffuse_and_bursts(2500, seed=8)
     Z = fastcluster.linkage(X / np.linalg.norm(X, axis=1, keepdims=True) if metric == "cosine" else X, "average",
                             metric=metric)
-    labels, info = hac_sharded.sharded_average_linkage(X, first, metric, target_mean_cluster_size=12, shards=16)
+    labels, info = sharded.sharded_average_linkage(X, first, metric, target_mean_cluster_size=12, shards=16)
     assert len(labels) / (labels.max() + 1) == pytest.approx(12, rel=0.01)
     assert info["merged_up_to"] >= info["distance_threshold"]
     assert adjusted_rand_score(fcluster(Z, info["distance_threshold"], "distance"), labels) >= 0.99
@@ -313,10 +314,10 @@ def test_sharded_cut_at_a_target_matches_exact_average_linkage(tmp_path, metric,
 @pytest.mark.parametrize("metric,eps,merge_eps", [("cosine", 0.1, 0.4), ("sqeuclidean", 0.5, 2.0)])
 def test_partitions_merge_up_to_the_lower_threshold_and_the_last_round_past_it(tmp_path, metric, eps, merge_eps):
     X = _diffuse_and_bursts(2500, seed=9)
-    labels, info = hac_sharded.sharded_average_linkage(X, eps, metric, target_mean_cluster_size=12,
+    labels, info = sharded.sharded_average_linkage(X, eps, metric, target_mean_cluster_size=12,
                                                        merge_threshold=merge_eps, shards=16)
     assert info["merged_up_to"] >= merge_eps > eps and len(X) / (labels.max() + 1) == pytest.approx(12, rel=0.01)
-    _, at_eps = hac_sharded.sharded_average_linkage(X, eps, metric, shards=16)
+    _, at_eps = sharded.sharded_average_linkage(X, eps, metric, shards=16)
     assert info["rounds"][0]["merges"] == at_eps["rounds"][0]["merges"]   # the partitions stop at eps
     result = _beam_result(tmp_path, X, eps, metric, shards=16, batch_rows=600, target_mean_cluster_size=12,
                           merge_threshold=merge_eps)
@@ -330,13 +331,14 @@ def test_no_element_grows_with_the_pool(tmp_path, monkeypatch):
     """Every shuffle and side input of the sharded path, and every partition a worker merges, is bounded by
     the range, bucket, shard and partition sizes, not by the pool: at 4x the pool (with 4x the partitions)
     the largest element of each step stays within 1.5x, or tiny."""
-    from clusmar_beam import ranks
-    from pipelines import cluster
+    from clusmar_beam.transforms import cluster as cluster_transforms
+    from clusmar_beam.transforms import ranks
+    from clusmar_beam.pipelines import cluster
     monkeypatch.setattr(ranks, "ROWS_PER_RANGE", 1024)
-    monkeypatch.setattr(hac_sharded, "ROWS_PER_BUCKET", 1024)
-    monkeypatch.setattr(hac_sharded, "SAMPLE_MAX", 512)
-    monkeypatch.setattr(hac_sharded, "FINISH_ON_ONE_WORKER", 500)   # the one-worker bound: one partition here
-    monkeypatch.setattr(cluster, "ROWS_PER_CLUSTER_SHARD", 1024)
+    monkeypatch.setattr(sharded_hac, "ROWS_PER_BUCKET", 1024)
+    monkeypatch.setattr(sharded, "SAMPLE_MAX", 512)
+    monkeypatch.setattr(sharded, "FINISH_ON_ONE_WORKER", 500)   # the one-worker bound: one partition here
+    monkeypatch.setattr(cluster_transforms, "ROWS_PER_CLUSTER_SHARD", 1024)
     largest = {}
     for n in (3000, 12000):
         assert cli.main(["generate-pool", "--output", str(tmp_path / f"pool{n}"), "--num-examples", str(n),
@@ -370,7 +372,7 @@ def test_hac_shards_auto(tmp_path, rng, capsys):
     """auto: one worker for a pool whose embeddings fit one worker comfortably, else a partition per
     AUTO_EMBEDDING_BYTES_PER_SHARD; the embeddings' bytes come from the Parquet footers."""
     from conftest import write_parquet
-    from pipelines import cluster
+    from clusmar_beam.pipelines import cluster
     mib = 1 << 20
     assert cluster.auto_shards(cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES) == 1
     assert cluster.auto_shards(cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES + 1) == math.ceil(
@@ -379,7 +381,7 @@ def test_hac_shards_auto(tmp_path, rng, capsys):
     x = rng.normal(size=(2000, 8)).astype(np.float32)
     write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(2000), "embedding": x})
     pool = str(tmp_path / "pool" / "*")
-    rows, size = io.footprint([str(tmp_path / "pool" / "p.parquet")], "parquet", "embedding")
+    rows, size = storage.footprint([str(tmp_path / "pool" / "p.parquet")], "parquet", "embedding")
     assert rows == 2000 and 2000 * 8 * 4 <= size < 2000 * 8 * 4 * 1.5
     assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "a"), "--distance-threshold", "0.3",
                      "--hac-shards", "auto"]) == 0

@@ -3,7 +3,7 @@ import glob
 import json
 import os
 
-from clusmar_beam import cli
+from clusmar_beam.app import cli
 
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 

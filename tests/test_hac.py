@@ -6,9 +6,8 @@ from scipy.cluster.hierarchy import fcluster
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.metrics import adjusted_rand_score
 
-from clusmar_beam import knn
-from clusmar_beam.hac import HacError, HacResult, average_linkage
-from clusmar_beam.hac import index as hac_index, rac as hac_rac, threshold as hac_threshold
+from clusmar_beam.core import cells
+from clusmar_beam.core.hac import (HacError, HacResult, average_linkage, index as hac_index, rac as hac_rac, threshold as hac_threshold)
 
 
 def _reference(X, metric):
@@ -112,7 +111,7 @@ def test_ivf_with_two_level_quantiser(metric, monkeypatch):
     """Pools above 1M clusters get lists of bounded size behind a two-level quantiser;
     forced here on a small pool (tiny lists, few allowed flat lists), it must still
     match exact average linkage."""
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
 
     monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 8)
     monkeypatch.setattr(hac_index, "_LIST_SIZE", 40)
@@ -135,7 +134,6 @@ def test_ivf_with_two_level_quantiser(metric, monkeypatch):
 def test_symmetrising_edges_of_fresh_clusters_equals_a_full_pass(metric, monkeypatch):
     """Each round offers only edges from or to clusters with a new nearest; offering
     every edge must change nothing, in the IVF phase and the exact one."""
-    from clusmar_beam import hac
 
     real = hac_rac._symmetrise
     rounds = []
@@ -173,7 +171,7 @@ def test_ivf_path_leaves_no_two_clusters_within_the_threshold():
     pool retired with a cluster still within eps (2,633 clusters against the
     2,630 of exact linkage); the search again in the lists nearest the
     cluster itself finds those neighbours."""
-    from clusmar_beam import synthetic
+    from clusmar_beam.core import synthetic
 
     X = synthetic.generate_rows(synthetic.make_plan(20_000, 64, 100, 0), 0, 20_000)["embedding"]
     eps = 0.15
@@ -185,7 +183,7 @@ def test_ivf_path_leaves_no_two_clusters_within_the_threshold():
 
 
 def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(monkeypatch):
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
 
     monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 100)
     rng = np.random.default_rng(3)
@@ -195,13 +193,13 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(mo
     assert abs(q.centroids.shape[0] - 2000) <= q.groups.shape[0]  # lists shared out by group size
     x = rng.normal(size=(3000, 8)).astype(np.float32)
     lists = q.assign(x)
-    groups = knn.probe_cells(q.groups, x, hac_index._GROUPS_SEARCHED)
+    groups = cells.probe_cells(q.groups, x, hac_index._GROUPS_SEARCHED)
     for i in range(0, 3000, 97):
         allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
         assert lists[i] == allowed[np.argmin(d)]
     # most points land in their globally nearest list
-    nearest = knn.probe_cells(q.centroids, x, 1)[:, 0]
+    nearest = cells.probe_cells(q.centroids, x, 1)[:, 0]
     assert (nearest == lists).mean() > 0.9
     # the threshold cells ask for a row's 3 nearest lists, nearest first
     three = q.nearest(x, 3)
@@ -351,7 +349,7 @@ def test_tiny_and_huge_scales_give_the_same_clusters():
 def test_float32_screening_finds_the_float64_nearest():
     """Cosine candidates ranked in float32 and refined near the smallest give the
     nearest, its linkage and the tie-break (lower id) of float64 linkages for all."""
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
 
     rng = np.random.default_rng(11)
     base = rng.normal(size=(40, 16))
@@ -381,7 +379,7 @@ def test_float32_screening_finds_the_float64_nearest():
 
 def test_ivf_blocked_and_per_query_search_agree(monkeypatch):
     """Crowded lists are searched as one block; both ways must find the same."""
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
 
     rng = np.random.default_rng(5)
     vecs = rng.normal(size=(3000, 9)).astype(np.float32)
@@ -402,7 +400,7 @@ def test_ivf_search_on_threads_equals_one_thread(crowded, monkeypatch):
     """Lists (blocked) and query blocks (per query) go to threads with FAISS single-threaded
     in each: the same candidates and scores as on one thread, whatever the thread count."""
     import faiss
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
 
     monkeypatch.setattr(hac_index, "_CROWDED_LIST", crowded)
     monkeypatch.setattr(hac_index, "_SCAN_BLOCK", 64)
@@ -426,7 +424,7 @@ def test_ivf_search_on_threads_equals_one_thread(crowded, monkeypatch):
 
 def test_own_list_search_skips_only_the_lists_already_searched():
     """A retiring cluster searched this round is searched again only in its own nearest lists it missed."""
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
 
     rng = np.random.default_rng(6)
     vecs = rng.normal(size=(3000, 9)).astype(np.float32)
@@ -453,7 +451,7 @@ def test_own_list_search_skips_only_the_lists_already_searched():
 from scipy.sparse import coo_matrix  # noqa: E402
 from scipy.sparse.csgraph import connected_components  # noqa: E402
 
-from clusmar_beam.hac import choose_threshold, threshold_from_heights  # noqa: E402
+from clusmar_beam.core.hac import choose_threshold, threshold_from_heights  # noqa: E402
 
 
 def _blobs(n, d=16, groups=60, seed=0, spread=0.35):
@@ -499,7 +497,6 @@ def test_target_mean_size_exact_on_small_pools(metric, target):
 @pytest.mark.parametrize("cell_size", [None, 100])
 def test_target_mean_size_from_a_sample_of_cells(metric, cell_size, monkeypatch):
     """cell_size 100 makes 120 cells, above the (lowered) flat limit: the two-level cells of big pools."""
-    from clusmar_beam import hac
 
     monkeypatch.setattr(hac_threshold, "_FLAT_SAMPLE_CELLS_MAX", 30)
     X = _blobs(12000, groups=300, seed=2, spread=0.5)
@@ -530,7 +527,7 @@ def test_cut_at_a_target_is_exact_average_linkage_at_its_threshold(metric, targe
 
 def test_cut_at_a_target_through_the_ivf_search(monkeypatch):
     """Past exact search (IVF over cluster means), raised twice: still the target and scipy's clusters."""
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
     X = _diffuse_groups_and_bursts(seed=4)
     Z = _reference(X, "cosine")
     res = average_linkage(X, 0.01, "cosine", target_mean_cluster_size=15, exact_search_max=200)
@@ -564,7 +561,7 @@ def test_target_above_the_pool_size_merges_everything():
 def test_kept_candidates_give_the_same_clusters_as_searching_again(metric, monkeypatch):
     """Resolving a stale cluster from its kept candidates and their bound is exact:
     the same merges as re-searching every stale cluster, with far fewer searches."""
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
     X = _diffuse_groups_and_bursts(seed=3)
     eps = _threshold(_reference(X, metric), 0.9)
     def searches(log_lines):
@@ -597,7 +594,6 @@ def test_renumbering_as_clusters_retire_changes_no_merge(metric, exact_search_ma
     """The rounds' arrays shrink to the active clusters (Rac._compact): every merge,
     its height and the survivors' statistics (a target raises the threshold from
     them) are those of rounds that keep every row."""
-    from clusmar_beam import hac
     X = _diffuse_groups_and_bursts(seed=2)
 
     def run():
@@ -641,7 +637,7 @@ def test_overwritten_input_gives_the_same_clusters(metric, duplicates):
 
 
 def test_rows_kept_in_place_block_by_block(monkeypatch):
-    from clusmar_beam import hac
+    from clusmar_beam.core import hac
     monkeypatch.setattr(hac_rac, "CHUNK", 3)
     rng = np.random.default_rng(7)
     a = rng.normal(size=(20, 4))
@@ -652,13 +648,14 @@ def test_rows_kept_in_place_block_by_block(monkeypatch):
 
 def test_renumbering_keeps_frozen_neighbours(monkeypatch):
     """Frozen clusters (a partition's neighbours in hac_sharded) survive the renumbering unmerged."""
-    from clusmar_beam import hac, hac_sharded
+    from clusmar_beam.core import hac
+    from clusmar_beam.core.hac import sharded
     X = hac.prepare(_diffuse_groups_and_bursts(seed=3), "sqeuclidean")
-    members = hac_sharded.initial_clusters(X[::2], np.arange(0, len(X), 2))
-    frozen = hac_sharded.initial_clusters(X[1::2], np.arange(1, len(X), 2))
+    members = sharded.initial_clusters(X[::2], np.arange(0, len(X), 2))
+    frozen = sharded.initial_clusters(X[1::2], np.arange(1, len(X), 2))
 
     def run():
-        return hac_sharded.rac_on_clusters(members, 2.0, "sqeuclidean", frozen)
+        return sharded.rac_on_clusters(members, 2.0, "sqeuclidean", frozen)
 
     monkeypatch.setattr(hac_rac, "_COMPACT_MIN", 10**9)
     whole = run()
@@ -677,7 +674,7 @@ def test_renumbering_keeps_frozen_neighbours(monkeypatch):
 
 
 def _heavy_tailed(n, dim=32, seed=0):
-    from clusmar_beam import synthetic
+    from clusmar_beam.core import synthetic
     plan = synthetic.make_plan(n, dim, 10, seed, region_sizes="heavy-tailed")
     return synthetic.generate_rows(plan, 0, n)["embedding"]
 
@@ -756,7 +753,7 @@ def test_bad_delta(delta):
 
 
 def test_labels_from_edges_in_any_orientation():
-    from clusmar_beam.hac import labels_from_edges
+    from clusmar_beam.core.hac import labels_from_edges
     # the same row a child of two edges (a star whose centre is not its lowest row)
     edges = np.array([[5, 1], [5, 3], [5, 0], [2, 4]])
     assert labels_from_edges(7, edges).tolist() == [0, 0, 1, 0, 1, 0, 2]
@@ -770,11 +767,11 @@ def test_crowded_lists_are_split():
     rest = rng.standard_normal((6000, 16))
     train = np.concatenate([core, rest]).astype(np.float32)
     train /= np.linalg.norm(train, axis=1, keepdims=True)
-    centroids = knn.train_centroids(train, 64, 0, niter=5)
+    centroids = cells.train_centroids(train, 64, 0, niter=5)
     split = hac_index.split_crowded_lists(centroids, train, 0)
 
     def crowding(c):
-        count = np.bincount(knn.probe_cells(c, train, 1)[:, 0], minlength=c.shape[0])
+        count = np.bincount(cells.probe_cells(c, train, 1)[:, 0], minlength=c.shape[0])
         return count.max() / count.mean()
 
     assert crowding(centroids) > 6

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from clusmar_beam import cli
+from clusmar_beam.app import cli
 
 
 def _free_port():

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clusmar_beam import cli, rounds
-from clusmar_beam.selection import margins_from_probs
+from clusmar_beam.app import cli, rounds
+from reference import margins_from_probs
 from conftest import read_manifest, write_parquet
 from reference import reference_select
 
@@ -21,7 +21,7 @@ K_T = 100
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from pipelines import generate_pool
+    from clusmar_beam.pipelines import generate_pool
     root = tmp_path_factory.mktemp("rounds-pool")
     generate_pool.run(["--output", str(root / "pool"), "--num-examples", "2500", "--dim", "16",
                        "--num-classes", "5", "--seed", "7"])
@@ -293,6 +293,34 @@ def test_rounds_with_a_model(tmp_path, pool):
     assert len(chosen) == 150 == len(set(chosen))
 
 
+def test_embedding_layer_in_score_args_over_rounds(tmp_path):
+    """score_args choosing the embedding layer: round 1 clusters with it; round 2 scores without
+    embeddings, so the choice is dropped there rather than refused."""
+    import glob
+    import keras
+    dim, n = 6, 600
+    rng = np.random.default_rng(8)
+    write_parquet(str(tmp_path / "raw" / "raw-0.parquet"),
+                  {"id": np.arange(n, dtype=np.int64), "features": rng.normal(size=(n, dim)).astype(np.float32)})
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((dim,), name="features")
+    hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(
+        keras.layers.Dense(8, activation="tanh", name="penultimate")(inputs))
+    keras.Model(inputs, keras.layers.Dense(4, activation="softmax", name="probs")(hidden)).save(tmp_path / "m.keras")
+    wd = str(tmp_path / "wd")
+    config = _config(tmp_path, {"glob": str(tmp_path / "raw" / "*.parquet")}, model=str(tmp_path / "m.keras"),
+                     score_args=["--embedding-layer", "penultimate"], batch_size=30, candidate_multiplier=4,
+                     distance_threshold=0.05, target_mean_cluster_size=None)
+    info1 = rounds.run_round(config)
+    assert info1["stages"]["score"]["with_embeddings"] and info1["stages"]["cluster"]["num_points"] == n
+    first = pq.read_table(sorted(glob.glob(os.path.join(wd, "rounds", "round-0001", "scores", "*.parquet"))))
+    assert len(first.column("embedding")[0].as_py()) == 8            # the chosen layer, not the default (5)
+    info2 = rounds.run_round(config)
+    assert info2["status"] == "completed" and not info2["stages"]["score"]["with_embeddings"]
+    assert info2["stages"]["cluster"]["reused_from_round"] == 1
+    assert not set(_manifest_ids(wd, 1)) & set(_manifest_ids(wd, 2))
+
+
 def test_killed_process_then_resume(tmp_path, pool):
     """A real `clusmar round` process killed with SIGKILL mid-round; the next run takes over its
     stale lock and finishes the round."""
@@ -301,7 +329,7 @@ def test_killed_process_then_resume(tmp_path, pool):
     config = _config(tmp_path, pool)
     wd = tmp_path / "wd"
     env = {**os.environ, "CLUSMAR_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "clusmar_beam.cli", "round", "--config", config, "--round", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "clusmar_beam.app.cli", "round", "--config", config, "--round", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -335,7 +363,7 @@ def test_recluster_survives_a_crash(tmp_path, pool, monkeypatch, capsys):
 
 
 def test_id_files_round_trip_string_ids(tmp_path):
-    from clusmar_beam import io
+    from clusmar_beam.transforms import storage as io
     ids = np.array([b"img-3", b"img-1", b"img-2", b"img-1"], dtype=object)
     write_parquet(str(tmp_path / "labels" / "a.parquet"), {"id": pa_strings(ids), "label": np.arange(4)})
     got = rounds.read_ids(str(tmp_path / "labels" / "*"), "labels", "string")
@@ -422,7 +450,8 @@ def test_live_progress_shows_counts_on_a_terminal(tmp_path, pool, monkeypatch):
     """The live line of a stage shows rows read by the stage's pipeline as it runs."""
     import io as stdio
     import time as stdtime
-    from clusmar_beam import io as cio, progress
+    from clusmar_beam.transforms import storage as cio
+    from clusmar_beam.core import progress
     import apache_beam as beam
 
     class Terminal(stdio.StringIO):

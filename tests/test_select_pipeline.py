@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from clusmar_beam import cli
-from clusmar_beam.selection import margins_from_probs
+from clusmar_beam.app import cli
+from reference import margins_from_probs
 from conftest import random_probs, read_manifest, write_parquet, write_tfrecord
 from reference import reference_select
 

@@ -5,9 +5,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 import apache_beam as beam
 
-from clusmar_beam import selection
-from clusmar_beam.io import Batch
-from reference import reference_select
+from clusmar_beam.core import hashing, selection as core_selection
+from clusmar_beam.core.batch import Batch
+from clusmar_beam.core.margins import top2_margins
+from clusmar_beam.transforms import selection
+from reference import margins_from_probs, reference_select
 
 
 def test_round_robin_smallest_group_first_and_exhausted_groups_skipped():
@@ -15,7 +17,7 @@ def test_round_robin_smallest_group_first_and_exhausted_groups_skipped():
     clusters = np.array([7, 7, 7, 5, 9, 9])
     picks = np.array([30, 10, 20, 5, 2, 1], dtype=np.uint64)
     ids = np.arange(6)
-    order = selection.round_robin_order(clusters, picks, ids)
+    order = core_selection.round_robin_order(clusters, picks, ids)
     # pass 0: cluster 5 (size 1), 9 (size 2), 7 (size 3); pass 1: 9, 7; pass 2: 7.
     assert order.tolist() == [3, 5, 1, 4, 2, 0]
 
@@ -23,7 +25,7 @@ def test_round_robin_smallest_group_first_and_exhausted_groups_skipped():
 def test_round_robin_equal_sizes_go_by_cluster_id():
     clusters = np.array([4, 2, 4, 2])
     picks = np.array([1, 1, 0, 0], dtype=np.uint64)
-    order = selection.round_robin_order(clusters, picks, np.arange(4))
+    order = core_selection.round_robin_order(clusters, picks, np.arange(4))
     assert order.tolist() == [3, 2, 1, 0]
 
 
@@ -31,39 +33,40 @@ def test_margin_ties_are_broken_by_seeded_hash_then_id():
     margins = np.array([0.5, 0.1, 0.1, 0.1, 0.9])
     ids = np.array([10, 11, 12, 13, 14])
     for seed in range(5):
-        tie = selection.tiebreak_hash(ids, seed)
-        chosen = selection.lowest(margins, tie, ids, 2)
+        tie = hashing.tiebreak_hash(ids, seed)
+        chosen = core_selection.lowest(margins, tie, ids, 2)
         tied = [1, 2, 3]
         expected = sorted(tied, key=lambda i: int(tie[i]))[:2]
         assert chosen.tolist() == expected
     # different seeds reorder ties differently at least once
-    picks = {tuple(selection.lowest(margins, selection.tiebreak_hash(ids, s), ids, 3).tolist()) for s in range(8)}
+    picks = {tuple(core_selection.lowest(margins, hashing.tiebreak_hash(ids, s), ids, 3).tolist()) for s in range(8)}
     assert len(picks) > 1
 
 
 def test_hash_depends_on_seed_round_and_id_only():
     ids = np.arange(1000, dtype=np.int64)
-    a = selection.pick_hash(ids, 3, 1)
-    assert np.array_equal(a[::-1], selection.pick_hash(ids[::-1], 3, 1))
-    assert not np.array_equal(a, selection.pick_hash(ids, 3, 2))
-    assert not np.array_equal(a, selection.pick_hash(ids, 4, 1))
+    a = hashing.pick_hash(ids, 3, 1)
+    assert np.array_equal(a[::-1], hashing.pick_hash(ids[::-1], 3, 1))
+    assert not np.array_equal(a, hashing.pick_hash(ids, 3, 2))
+    assert not np.array_equal(a, hashing.pick_hash(ids, 4, 1))
     assert len(np.unique(a)) == 1000
     text = np.array([b"a", b"b", b"a"], dtype=object)
-    h = selection.pick_hash(text, 0, 0)
+    h = hashing.pick_hash(text, 0, 0)
     assert h[0] == h[2] != h[1]
 
 
-def test_margins_from_probs_top1_minus_top2():
+def test_margins_top1_minus_top2():
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=np.float32)
-    assert np.allclose(selection.margins_from_probs(probs), [0.3, 0.0, 1.0])
+    assert np.allclose(top2_margins(probs), [0.3, 0.0, 1.0])
+    assert np.array_equal(top2_margins(probs), margins_from_probs(probs))
 
 
 def _candidates(ids, margins, clusters, seed=0, round_index=0):
     ids = np.asarray(ids)
     return Batch("test", {"id": ids, "margin": np.asarray(margins, dtype=np.float64),
                           "cluster_id": np.asarray(clusters, dtype=np.int64),
-                          "tiebreak": selection.tiebreak_hash(ids, seed),
-                          "pick": selection.pick_hash(ids, seed, round_index)})
+                          "tiebreak": hashing.tiebreak_hash(ids, seed),
+                          "pick": hashing.pick_hash(ids, seed, round_index)})
 
 
 @pytest.mark.parametrize("k_t", [1, 7, 40, 500])
@@ -74,8 +77,8 @@ def test_order_candidates_matches_reference(rng, k_t):
     clusters = rng.zipf(1.6, n) % 40
     k_m = 120
     batch = _candidates(ids, margins, clusters, seed=5, round_index=2)
-    keep = selection.lowest(margins, batch.columns["tiebreak"], ids, k_m)
-    chosen = selection.order_candidates(batch.take(keep), "cluster-margin", k_t)
+    keep = core_selection.lowest(margins, batch.columns["tiebreak"], ids, k_m)
+    chosen = core_selection.order_candidates(batch.take(keep), "cluster-margin", k_t)
     expected = reference_select(ids.tolist(), dict(zip(ids.tolist(), margins.tolist())),
                                 dict(zip(ids.tolist(), clusters.tolist())), [], k_t, k_m, 5, 2)
     assert chosen.ids.tolist() == expected
@@ -97,7 +100,7 @@ def test_select_candidates_pipeline_keeps_exact_lowest_unlabeled(rng):
     keep = 300
     unlabeled = np.setdiff1d(ids, labeled)
     m = dict(zip(ids.tolist(), margins.tolist()))
-    tie = dict(zip(unlabeled.tolist(), selection.tiebreak_hash(unlabeled, 1).tolist()))
+    tie = dict(zip(unlabeled.tolist(), hashing.tiebreak_hash(unlabeled, 1).tolist()))
     expected = sorted(sorted(unlabeled.tolist(), key=lambda i: (m[i], tie[i], i))[:keep])
     for buckets in (1, 7):
         with TestPipeline() as p:

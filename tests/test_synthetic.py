@@ -1,4 +1,4 @@
-"""Tests for clusmar_beam.synthetic (fast: a few seconds)."""
+"""Tests for clusmar_beam.core.synthetic (fast: a few seconds)."""
 
 import hashlib
 import json
@@ -10,8 +10,8 @@ import pytest
 from scipy.cluster.hierarchy import fcluster
 from scipy.spatial.distance import pdist
 
-from clusmar_beam import synthetic
-from clusmar_beam.synthetic import (
+from clusmar_beam.core import synthetic
+from clusmar_beam.core.synthetic import (
     BLOCK_SIZE,
     PoolPlan,
     default_num_shards,
@@ -407,7 +407,7 @@ def test_bad_region_sizes():
 
 
 def test_generate_pool_region_sizes_flag(tmp_path, capsys):
-    from clusmar_beam import cli
+    from clusmar_beam.app import cli
 
     out = tmp_path / "pool"
     code = cli.main(["generate-pool", "--output", str(out), "--num-examples", "100", "--dim", "4",

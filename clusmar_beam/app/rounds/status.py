@@ -1,0 +1,49 @@
+"""The rows and the table of `clusmar status`, read from state.json only (no run is needed)."""
+from __future__ import annotations
+
+import posixpath
+
+from apache_beam.io.filesystems import FileSystems
+
+from clusmar_beam.app.rounds.stages import STAGES
+from clusmar_beam.app.rounds.state import load_state, state_path
+from clusmar_beam.core.errors import InputError
+
+
+def status_rows(workdir: str) -> list[dict]:
+    workdir = workdir.rstrip("/")
+    if not FileSystems.exists(state_path(workdir)):
+        raise InputError(f"--workdir {workdir!r}: no state.json (not a `clusmar round` work directory, "
+                         "or no round has started yet)")
+    state = load_state(workdir)
+    rows = []
+    for key in sorted(state["rounds"], key=int):
+        info = state["rounds"][key]
+        stages = info.get("stages", {})
+        done = [s for s in STAGES if stages.get(s, {}).get("status") == "done"]
+        failed = [s for s in STAGES if stages.get(s, {}).get("status") == "failed"]
+        status = info.get("status")
+        if status != "completed":
+            status = (f"failed in {failed[0]}" if failed else status) + f" ({'/'.join(done) or 'no stage'} done)"
+        rows.append({
+            "round": int(key), "status": status,
+            "model": posixpath.basename((info.get("model") or "-").rstrip("/")) or "-",
+            "pool": stages.get("select", {}).get("pool_count", "-"),
+            "labeled": stages.get("exclude", {}).get("labeled", "-"),
+            "selected": info.get("selected", "-"),
+            "when": info.get("completed_at") or info.get("started_at") or "-",
+            "where": info.get("manifest", "-"),
+        })
+    return rows
+
+
+def format_status(workdir: str) -> str:
+    rows = status_rows(workdir)
+    if not rows:
+        return f"{workdir}: no rounds yet"
+    headers = ["round", "status", "model", "pool", "labeled", "selected", "when", "where"]
+    cells = [[str(r[h]) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,717 @@
+"""Reciprocal agglomerative clustering (RAC) over cluster statistics: the rounds of merges (Rac)."""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+
+from clusmar_beam.core import progress
+from clusmar_beam.core.hac.index import (ADD_BLOCK, PROBE_SAMPLE_MAX, PROBE_SAMPLE_MIN, PROBE_SAMPLE_WORK, TRAIN_PER_LIST,
+                                    FlatIndex, IvfIndex, default_nlist)
+from clusmar_beam.core.hac.clusters import Clusters
+from clusmar_beam.core.hac.prepare import CHUNK
+
+# Default neighbours asked from FAISS per query (self included).  More than the
+# one we need, so that the exact float64 re-ranking can repair float32 near-ties.
+DEFAULT_K = 8
+# The clusters' default merge approximation (`clusmar cluster --approximation`):
+# a round also merges (1 + delta)-good stars, not only reciprocal nearest
+# pairs (see Rac._absorb); measured against exact average linkage in
+# benchmarks/bench_hac_heavy_tailed.py.  Smaller values follow exact more
+# closely on low-dimensional pools but let the rounds run away on large ones
+# (stars stop firing around pairs that merge far below their leaves).
+DEFAULT_DELTA = 0.05
+# A merging pair grows into a star only when at least this many clusters
+# point at it: that crowding is what makes RAC's rounds grow with a dense
+# region, and everywhere else reciprocal pairs keep the merge order exact
+# (small stars cost the bundled data sets' cuts up to 0.19 of ARI at delta 0.1).
+MIN_STAR_LEAVES = 16
+# Up to this many active clusters nearest clusters are searched exactly (FAISS
+# flat), above it with the IVF index.  Switching to exact search re-searches
+# every active cluster (n^2 work), so it is kept small enough to be cheap
+# while the clusters stay those of a later switch (docs/perf-log.md, issue 3,
+# second session: "When to switch to exact search").
+EXACT_SEARCH_MAX = 5_000
+# The rounds' arrays are renumbered down to the active clusters once these
+# are at most this fraction of them (and more than _COMPACT_MIN rows): a
+# round's bookkeeping then costs in proportion to the clusters still merging,
+# not to the pool, through the long tail of small rounds.
+_COMPACT_BELOW = 0.5
+_COMPACT_MIN = 1024
+
+
+class Rac:
+    """Cluster statistics, the FAISS index over active clusters, and the rounds.
+
+    Cluster ids are row numbers of the statistics; a merged pair keeps the
+    lower id, a star its pair's.  As clusters retire the rows are renumbered
+    (_compact) in order, so the lower id stays the lower; `orig` maps them back to the
+    input rows, in which `pairs` are recorded.  For sqeuclidean the
+    within-cluster sum of squared deviations W is kept instead of the sum of
+    squared norms Q (W = Q - |S|^2/n): the pairwise update of W is stable
+    where Q/n - |mu|^2 would cancel.
+    """
+
+    def __init__(self, S, cnt, metric, eps, *, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
+                 frozen=None, statistics_left=True, delta=0.0):
+        self.k = k
+        self.delta = float(delta)
+        # Whether run returns the statistics of the clusters left, or only their ids.
+        self.statistics_left = statistics_left
+        self.S = S
+        self.cnt = cnt
+        self.cos = metric == "cosine"
+        self.W = None if self.cos else (np.zeros(S.shape[0]) if W is None else W)
+        # Frozen clusters are searched as neighbours but never merge or retire.
+        self.frozen = np.zeros(S.shape[0], bool) if frozen is None else np.asarray(frozen, bool)
+        # FAISS works in float32: bring squared Euclidean data to unit scale
+        # (L2 order does not care) so tiny or huge values neither underflow
+        # nor overflow.
+        self.scale = 1.0
+        if not self.cos:
+            top = np.max(np.maximum(S.max(axis=1), -S.min(axis=1)) / cnt)
+            if top > 0:
+                self.scale = 1.0 / top
+        # The scaled means in float32: FAISS's rows, and (cosine) the
+        # screening of candidates before their linkage is computed in float64.
+        self.means32 = np.empty(S.shape, np.float32)
+        for s in range(0, S.shape[0], CHUNK):
+            self._set_means32(np.arange(s, min(s + CHUNK, S.shape[0])))
+        self.eps = eps
+        self.exact_search_max = int(exact_search_max)
+        self.nlist = nlist
+        self.nprobe = int(nprobe)
+        self.seed = int(seed)
+        self.log = log
+        self.t0 = t0
+        self.index = None
+        self.probing = None  # how the IVF index is probed (IvfIndex.choose_probing)
+        self.waiting = 0  # members left waiting on a frozen neighbour when run ends
+        self.waiting_on = np.zeros((0, 2), np.int64)
+        self.heights = []
+        self.pairs = []
+        self.orig = np.arange(S.shape[0], dtype=np.int64)
+        self._retired = []  # Clusters set aside by _compact
+        # Each cluster's last search results (cluster ids, sorted; -1 = none) and a
+        # lower bound on its linkage to every cluster not in that list; see _resolve.
+        u = S.shape[0]
+        self.cand = np.full((u, k), -1, np.int64)
+        self.bound = np.full(u, -np.inf)
+        # The linkage of each kept candidate, when it was computed, and
+        # when each cluster last changed (a merge), on one clock (self.now):
+        # a kept linkage is still valid while neither side has changed, so
+        # _resolve only recomputes those of candidates that merged.  A kept
+        # linkage is exact (float64) where cand_exact says so, else FAISS's
+        # float32 value, within self.tol of it (see _nearest_of).
+        self.cand_d = np.full((u, k), np.inf)
+        self.cand_exact = np.zeros((u, k), bool)
+        self.computed = np.full(u, -1, np.int64)
+        self.changed = np.full(u, -1, np.int64)
+        self.now = 0
+        # Slack for float32 ranking inside FAISS: |error| of an augmented L2
+        # distance is a few float32 ulps of the squared norms involved.
+        if self.cos:
+            self.tol = 2e-5
+        else:
+            sq = np.einsum("ij,ij->i", S, S) / (cnt * cnt) * self.scale ** 2
+            self.tol = 2e-5 * max(1.0, float(sq.max()) if sq.size else 1.0) / self.scale ** 2
+
+    # --- linkage and vectors
+
+    def _mu(self, ids):
+        mu = self.S[ids]
+        mu /= self.cnt[ids, None]  # in place: one temporary, not two
+        return mu
+
+    def _var(self, ids):
+        return self.W[ids] / self.cnt[ids]
+
+    def _set_means32(self, ids):
+        mu = self._mu(ids)
+        if self.scale != 1.0:
+            mu *= self.scale
+        self.means32[ids] = mu
+
+    def _linkage(self, mu_a, var_a, ids_b):
+        """Exact average linkage between rows mu_a and clusters ids_b.
+
+        Written so that d(a, b) and d(b, a) are bit-identical; the
+        reciprocity test and the symmetrisation rely on it.  Clusters keep
+        vector sums (means are one division away) and the dot products use
+        numpy's pairwise sum: with means updated incrementally, or einsum,
+        the last bits change and exact ties in integer data (digits,
+        sqeuclidean) broke differently from fastcluster (ARI 0.9895).
+        """
+        mu_b = self._mu(ids_b)
+        if self.cos:
+            mu_b *= mu_a
+            return 1.0 - mu_b.sum(axis=1)
+        mu_b -= mu_a  # the sign does not change the square
+        mu_b *= mu_b
+        return mu_b.sum(axis=1) + (var_a + self._var(ids_b))
+
+    def _vectors(self, ids, database: bool):
+        """FAISS rows: [mu, e] for the database, [mu, 0] for queries.
+
+        |[mu_a,0] - [mu_b,e_b]|^2 = linkage(a, b) + const(a) when e_b^2 is
+        1 - |mu_b|^2 (cosine) or the variance of b (sqeuclidean).
+        """
+        out = np.zeros((ids.size, self.means32.shape[1] + 1), np.float32)
+        out[:, :-1] = self.means32[ids]
+        if database:
+            if self.cos:
+                # float32 is enough: an inner-product search ignores this
+                # column (queries have 0 there); it only places the row in a list.
+                e2 = 1.0 - np.einsum("ij,ij->i", out[:, :-1], out[:, :-1])
+                out[:, -1] = np.sqrt(np.maximum(e2, 0.0))
+            else:
+                out[:, -1] = np.sqrt(np.maximum(self._var(ids), 0.0)) * self.scale
+        return out
+
+    # --- index
+
+    def _build_index(self, ids):
+        dim = self.S.shape[1] + 1
+        if ids.size <= self.exact_search_max:
+            self.index = FlatIndex(dim, self.cos)
+        else:
+            nlist = self.nlist or default_nlist(ids.size)
+            nlist = max(1, min(nlist, ids.size))
+            rng = np.random.default_rng(self.seed)
+            m = min(ids.size, TRAIN_PER_LIST * nlist)
+            sample = np.sort(rng.choice(ids.size, size=m, replace=False))
+            self.index = IvfIndex(self._vectors(ids[sample], True), nlist, self.nprobe,
+                                   self.seed, self.S.shape[0], inner_product=self.cos)
+        for s in range(0, ids.size, ADD_BLOCK):
+            part = ids[s:s + ADD_BLOCK]
+            self.index.add(part, self._vectors(part, True))
+        if not self.index.exact:
+            rng = np.random.default_rng(self.seed + 1)
+            size = int(np.clip(PROBE_SAMPLE_WORK // ids.size, PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX))
+            sample = np.sort(rng.choice(ids, size=min(ids.size, size), replace=False))
+            self.probing = self.index.choose_probing(sample, ids, functools.partial(self._vectors, database=False),
+                                                     functools.partial(self._vectors, database=True))
+            if self.log is not None:
+                self.log(f"IVF probing: {self.probing}")
+
+    def _search(self, ids, own_lists=False):
+        """Nearest active cluster of each id: FAISS candidates, exact re-ranking.
+
+        Ties go to the lower id.  Keeps the candidates and a lower bound on the
+        linkage to every other cluster for _resolve.  With `own_lists` an IVF
+        search probes the lists nearest each cluster itself rather than those
+        nearest its list (see run), as every search does where the index
+        chose per-query probing.
+        """
+        nn = np.full(ids.size, -1, np.int64)
+        nd = np.full(ids.size, np.inf)
+        k = min(self.k, self.index.ntotal)
+        if k == 0:
+            return nn, nd
+        everything = self.index.ntotal <= k  # every indexed cluster was returned
+        queries = functools.partial(self._vectors, database=False)
+        if own_lists or self.index.per_query:
+            cand, score = self.index.search_own_lists(ids, queries, functools.partial(self._vectors, database=True), k)
+        else:
+            cand, score = self.index.search(ids, queries, k)
+        for s in range(0, ids.size, CHUNK):
+            q = ids[s:s + CHUNK]
+            c = cand[s:s + CHUNK]
+            c[c == q[:, None]] = -1
+            order = np.argsort(c, axis=1)
+            c = np.take_along_axis(c, order, axis=1)
+            if self.cos:
+                # FAISS's float32 inner products of unit-norm augmented rows
+                # are within tol of the linkage: only the near-nearest are
+                # recomputed in float64 (_nearest_of).
+                dist = 1.0 - np.take_along_axis(score[s:s + CHUNK], order, axis=1).astype(np.float64)
+                none = np.zeros(c.shape, bool)  # none exact yet, none stale
+                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c, dist, none, none)
+            else:
+                # float32 L2 errors grow with the squared norms: every candidate in float64.
+                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c)
+            self._keep(q, c, dist, exact)
+            valid = c >= 0
+            # Whatever FAISS did not return ranked (in float32) after its k-th
+            # result, so it is at least as far as the farthest one returned,
+            # up to float32 error.  An IVF search gives no such guarantee, but
+            # the bound is only as approximate as the search itself.
+            farthest = np.where(valid, dist, -np.inf).max(axis=1) - 2 * self.tol
+            full = valid.sum(axis=1) >= k - 1
+            self.bound[q] = np.inf if everything else np.where(full, farthest, -np.inf)
+        return nn, nd
+
+    def _widen(self, ids):
+        """Nearest active cluster of each id, searched this round from its list, in the lists nearest itself too.
+
+        Only the lists that the first search did not probe are searched;
+        their candidates join the kept ones, the nearest k are kept, and the
+        bound is the lowest of the first search's, the new search's and the
+        best candidate dropped.
+        """
+        kk = self.cand.shape[1]
+        k = min(self.k, self.index.ntotal)
+        cand, score = self.index.search_own_lists(
+            ids, functools.partial(self._vectors, database=False), functools.partial(self._vectors, database=True),
+            k, searched=self.index.list_of[ids])
+        nn = np.empty(ids.size, np.int64)
+        nd = np.empty(ids.size)
+        for s in range(0, ids.size, CHUNK):
+            q = ids[s:s + CHUNK]
+            new = cand[s:s + CHUNK]  # never q itself: its own list is among those skipped
+            valid = new >= 0
+            c = np.concatenate([self.cand[q], new], axis=1)
+            exact = np.concatenate([self.cand_exact[q], np.zeros(new.shape, bool)], axis=1)
+            if self.cos:  # as in _search: FAISS's float32 values, the near-nearest redone in float64
+                new_d = 1.0 - score[s:s + CHUNK].astype(np.float64)
+                need = np.zeros(c.shape, bool)
+            else:
+                new_d = np.full(new.shape, np.inf)
+                need = np.concatenate([np.zeros(new.shape, bool), valid], axis=1)
+            dist = np.concatenate([self.cand_d[q], new_d], axis=1)
+            nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c, dist, exact, need)
+            # A search that returned fewer than k found everything in its lists.
+            farthest = np.where(valid, dist[:, kk:], -np.inf).max(axis=1) - 2 * self.tol
+            new_bound = np.where(valid.sum(axis=1) >= k - 1, farthest, np.inf)
+            # A cluster is in one list only, so new and kept candidates never repeat.
+            dropped = self._keep_nearest(q, c, dist, exact)
+            self.bound[q] = np.minimum(np.minimum(self.bound[q], new_bound), dropped)
+        return nn, nd
+
+    def _keep_nearest(self, q, c, dist, exact):
+        """Keep the k nearest of more than k candidates; returns a bound on those dropped."""
+        k = self.cand.shape[1]
+        order = np.lexsort((c, dist), axis=1)
+        c = np.take_along_axis(c, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        exact = np.take_along_axis(exact, order, axis=1)
+        self._keep(q, c[:, :k], dist[:, :k], exact[:, :k])
+        return np.where(exact[:, k], dist[:, k], dist[:, k] - self.tol)  # float32 values: within tol
+
+    def _keep(self, q, c, dist, exact):
+        """Keep candidates c of clusters q (fewer columns than k: the rest empty) and their linkages."""
+        width = c.shape[1]
+        self.cand[q, :width] = c
+        self.cand[q, width:] = -1
+        self.cand_d[q, :width] = dist
+        self.cand_d[q, width:] = np.inf
+        self.cand_exact[q, :width] = exact
+        self.cand_exact[q, width:] = False
+        self.computed[q] = self.now
+
+    def _nearest_of(self, q, c, dist=None, exact=None, need=None):
+        """Exact nearest of each q among its candidate row c (-1 = none), ties to the lower id.
+
+        Without `dist` every linkage is computed; given `dist` (same shape
+        as c), those marked in `need`.  For cosine they are first computed
+        in float32 (within self.tol), and a value not marked `exact` is
+        recomputed in float64 only if it could be the nearest: one more
+        than 2 tol above the smallest value is more than tol above the
+        smallest linkage.  For sqeuclidean float32 errors grow with the
+        norms, so every linkage is computed in float64.  Returns (nearest,
+        its linkage, linkages, which are exact); the nearest linkage is
+        always exact.
+        """
+        valid = c >= 0
+        c = np.where(valid, c, q[:, None])  # any valid row; masked below
+        if dist is None:
+            dist = np.empty(c.shape)
+            exact = np.zeros(c.shape, bool)
+            need = valid
+        else:
+            need = valid & need
+        dist[~valid] = np.inf
+        if self.cos:
+            rows, cols = np.nonzero(need)
+            if rows.size:
+                dist[rows, cols] = 1.0 - np.einsum("ij,ij->i", self.means32[q[rows]],
+                                                   self.means32[c[rows, cols]]).astype(np.float64)
+            exact = exact & ~need
+            near = dist.min(axis=1)
+            need = valid & ~exact & (dist <= near[:, None] + 2 * self.tol)
+        self._fill(q, c, dist, need)
+        exact = exact | need
+        best = dist.argmin(axis=1)
+        r = np.arange(q.size)
+        nd = dist[r, best]
+        nn = np.where(np.isfinite(nd), c[r, best], -1)
+        return nn, nd, dist, exact
+
+    def _fill(self, q, c, dist, mask):
+        """dist[mask] = exact linkages of the masked (query row, candidate) pairs."""
+        rows, cols = np.nonzero(mask)
+        if rows.size:
+            qq = q[rows]
+            dist[rows, cols] = self._linkage(self._mu(qq), None if self.cos else self._var(qq), c[rows, cols])
+
+    def _resolve(self, ids, parent, active):
+        """Nearest clusters found from the kept candidates, without a search.
+
+        A candidate that merged stands for its merged cluster.  Every cluster
+        outside the list is at least `bound` away: it was when the list was
+        made, and average linkage is reducible, so a merge never brings a
+        cluster closer than the nearer of its two parts.  If the best
+        candidate is within the bound it is the nearest cluster; if the bound
+        and every candidate are beyond eps the cluster can retire.  Returns
+        (resolved mask, nn, nd) for `ids`.
+        """
+        done = np.zeros(ids.size, bool)
+        nn = np.full(ids.size, -1, np.int64)
+        nd = np.full(ids.size, np.inf)
+        for s in range(0, ids.size, CHUNK):
+            q = ids[s:s + CHUNK]
+            bound = self.bound[q]
+            c = self.cand[q]
+            c = _live(q, c, parent, active)
+            order = np.argsort(c, axis=1)
+            c = np.take_along_axis(c, order, axis=1)
+            dist = np.take_along_axis(self.cand_d[q], order, axis=1)
+            exact = np.take_along_axis(self.cand_exact[q], order, axis=1)
+            c[:, 1:][c[:, 1:] == c[:, :-1]] = -1  # the same merged cluster twice
+            # q has not changed since its list was made (a merged q gets a new
+            # list in _combine), so only candidates that changed are recomputed.
+            need = self.changed[np.maximum(c, 0)] >= self.computed[q][:, None]
+            near, near_d, dist, exact = self._nearest_of(q, c, dist, exact, need)
+            self._keep(q, c, dist, exact)
+            found = near_d < bound
+            gone = ~found & (bound > self.eps) & (near_d > self.eps)
+            done[s:s + q.size] = found | gone
+            nn[s:s + q.size] = np.where(found, near, -1)
+            nd[s:s + q.size] = np.where(found, near_d, np.inf)
+        return done, nn, nd
+
+    def _combine(self, a, b, parent, active):
+        """Candidates of merged cluster a (which absorbed b): the nearest of both lists.
+
+        The union bounds everything else by min(bound a, bound b), since a
+        linkage to the merged cluster is a weighted mean of the linkages to
+        its parts; candidates dropped to keep k lower the bound to their
+        distance.
+        """
+        for s in range(0, a.size, CHUNK):
+            q, other = a[s:s + CHUNK], b[s:s + CHUNK]
+            c = np.concatenate([self.cand[q], self.cand[other]], axis=1)
+            c = _live(q, c, parent, active)
+            c.sort(axis=1)
+            c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
+            _, _, dist, exact = self._nearest_of(q, c)
+            dropped = self._keep_nearest(q, c, dist, exact)
+            self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dropped)
+
+    # --- rounds
+
+    def run(self, first_round_extra: int):
+        """Merge until nothing is within eps: (the clusters left, merges per round)."""
+        u = self.S.shape[0]
+        eps = self.eps
+        parent = np.arange(u, dtype=np.int64)
+        active = np.ones(u, bool)
+        stale = ~self.frozen  # frozen clusters are only ever searched for, never searched from
+        nn = np.full(u, -1, np.int64)
+        nd = np.full(u, np.inf)
+        fresh = np.zeros(u, bool)
+        self._build_index(np.arange(u, dtype=np.int64))
+        merges_per_round = []
+        while (active & ~self.frozen).any():
+            self.now = 3 * len(merges_per_round)  # searches; then merges at now + 1, new lists at now + 2
+            if active.size > _COMPACT_MIN and np.count_nonzero(active) <= _COMPACT_BELOW * active.size:
+                parent, active, stale, nn, nd = self._compact(parent, active, stale, nn, nd)
+                fresh = np.zeros(active.size, bool)
+            u = active.size
+            free = ~self.frozen
+            act = np.flatnonzero(active & free)
+            if not self.index.exact and np.count_nonzero(active) <= self.exact_search_max:
+                # Few enough left: switch to exact search and redo every
+                # neighbour, repairing what the IVF index may have missed.
+                self._build_index(np.flatnonzero(active))
+                stale[act] = True
+                self.bound[:] = -np.inf
+            todo = np.flatnonzero(stale & active)
+            renewed = todo  # these get a new nearest this round (searched or resolved)
+            fresh[renewed] = True
+            known = todo[self.bound[todo] > -np.inf]
+            if known.size:
+                done, nn_k, nd_k = self._resolve(known, parent, active)
+                nn[known[done]], nd[known[done]] = nn_k[done], nd_k[done]
+                resolved = known[done]
+                todo = np.setdiff1d(todo, resolved, assume_unique=True)
+            else:
+                resolved = known
+            if todo.size:
+                nn[todo], nd[todo] = self._search(todo)
+            stale[todo] = False
+            stale[resolved] = False
+            if not self.index.exact:
+                # An IVF search probes the lists nearest the cluster's list and
+                # can miss the neighbours of a cluster far from that list's
+                # centre.  Retiring is for good, so a cluster about to retire
+                # is searched again in the lists nearest itself (docs/perf-log.md,
+                # issue 3, third session: exact search's clusters at 100K and 200K).
+                # One searched this round only needs the lists it missed.
+                doubt = np.flatnonzero(fresh & (nd > eps))
+                searched = np.isin(doubt, todo, assume_unique=True)
+                widen, again = doubt[searched], doubt[~searched]
+                if self.index.per_query:
+                    widen = widen[:0]  # their search probed the lists nearest themselves already
+                if widen.size:
+                    nn[widen], nd[widen] = self._widen(widen)
+                if again.size:
+                    nn[again], nd[again] = self._search(again, own_lists=True)
+            _symmetrise(act, nn, nd, fresh)
+            fresh[renewed] = False
+
+            # Beyond eps now means beyond eps forever (reducibility).
+            far = nd[act] > eps
+            retired = act[far]
+            active[retired] = False
+            act = act[~far]
+
+            partner = nn[act]
+            pair = (partner > act) & (nn[partner] == act) & active[partner] & free[partner]
+            a, b = act[pair], partner[pair]
+            self.heights.append(nd[a].copy())
+            self.pairs.append(self.orig[np.stack([a, b], axis=1)])
+            self.now += 1
+            self._merge(a, b)
+            if self.delta > 0 and a.size:
+                leaf, centre = self._absorb(a, b, act, nn, nd)
+            else:
+                centre = leaf = a[:0]
+            parent[b] = a
+            parent[leaf] = centre
+            parent = parent[parent]  # every cluster points at its root again
+            active[b] = False
+            active[leaf] = False
+            self.now += 1
+            # A star's kept list and bound would not cover its leaves' neighbours: it is searched again.
+            grown = np.isin(a, centre)
+            if grown.any():
+                self.cand[a[grown]] = -1
+                self.bound[a[grown]] = -np.inf
+            if not grown.all():
+                self._combine(a[~grown], b[~grown], parent, active)
+
+            gone = np.concatenate([retired, a, b, leaf])
+            if gone.size:
+                self.index.remove(gone)
+            if a.size:
+                self.index.add(a, self._vectors(a, True))
+
+            # Only clusters that merged, or whose neighbour merged or left,
+            # can have a different nearest neighbour now.
+            touched = np.zeros(u, bool)
+            touched[a] = True
+            touched[b] = True
+            touched[leaf] = True
+            act = np.flatnonzero(active & free)
+            nbr = nn[act]
+            redo = touched[nbr] | ~active[nbr]
+            stale[act[redo]] = True
+            stale[a] = True
+
+            merged = int(a.size + leaf.size) + (first_round_extra if not merges_per_round else 0)
+            merges_per_round.append(merged)
+            progress.set_value("clusters left to merge", act.size)
+            if a.size == 0 and retired.size == 0 and self.frozen.any():
+                break  # every member left waits on a frozen neighbour: nothing can change any more
+            if self.log is not None:
+                self.log(f"round {len(merges_per_round)}: searched {todo.size}, resolved without search "
+                         f"{resolved.size}, merged {merged}, "
+                         f"retired {retired.size}, active {act.size}, "
+                         f"{'exact' if self.index.exact else 'ivf'}, "
+                         f"{time.perf_counter() - self.t0:.1f}s")
+        self.index = None
+        # Members still within eps of a frozen neighbour: a partition's merges left to a later round.
+        waiting = np.flatnonzero(active & ~self.frozen)
+        self.waiting = int(waiting.size)
+        # Each waiting member and the cluster it waits on, as input rows (a partitioned HAC routes them together).
+        self.waiting_on = self.orig[np.stack([waiting, np.where(nn[waiting] >= 0, nn[waiting], waiting)], axis=1)]
+        self._set_aside(np.flatnonzero(parent == np.arange(u)))
+        # The rounds' arrays are done with: free them before the result is joined.
+        self.means32 = self.cand = self.cand_d = self.cand_exact = self.bound = self.computed = self.changed = None
+        left, self._retired = self._retired, []
+        ids = np.concatenate([c.ids for c in left])
+        order = np.argsort(ids, kind="stable")
+
+        def joined(field):
+            parts = [getattr(c, field) for c in left]
+            if parts[0] is None:
+                return None
+            for c in left:
+                setattr(c, field, None)  # each part goes as soon as it is copied
+            return np.concatenate(parts)[order]
+
+        return Clusters(ids[order], cnt=joined("cnt"), S=joined("S"), W=joined("W")), merges_per_round
+
+    def _set_aside(self, rows):
+        """Keep the input ids (and statistics, if asked for) of clusters that are done (retired, or left at the end)."""
+        stats = self.statistics_left
+        self._retired.append(Clusters(self.orig[rows], cnt=self.cnt[rows] if stats else None,
+                                      S=self.S[rows] if stats else None,
+                                      W=self.W[rows] if stats and self.W is not None else None))
+
+    def _compact(self, parent, active, stale, nn, nd):
+        """Renumber the active clusters 0..m-1, in order, and drop the others' rows.
+
+        Retired clusters are set aside with their statistics; merged-away
+        ones are gone.  A kept candidate or nearest neighbour becomes the
+        cluster it is part of now (as _live would read it), or -1.  Returns
+        the round's arrays for the new numbering.
+        """
+        rows = np.arange(active.size)
+        self._set_aside(np.flatnonzero(~active & (parent == rows)))
+        keep = np.flatnonzero(active)
+        m = keep.size
+        new_id = np.full(active.size, -1, np.int64)
+        new_id[keep] = np.arange(m)
+
+        def renumbered(ids):
+            return np.where(ids >= 0, new_id[parent[np.maximum(ids, 0)]], -1)
+
+        for s in range(0, m, CHUNK):
+            cand = renumbered(self.cand[keep[s:s + CHUNK]])
+            cand[cand == np.arange(s, s + cand.shape[0])[:, None]] = -1
+            self.cand[s:s + cand.shape[0]] = cand
+        self.cand = self.cand[:m]
+        for name in ("S", "cnt", "W", "frozen", "means32", "bound", "cand_d", "cand_exact", "computed", "changed",
+                     "orig"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, keep_rows(value, keep))
+        self.index.renumber(new_id, functools.partial(self._vectors, database=True))
+        return np.arange(m, dtype=np.int64), np.ones(m, bool), stale[keep], renumbered(nn[keep]), nd[keep]
+
+    def _absorb(self, a, b, act, nn, nd):
+        """Grow each merged pair a (which absorbed b) into a star: (centre, leaf) of every leaf absorbed.
+
+        A leaf is a cluster whose nearest neighbour is a or b.  Each centre
+        takes its leaves nearest first, while the exact linkage of the
+        grown cluster to the next leaf stays within (1 + delta) of the
+        pair's linkage (and eps): no cluster is nearer to either side than
+        that, since a merge never brings a cluster closer than the nearer
+        of its parts.  So every merge is (1 + delta)-good (TeraHAC), and a
+        dense region's growing cluster takes all its near-equal neighbours
+        in one round instead of one per round.  Only pairs that at least
+        MIN_STAR_LEAVES clusters point at grow.  The grown cluster's
+        statistics before each leaf are prefix sums over the leaves before
+        it, so a star of any size costs a few array operations.  Records the
+        merges.
+        """
+        centre_of = np.full(nn.size, -1, np.int64)
+        centre_of[a] = a
+        centre_of[b] = a
+        target = centre_of[np.maximum(nn[act], 0)]
+        is_leaf = (target >= 0) & (centre_of[act] < 0) & (nn[act] >= 0)
+        leaf, centre = act[is_leaf], target[is_leaf]
+        star = np.searchsorted(a, centre)  # a is ascending
+        crowded = np.bincount(star, minlength=a.size) >= MIN_STAR_LEAVES
+        # A leaf's linkage to the grown cluster is at least its nearest one (reducibility), so
+        # leaves beyond reach already are dropped before any statistics are summed.
+        reach = crowded[star] & (nd[leaf] <= np.minimum((1.0 + self.delta) * nd[centre], self.eps))
+        leaf, centre = leaf[reach], centre[reach]
+        if leaf.size == 0:
+            return leaf, centre
+        order = np.lexsort((leaf, nd[leaf], centre))
+        leaf, centre = leaf[order], centre[order]
+        first = np.r_[True, centre[1:] != centre[:-1]]
+        start = np.flatnonzero(first)
+        group = np.cumsum(first) - 1
+        # Each leaf's statistics and those of its centre grown by the leaves before it.
+        S_leaf = self.S[leaf]
+        excl = np.cumsum(S_leaf, axis=0)
+        excl -= S_leaf
+        excl -= excl[start][group]
+        P = excl
+        P += self.S[centre]
+        n_leaf = self.cnt[leaf]
+        n_excl = np.cumsum(n_leaf) - n_leaf
+        n_excl -= n_excl[start][group]
+        N = n_excl + self.cnt[centre]
+        mu_leaf = S_leaf / n_leaf[:, None]
+        P /= N[:, None]  # the grown centre's mean
+        if self.cos:
+            link = 1.0 - np.einsum("ij,ij->i", P, mu_leaf)
+        else:
+            diff = P - mu_leaf
+            sq = np.einsum("ij,ij->i", diff, diff)
+            var_leaf = self.W[leaf] / n_leaf
+            inc = self.W[leaf] + (N * n_leaf / (N + n_leaf)) * sq
+            w_excl = np.cumsum(inc) - inc
+            w_excl -= w_excl[start][group]
+            link = sq + (self.W[centre] + w_excl) / N + var_leaf
+        limit = np.minimum((1.0 + self.delta) * np.minimum(nd[centre], nd[leaf]), self.eps)
+        bad = np.cumsum(link > limit)
+        bad -= np.r_[0, bad][start][group]
+        take = bad == 0  # stop at a centre's first leaf out of reach
+        leaf, centre = leaf[take], centre[take]
+        if leaf.size == 0:
+            return leaf, centre
+        self.heights.append(link[take])
+        self.pairs.append(self.orig[np.stack([centre, leaf], axis=1)])
+        grown = np.unique(centre)
+        if not self.cos:
+            self.W[grown] += np.bincount(np.searchsorted(grown, centre), weights=inc[take], minlength=grown.size)
+        np.add.at(self.S, centre, self.S[leaf])
+        self.cnt[grown] += np.bincount(np.searchsorted(grown, centre), weights=self.cnt[leaf], minlength=grown.size)
+        self._set_means32(grown)
+        self.changed[grown] = self.now
+        return leaf, centre
+
+    def _merge(self, a, b):
+        if a.size == 0:
+            return
+        if not self.cos:
+            na, nb = self.cnt[a], self.cnt[b]
+            diff = self._mu(a) - self._mu(b)
+            self.W[a] += self.W[b] + (na * nb / (na + nb)) * np.einsum("ij,ij->i", diff, diff)
+        self.S[a] += self.S[b]
+        self.cnt[a] += self.cnt[b]
+        self._set_means32(a)
+        self.changed[a] = self.now
+
+
+def keep_rows(a, keep):
+    """a[keep] (keep ascending) in a's own memory, as its first rows.
+
+    A copy of S (5 GB at 10M) next to the original raised the 10M peak by
+    about 2 GB; moving rows up in blocks never reads a row already written
+    (keep[i] >= i).  The rows beyond stay allocated: the peak is the first
+    round's anyway.
+    """
+    for s in range(0, keep.size, CHUNK):
+        part = keep[s:s + CHUNK]
+        a[s:s + part.size] = a[part]
+    return a[:keep.size]
+
+
+def _live(q, c, parent, active):
+    """Kept candidates c of clusters q as the clusters they are now part of; -1 for none, q itself or retired."""
+    c = np.where(c >= 0, parent[np.maximum(c, 0)], -1)
+    c[(c == q[:, None]) | ~active[np.maximum(c, 0)]] = -1
+    return c
+
+
+def _symmetrise(act, nn, nd, fresh):
+    """Offer every found edge a -> b to b as well: b's nearest is at most that far.
+
+    This repairs neighbours that a search missed (float32 near-ties, IVF), and
+    with bit-symmetric distances it makes the smallest (distance, id) edge
+    reciprocal, so a round always merges while any edge is within the
+    threshold.  After a pass no edge is better than its target's own, so only
+    edges from or to `fresh` clusters (a new nearest this round) can be:
+    the others are left out.
+    """
+    src = act[np.isfinite(nd[act])]
+    src = src[fresh[src] | fresh[nn[src]]]
+    if src.size == 0:
+        return
+    dst, d = nn[src], nd[src]
+    order = np.lexsort((src, d, dst))
+    dst, d, src = dst[order], d[order], src[order]
+    head = np.ones(dst.size, bool)
+    head[1:] = dst[1:] != dst[:-1]
+    dst, d, src = dst[head], d[head], src[head]
+    better = (d < nd[dst]) | ((d == nd[dst]) & (src < nn[dst]))
+    nn[dst[better]] = src[better]
+    nd[dst[better]] = d[better]

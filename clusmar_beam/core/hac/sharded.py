@@ -1,0 +1,279 @@
+"""Sharded average-linkage HAC: merges inside partitions, round after round, on many workers.
+
+Clusters are kept as statistics (count n, vector sum S and, for squared
+Euclidean, the within-cluster sum of squared deviations W), so every linkage
+is exact (see clusmar_beam.core.hac).  One sharded round:
+
+1. coarse centroids of the current cluster means (FAISS k-means on the
+   clusters of lowest id hash) cut the clusters into partitions (home cell),
+   as many as the clusters left need at the first round's partition size;
+2. each cluster is also sent, frozen, to the partitions of its next
+   `halo_cells` nearest cells, so a partition sees the clusters just across
+   its border;
+3. inside a partition, reciprocal-nearest pairs and (1+delta)-good stars
+   within the threshold merge in RAC rounds (clusmar_beam.core.hac.rac); frozen
+   clusters are searched as neighbours but never merge, so a member whose
+   nearest cluster lies in another partition waits;
+4. the merged statistics are the next round's clusters, and each partition's
+   merges (a forest over its members' ids) go on as one element.
+
+Rounds go on until no member waited (nothing within the threshold was left
+across a border), with as many partitions as the clusters left need; once
+those fit one partition the round is exact RAC on one worker, bounded by the
+partition size.  With a target mean cluster size, the rounds then go on up to
+the merge threshold and raise it while short of the target, and the merges
+are cut at the target.  A point's cluster is found by following its merges
+back from the last round (a join per round keyed by row range), never by
+gathering them.
+
+`sharded_average_linkage` runs the rounds in one process (the reference of
+the tests); clusmar_beam.transforms.sharded_hac.ShardedHac runs the same
+rounds as Beam transforms, one partition per element.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+
+from clusmar_beam.core import hac, hashing
+from clusmar_beam.core.cells import probe_cells, split_by_key, train_centroids
+from clusmar_beam.core.hac.clusters import Clusters
+from clusmar_beam.core.validate import check_int
+
+
+def initial_clusters(X: np.ndarray, rows: np.ndarray | None = None) -> Clusters:
+    """One cluster per (prepared) point; ids are the row numbers."""
+    rows = np.arange(X.shape[0], dtype=np.int64) if rows is None else rows
+    return Clusters(rows.astype(np.int64), np.ones(X.shape[0]), np.array(X, np.float64), np.zeros(X.shape[0]))
+
+
+def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters | None = None,
+                    seed: int = 0, k: int = hac.DEFAULT_K, delta: float = 0.0):
+    """RAC among `members` with `frozen` clusters visible but never merged.
+
+    Returns (merged member clusters, merge edges, their heights, merge rounds,
+    members left waiting on a frozen neighbour within eps).  An edge joins
+    the ids of two clusters that merged (one of which the merged cluster
+    keeps); the clusters are the connected components of the edges of all
+    rounds (hac.labels_from_edges).  `delta` is hac.average_linkage's.
+    """
+    m = len(members)
+    if m == 0:
+        return members, np.zeros((0, 2), np.int64), np.zeros(0), 0, 0
+    members = members.take(np.argsort(members.ids, kind="stable"))  # lower row = lower id
+    both = members if frozen is None or not len(frozen) else Clusters.concat([members, frozen])
+    is_frozen = np.zeros(len(both), bool)
+    is_frozen[m:] = True
+    S = both.sums()
+    cnt = np.array(both.cnt, np.float64)
+    W = np.array(both.W, np.float64)
+    rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=32, seed=seed,
+                  log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen, delta=delta)
+    left, merges_per_round = rac.run(first_round_extra=0)
+    heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
+    pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
+    alive = left.ids < m  # the frozen rows come after the members, and only members merge
+    edges = members.ids[pairs]
+    # A star keeps its pair's id, which a leaf's can be below: name every cluster by its smallest row, so
+    # that clusters are numbered by first appearance and a cut finds a cluster under its own id.
+    ids = smallest_connected(edges, members.ids[left.ids[alive]]) if len(edges) else members.ids[left.ids[alive]]
+    out = Clusters(ids, left.cnt[alive], left.S[alive],
+                   left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
+    if rac.waiting:
+        # A member waiting on a cluster across the border goes, next round, where the lower-id one of the
+        # two is routed: a pair split by a border is not split the same way again.
+        row_of = np.full(len(both), -1, np.int64)
+        row_of[left.ids] = np.arange(left.ids.size)
+        member, other = rac.waiting_on[:, 0], rac.waiting_on[:, 1]
+        lead = np.where(both.ids[other] < both.ids[member], other, member)
+        lead_row = row_of[lead]
+        route = np.full(out.S.shape, np.nan, np.float32)
+        at = np.searchsorted(left.ids[alive], member)  # members' rows in `out` (left.ids ascending)
+        route[at] = (left.S[lead_row] / left.cnt[lead_row][:, None]).astype(np.float32)
+        out.route = route
+    return out, edges, heights, len(merges_per_round), rac.waiting
+
+
+PARTITION_KMEANS_ITERATIONS = 15
+SAMPLE_PER_PARTITION = 64  # clusters of lowest id hash per partition that train the partition centroids
+SAMPLE_MAX = 1 << 16  # ... but never more than this many: the sample is one element
+DEFAULT_MAX_ROUNDS = 20
+# A round goes on to a higher threshold (a target's) once at most this share of the clusters waited on a
+# neighbour across a border: repeating the threshold for them would cost a whole round each time.
+WAITING_TO_MOVE_ON = 0.01
+# A round that repeats its threshold for members still waiting across a border runs on one worker once
+# at most this many clusters are left (the stated one-worker bound: it does not grow with the pool).
+FINISH_ON_ONE_WORKER = 1 << 18
+
+
+def partition_sample_size(shards: int) -> int:
+    return min(shards * SAMPLE_PER_PARTITION, SAMPLE_MAX)
+
+
+def _partition_centroids(clusters: Clusters, parts: int, seed: int, sample_size: int):
+    """k-means centroids of cluster means, on the `sample_size` clusters with the lowest id hashes."""
+    parts = max(1, min(parts, len(clusters)))
+    order = np.lexsort((clusters.ids, hashing.row_hash(clusters.ids, seed)))[:sample_size]
+    order = order[np.argsort(clusters.ids[order])]  # in id order, as the Beam transform trains them
+    sample = np.ascontiguousarray(clusters.means()[order], np.float32)
+    return train_centroids(sample, parts, seed, niter=PARTITION_KMEANS_ITERATIONS)
+
+
+def route(clusters: Clusters, centroids: np.ndarray, halo_cells: int):
+    """(home cell, cells where the cluster is a frozen neighbour)."""
+    cells = probe_cells(centroids, clusters.routing_points(), 1 + halo_cells)
+    return cells[:, 0], cells[:, 1:]
+
+
+def halo_rows(halo: np.ndarray) -> dict:
+    """cell -> rows of the clusters that are frozen neighbours in that cell."""
+    if halo.size == 0:  # no halo cells, or fewer cells than 2
+        return {}
+    return {c: pos // halo.shape[1] for c, pos in split_by_key(halo.reshape(-1))}
+
+
+def check_shard_params(shards, halo_cells, max_rounds):
+    check_int("shards", shards, 1, error=hac.HacError)
+    check_int("halo_cells", halo_cells, 0, error=hac.HacError)
+    check_int("max_rounds", max_rounds, 1, error=hac.HacError)
+
+
+def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: int, eps: float,
+               merge_eps: float | None = None, target: float | None = None) -> dict:
+    """The plan of a sharded round: {"parts": partitions (0: nothing is left to merge), "eps": merge up to,
+    "finish": raise eps on one worker until the target is reached}.
+
+    Partitions hold at most about n / shards clusters, the first round's
+    size.  A round repeats its threshold while members waited on a
+    neighbour across a border; once none did, the rounds go on up to
+    `merge_eps` (a target's threshold), then, while the clusters average
+    fewer than `target`, with the threshold raised by hac.TARGET_RAISE.
+    Once at most FINISH_ON_ONE_WORKER clusters are left, a round that would
+    repeat or go higher does all that is left on one worker instead.
+    """
+    size = max(1, math.ceil(n / shards))
+    if clusters <= 1 or (prev is not None and prev["parts"] == 0):
+        return {"parts": 0, "eps": eps if prev is None else prev["eps"], "finish": False}
+    if prev is None:
+        step = eps
+    else:
+        higher = None
+        if merge_eps is not None and prev["eps"] < merge_eps:
+            higher = merge_eps
+        elif target is not None and n / clusters < target:
+            higher = prev["eps"] * hac.TARGET_RAISE
+        if higher is None and not waiting:
+            return {"parts": 0, "eps": prev["eps"], "finish": False}
+        if clusters <= FINISH_ON_ONE_WORKER:
+            return {"parts": 1, "eps": max(prev["eps"], merge_eps or 0.0), "finish": target is not None}
+        # the few waiting pairs are within the higher threshold too
+        step = higher if higher is not None and waiting <= WAITING_TO_MOVE_ON * clusters else prev["eps"]
+    return {"parts": max(1, math.ceil(clusters / size)), "eps": step, "finish": False}
+
+
+def merge_partition(members: Clusters, frozen: Clusters | None, plan: dict, metric: str, seed: int, delta: float,
+                    n: int, target: float | None):
+    """RAC of one partition as the round's plan says: (clusters, edges, heights, rounds, waiting, eps reached).
+
+    A finishing round holds every cluster left: it raises the threshold
+    until they average the target size, as hac.average_linkage does.
+    """
+    eps = plan["eps"]
+    out, edges, heights, rounds, waiting = rac_on_clusters(members, eps, metric, frozen, seed, delta=delta)
+    if not plan.get("finish"):
+        return out, edges, heights, rounds, waiting, eps
+    edges, heights = [edges], [heights]
+    while len(out) > 1 and n / len(out) < target:
+        eps *= hac.TARGET_RAISE
+        out, e, h, r, _ = rac_on_clusters(out, eps, metric, None, seed, delta=delta)
+        edges.append(e)
+        heights.append(h)
+        rounds += r
+    return out, np.concatenate(edges), np.concatenate(heights), rounds, 0, eps
+
+
+def partition_round(clusters: Clusters, plan: dict, metric: str, halo_cells: int, seed: int, delta: float,
+                    sample_size: int, n: int, target: float | None):
+    """One sharded round in one process: merge_partition's result for each partition."""
+    if plan["parts"] == 1:
+        return [merge_partition(clusters, None, plan, metric, seed, delta, n, target)]
+    centroids = _partition_centroids(clusters, plan["parts"], seed, sample_size)
+    home, halo = route(clusters, centroids, halo_cells)
+    frozen_rows = halo_rows(halo)
+    return [merge_partition(clusters.take(mem), clusters.take(frozen_rows.get(c, np.zeros(0, np.int64))), plan,
+                            metric, seed, delta, n, target)
+            for c, mem in split_by_key(home)]
+
+
+def smallest_connected(edges: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The smallest id connected to each of `ids` by the edges (itself when none is)."""
+    keys = np.unique(np.concatenate([ids, edges.reshape(-1)]))
+    local = np.searchsorted(keys, edges)
+    graph = scipy.sparse.coo_matrix((np.ones(len(edges), np.int8), (local[:, 0], local[:, 1])),
+                                    shape=(keys.size, keys.size))
+    _, component = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1 if component.size else 0, np.iinfo(np.int64).max)
+    np.minimum.at(smallest, component, keys)
+    return smallest[component[np.searchsorted(keys, ids)]]
+
+
+def images(absorbed: np.ndarray, edges: np.ndarray, heights: np.ndarray, cut: float) -> np.ndarray:
+    """Where each absorbed cluster of a partition went: the smallest id of its component among the edges at
+    most `cut` high (itself when none is).  A partition's clusters are named by their smallest row (see
+    rac_on_clusters), so when the cut keeps a merged cluster whole that is the cluster's own id."""
+    return smallest_connected(edges[heights <= cut], absorbed)
+
+
+def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, target_mean_cluster_size=None,
+                            merge_threshold=None, shards=64, halo_cells=2, max_rounds=DEFAULT_MAX_ROUNDS, seed=0,
+                            log=None, delta=0.0):
+    """Flat average-linkage clusters by partitioned RAC rounds (see the module docstring).
+
+    With `target_mean_cluster_size`, the rounds merge up to
+    `distance_threshold`, then `merge_threshold` (default: the same), raised
+    while short of the target, and the result is cut at the target as in
+    hac.average_linkage.  Labels numbered by first appearance.  Returns
+    (labels, info dict with the cut, the rounds and the members still
+    waiting after the last one).
+    """
+    eps = hac.check_threshold(distance_threshold)
+    merge_eps = None if merge_threshold is None else hac.check_threshold(merge_threshold)
+    target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
+    if metric not in hac.METRICS:
+        raise hac.HacError(f"unknown metric {metric!r}")
+    check_shard_params(shards, halo_cells, max_rounds)
+    delta = hac.check_delta(delta)
+    X = hac.prepare(embeddings, metric)
+    n = X.shape[0]
+    clusters = initial_clusters(X)
+    edges, heights = [np.zeros((0, 2), np.int64)], [np.zeros(0)]
+    info = {"rounds": []}
+    plan, waiting, merge_rounds = None, 0, 0
+    for rnd in range(max_rounds):
+        plan = next_round(plan, len(clusters), waiting, n, shards, eps, merge_eps, target)
+        if plan["parts"] == 0:
+            break
+        t = time.perf_counter()
+        parts = partition_round(clusters, plan, metric, halo_cells, seed + rnd, delta,
+                                partition_sample_size(shards), n, target)
+        clusters = Clusters.concat([p[0] for p in parts])
+        edges += [p[1] for p in parts]
+        heights += [p[2] for p in parts]
+        merge_rounds += max(p[3] for p in parts)  # partitions merge side by side
+        waiting = sum(p[4] for p in parts)
+        merged = sum(len(p[1]) for p in parts)
+        plan = {**plan, "eps": max(p[5] for p in parts)}  # a finishing round raises it
+        info["rounds"].append({**plan, "merges": merged, "clusters": len(clusters), "waiting": waiting})
+        if log:
+            log(f"sharded hac round {rnd + 1}: {plan['parts']} partitions up to {plan['eps']:.6g}, {merged} merges, "
+                f"{len(clusters)} clusters, {waiting} waiting ({time.perf_counter() - t:.1f}s)")
+    edges, heights = np.concatenate(edges), np.concatenate(heights)
+    cut = eps if target is None else hac.threshold_from_heights(heights, n, target)
+    labels = hac.labels_from_edges(n, edges[heights <= cut])
+    info.update(distance_threshold=cut, merged_up_to=plan["eps"], merge_rounds=merge_rounds, waiting=waiting,
+                num_clusters=int(labels.max()) + 1)
+    return labels, info

@@ -1,0 +1,90 @@
+"""Cluster-Margin's selection order (Citovsky et al. 2021, Algorithm 1) and its baselines, on one batch.
+
+cluster-margin: the candidates (the k_m unlabeled examples of lowest margin)
+are grouped by cluster, the groups ordered by their size among the candidates
+(smallest first, then cluster id), and one example is taken per group per
+pass, round-robin, until k_t are chosen.  The pick inside a group is a seeded
+hash of (seed, round, id); ties in margin are broken by a seeded hash of
+(seed, id) and then the id.  Both are functions of the ids alone, so the
+result does not depend on how rows are spread over files, bundles or workers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from clusmar_beam.core.batch import Batch
+from clusmar_beam.core.errors import InputError
+
+STRATEGIES = ("cluster-margin", "margin", "random")
+NO_CLUSTER = -1
+
+
+def lowest(primary: np.ndarray, secondary: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k rows smallest by (primary, secondary, id), in that order."""
+    n = len(primary)
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        # Everything strictly below the k-th primary value is in; ties at it are settled by the full sort.
+        cut = np.partition(primary, k - 1)[k - 1]
+        index = np.flatnonzero(primary <= cut)
+    else:
+        index = np.arange(n)
+    order = np.lexsort((ids[index], secondary[index], primary[index])) if ids.dtype != object else \
+        sorted(range(len(index)), key=lambda i: (primary[index[i]], secondary[index[i]], ids[index[i]]))
+    return index[np.asarray(order, dtype=np.int64)[:k]]
+
+
+def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Cluster-Margin's order over candidates: indices of rows in selection order.
+
+    Pass p takes the p-th pick of every group that still has one; within a pass,
+    groups go by (size among candidates, cluster id); inside a group the picks go
+    by (seeded hash, id). Exhausted groups simply have no row in later passes.
+    """
+    n = len(cluster_ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    id_order = _rank(ids)
+    within = np.lexsort((id_order, picks, cluster_ids))        # by cluster, then pick order
+    sorted_clusters = cluster_ids[within]
+    starts = np.flatnonzero(np.r_[True, sorted_clusters[1:] != sorted_clusters[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    pass_index = np.empty(n, dtype=np.int64)
+    pass_index[within] = np.arange(n) - np.repeat(starts, sizes)
+    group_size = np.empty(n, dtype=np.int64)
+    group_size[within] = np.repeat(sizes, sizes)
+    return np.lexsort((id_order, picks, cluster_ids, group_size, pass_index))
+
+
+def _rank(ids: np.ndarray) -> np.ndarray:
+    """Integer ranks of ids (so object ids can sit in a lexsort)."""
+    if ids.dtype != object:
+        return ids
+    ranks = np.empty(len(ids), dtype=np.int64)
+    ranks[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+    return ranks
+
+
+def order_candidates(candidates: Batch, strategy: str, k_t: int) -> Batch:
+    """The first k_t candidates in selection order, with their `rank`."""
+    n = len(candidates)
+    c = candidates.columns
+    if strategy == "cluster-margin":
+        order = round_robin_order(c["cluster_id"], c["pick"], candidates.ids)
+    elif strategy == "margin":
+        order = lowest(c["margin"], c["tiebreak"], candidates.ids, n)
+    elif strategy == "random":
+        order = lowest(c["pick"].astype(np.float64), c["pick"], candidates.ids, n)
+    else:
+        raise InputError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    chosen = candidates.take(order[:k_t])
+    return chosen.with_columns(rank=np.arange(len(chosen), dtype=np.int64))
+
+
+def lowest_for(batch: Batch, strategy: str, keep: int) -> np.ndarray:
+    """Positions of the `keep` rows a strategy keeps: lowest margin, or lowest pick hash for random."""
+    c = batch.columns
+    if strategy == "random":
+        return lowest(c["pick"].astype(np.float64), c["pick"], batch.ids, keep)
+    return lowest(c["margin"], c["tiebreak"], batch.ids, keep)

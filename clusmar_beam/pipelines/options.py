@@ -1,0 +1,139 @@
+"""Building and running pipelines the same way for every subcommand."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from clusmar_beam.core.errors import InputError
+from clusmar_beam.transforms import storage
+
+LOG = logging.getLogger("clusmar")
+
+
+class SubcommandOptions(PipelineOptions):
+    """Base of every subcommand's options class.
+
+    Subcommand options derive from this flagless class rather than from
+    PipelineOptions: Beam builds one parser from all *direct* subclasses of
+    PipelineOptions, so subcommands may then reuse a flag name (--batch-size,
+    --round) with their own meaning without clashing.
+    """
+
+
+class OutputOptions(SubcommandOptions):
+    """Flags of every pipeline that writes an output directory."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--output", help="output directory")
+        parser.add_argument("--overwrite", action="store_true", help="replace a completed output directory")
+        parser.add_argument("--seed", type=int, default=0, help="seed of every hash-based random choice")
+
+
+class CommonOptions(OutputOptions):
+    """Flags of the pipelines that read a pool and write an output directory."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--pool", help="glob of the pool (Parquet or TFRecord)")
+
+
+def _parser(classes):
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in classes:
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def parse_options(options_class, argv):
+    """(Beam's PipelineOptions, the subcommand's options) from argv, or from an instance of options_class.
+
+    The subcommand's flags are parsed by its own class; only what is left goes
+    to Beam, and anything Beam does not know either is an error, not a warning.
+    Callers in this process (clusmar round) pass typed values instead:
+    `SelectOptions(beam_flags, pool=..., batch_size=...)` is both at once.
+    """
+    given = None
+    if isinstance(argv, options_class):
+        given, argv = argv, list(argv._flags or [])  # the values set on it override its flags
+    argv = list(argv or [])
+    own = [cls for cls in options_class.mro()[:options_class.mro().index(PipelineOptions)]
+           if "_add_argparse_args" in cls.__dict__]
+    _, beam_argv = _parser(own).parse_known_args(argv)
+    beam_classes = {str(cls): cls for cls in PipelineOptions.__subclasses__() if cls not in own}
+    _, unknown = _parser(beam_classes.values()).parse_known_args(beam_argv)
+    unknown = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+    if unknown:
+        raise InputError("unknown flag(s): " + ", ".join(unknown))
+    return PipelineOptions(beam_argv), given if given is not None else options_class(argv)
+
+
+def options_class_of(module):
+    """The subcommand options class a pipeline module defines."""
+    return next(value for value in vars(module).values()
+                if isinstance(value, type) and issubclass(value, SubcommandOptions)
+                and value not in (SubcommandOptions, OutputOptions, CommonOptions))
+
+
+def require(value, flag: str):
+    if value is None:
+        raise InputError(f"{flag} is required")
+    return value
+
+
+def _direct_runner(options):
+    """The FnApiRunner the DirectRunner would pick, without first trying Prism.
+
+    In Beam 2.77 the DirectRunner first tries the Prism runner, which it
+    downloads; on an offline machine that means a wait and a fallback. The
+    FnApiRunner honours --direct_num_workers and --direct_running_mode.
+    """
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
+def make_pipeline(options) -> beam.Pipeline:
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner", "direct", "FnApiRunner"):
+        return beam.Pipeline(runner=_direct_runner(options), options=options)
+    return beam.Pipeline(options=options)
+
+
+class Finished(NamedTuple):
+    summary: dict
+    result: object  # the PipelineResult
+    seconds: float
+    output: str
+
+
+def build_and_run(options_class, argv, build, name: str, summary_name: str):
+    """What every pipeline's run() does: options from argv (or typed values), `build(pipeline, opts)` -> its
+    OutputDir, run to completion (temporary files removed either way), then the summary it wrote.
+    Returns a Finished (summary, PipelineResult, seconds, output directory)."""
+    options, opts = parse_options(options_class, argv)
+    start = time.time()
+    pipeline = make_pipeline(options)
+    output = build(pipeline, opts)
+    try:
+        result = run_pipeline(pipeline, name)
+    finally:
+        output.remove_temp()
+    return Finished(storage.read_json(output.join(summary_name)), result, time.time() - start, output.path)
+
+
+def run_pipeline(pipeline: beam.Pipeline, name: str):
+    """Run to completion and log the elapsed time; returns the PipelineResult."""
+    start = time.time()
+    result = pipeline.run()
+    result.wait_until_finish()
+    LOG.info("%s: pipeline finished in %.1f s", name, time.time() - start)
+    return result
