@@ -7,7 +7,8 @@ MLP (256 -> hidden 256 -> embedding 128 -> 100-way softmax), saved as .keras.
   same `Scorer` (scoring.load_scorer) on the same --batch-size batches, compute
   the same margins and write the same scores files (scoring.score_batch /
   scores_table / write_scores). It reports its model-call time separately.
-- pipeline: `pipelines.score.run(...)` on the DirectRunner (FnApiRunner), timed
+- pipeline: `pipelines.score.run(...)` on the DirectRunner (FnApiRunner), scoring
+  through RunInference (scoring.ScorerModelHandler, one pool batch per element), timed
   from the call to its return: driver checks, model loads, pipeline, output
   finalisation and _SUCCESS included.
 
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from clusmar_beam import io, scoring  # noqa: E402
+from clusmar_beam.transforms import scoring, storage  # noqa: E402
 
 
 def make_pool(directory: str, n: int, dim: int, classes: int, rows_per_file: int, row_group: int, seed: int):
@@ -87,7 +88,7 @@ def plain_loop(pool_dir: str, model_path: str, out_dir: str, batch_size: int) ->
     config = scoring.ModelConfig(model_path)
     scorer = scoring.load_scorer(config)
     files = sorted(glob.glob(os.path.join(pool_dir, "pool-*.parquet")))
-    schema = io.parquet_schema(files[0])
+    schema = storage.parquet_schema(files[0])
     feeds = scoring.plan_feeds(scorer.inputs, schema, {}, files[0], model_path)
     columns = ["id", *[c for f in feeds for c in f.columns]]
     read = model = write = 0.0
@@ -110,7 +111,7 @@ def plain_loop(pool_dir: str, model_path: str, out_dir: str, batch_size: int) ->
         results = []
         for group in range(parquet.num_row_groups):
             began = time.perf_counter()
-            batch = io.table_to_batch(parquet.read_row_group(group, columns=columns), path)
+            batch = storage.table_to_batch(parquet.read_row_group(group, columns=columns), path)
             read += time.perf_counter() - began
             results.append(scoring.score_batch(timed, batch, feeds, batch_size))
             rows += len(batch)
@@ -125,7 +126,7 @@ def plain_loop(pool_dir: str, model_path: str, out_dir: str, batch_size: int) ->
 
 
 def pipeline(pool_dir: str, model_path: str, out_dir: str, batch_size: int, beam_flags: list) -> dict:
-    from pipelines import score
+    from clusmar_beam.pipelines import score
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
     info = score.run(["--pool", os.path.join(pool_dir, "pool-*.parquet"), "--model", model_path,

@@ -13,10 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clusmar_beam import cli, io, scoring
-from clusmar_beam.selection import margins_from_probs
+from clusmar_beam.app import cli
+from clusmar_beam.transforms import storage
+from clusmar_beam.core.batch import check_finite, concat_batches
+from clusmar_beam.core import margins
+from clusmar_beam.transforms import scoring
+from reference import margins_from_probs
 from conftest import write_parquet, write_tfrecord
-from pipelines import score
+from clusmar_beam.pipelines import score
 
 DIM, CLASSES, EMB = 12, 3, 8
 N = 600
@@ -157,6 +161,8 @@ def test_keras_scores_equal_predict_on_parquet(assets, tmp_path):
     assert metrics["examples_scored"] == N and metrics["batches"] >= 2 * 3
     assert metrics["batch_latency_us"]["count"] == metrics["batches"]
     assert metrics["model_load_ms"]["count"] >= 1
+    # RunInference's own metrics, in the same namespace: one pool batch per inference call
+    assert metrics["num_inferences"] >= 3 and metrics["inference_request_batch_size"]["max"] == 1
     assert not glob.glob(str(tmp_path / "out" / ".tmp-*"))
 
 
@@ -210,13 +216,12 @@ def test_multi_label_rule_on_a_hand_built_case():
                       [0.5, 0.99, 0.01],   # 0 .98 .98          -> 0
                       [1.0, 0.0, 0.95]],   # 1 1 .9             -> .9
                      dtype=np.float32)
-    assert np.allclose(scoring.margins(probs, multi_label=True), [0.2, 0.0, 0.9], atol=1e-6)
-    assert np.allclose(scoring.margins(probs, multi_label=True, classes=(0, 1)), [0.6, 0.0, 1.0], atol=1e-6)
+    assert np.allclose(margins.margins(probs, multi_label=True), [0.2, 0.0, 0.9], atol=1e-6)
+    assert np.allclose(margins.margins(probs, multi_label=True, classes=(0, 1)), [0.6, 0.0, 1.0], atol=1e-6)
     # logits through the sigmoid give the same margins
     logits = np.log(np.clip(probs, 1e-7, 1 - 1e-7) / (1 - np.clip(probs, 1e-7, 1 - 1e-7)))
-    config = scoring.ModelConfig("m", outputs="logits", multi_label=True)
-    assert np.allclose(scoring.margins(scoring.to_probabilities(logits, config, "test"), True), [0.2, 0.0, 0.9],
-                       atol=1e-5)
+    assert np.allclose(margins.margins(margins.to_probabilities(logits, "logits", True, "test"), True),
+                       [0.2, 0.0, 0.9], atol=1e-5)
 
 
 def test_multi_label_model_through_the_pipeline(assets, tmp_path):
@@ -238,7 +243,7 @@ def test_top2_margins_equal_selection_margins(rng):
     probs = rng.dirichlet(np.ones(7) * 0.3, size=2000).astype(np.float32)
     probs[::50] = probs[0]
     probs[1, :2] = [0.4, 0.4]                     # a tie at the top
-    assert np.array_equal(scoring.top2_margins(probs), margins_from_probs(probs))
+    assert np.array_equal(margins.top2_margins(probs), margins_from_probs(probs))
 
 
 def test_scalar_feature_columns_and_string_ids(assets, tmp_path):
@@ -263,8 +268,8 @@ def test_scores_feed_cluster_and_select(assets, tmp_path):
          "--rows-per-shard", "200")
     glob_ = str(tmp_path / "scores" / "scores-*.parquet")
     # what `cluster` and `select` read
-    assert io.ReadTable(glob_, required=["id", "embedding"]).columns == ["id", "embedding"]
-    assert io.ReadTable(glob_, required=["id"], optional=["margin", "probs"]).columns == ["id", "margin", "probs"]
+    assert storage.ReadTable(glob_, required=["id", "embedding"]).columns == ["id", "embedding"]
+    assert storage.ReadTable(glob_, required=["id"], optional=["margin", "probs"]).columns == ["id", "margin", "probs"]
     assert cli.main(["select", "--pool", glob_, "--strategy", "margin", "--batch-size", "25",
                      "--output", str(tmp_path / "manifest")]) == 0
     from conftest import read_manifest
@@ -273,14 +278,13 @@ def test_scores_feed_cluster_and_select(assets, tmp_path):
     lowest = set(ids[np.argsort(cols["margin"], kind="stable")[:25]].tolist())
     assert set(chosen) == lowest
     # `cluster` reads id + embedding through the same reader: the matrices come back as written
-    import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that
-    reader = io.ReadTable(glob_, required=["id", "embedding"])
+    reader = storage.ReadTable(glob_, required=["id", "embedding"])
 
     def check(batches):
-        batch = io.concat_batches(batches)
-        io.check_finite(batch, ("embedding",))
+        batch = concat_batches(batches)
+        check_finite(batch, ("embedding",))
         order = np.argsort(batch.ids)
         assert np.array_equal(batch.ids[order], ids)
         assert batch.columns["embedding"].dtype == np.float32
@@ -402,3 +406,71 @@ def test_overwrite_replaces_every_earlier_shard(assets, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["_SUCCESS", "scores-00000-of-00001.parquet", "scoring.json"]
     ids, cols, _ = _read(tmp_path / "out")
     assert len(ids) == N and set(cols) == {"probs", "margin"}
+
+
+# ---------------------------------------------------------------- errors that are not the input's fault
+
+class _FailingScorer(scoring.Scorer):
+    """A scorer whose model call raises `error`: what a real graph raises, without needing it to happen."""
+
+    def __init__(self, error):
+        super().__init__(scoring.ModelConfig("failing.keras"))
+        self.inputs = [scoring.InputSpec("features", "float32", (DIM,))]
+        self.probs_name = "probs"
+
+        def fail(*xs):
+            raise error
+        self._fn = fail
+
+
+def _one_batch(assets, rows=40):
+    from clusmar_beam.core.batch import Batch
+    return Batch("pool-0.parquet", {"id": assets["ids"][:rows], "features": assets["x"][:rows]})
+
+
+def _feeds():
+    return [scoring.Feed(scoring.InputSpec("features", "float32", (DIM,)), ("features",))]
+
+
+def test_only_input_errors_of_the_model_call_are_bad_input(assets):
+    import tensorflow as tf
+    from clusmar_beam.core.errors import InputError
+    batch = _one_batch(assets)
+    rejected = tf.errors.InvalidArgumentError(None, None, "Matrix size-incompatible: In[0]: [40,10]")
+    with pytest.raises(InputError, match="pool-0.parquet.*failing.keras.*Matrix size-incompatible"):
+        scoring.score_batch(_FailingScorer(rejected), batch, _feeds(), 16)
+    for error in (tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"),
+                  tf.errors.InternalError(None, None, "cuDNN launch failure"), MemoryError("no room")):
+        with pytest.raises(type(error)) as raised:
+            scoring.score_batch(_FailingScorer(error), batch, _feeds(), 16)
+        assert not isinstance(raised.value, InputError) and raised.value is error
+        # the same through RunInference's handler
+        handler = scoring.ScorerModelHandler(scoring.ModelConfig("failing.keras"), _feeds(), 16)
+        with pytest.raises(type(error)):
+            handler.run_inference([batch], _FailingScorer(error))
+
+
+def test_out_of_memory_on_the_workers_is_a_traceback_not_bad_input(assets, tmp_path, monkeypatch, capsys):
+    """The driver's preview passes; the model then runs out of memory inside RunInference: not exit code 2."""
+    import tensorflow as tf
+    from clusmar_beam.core.errors import input_error_message
+    real_call = scoring.Scorer.__call__
+
+    def call(self, feeds):
+        if len(feeds[0]) > score.PREVIEW_ROWS:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[600,16]")
+        return real_call(self, feeds)
+
+    monkeypatch.setattr(scoring.Scorer, "__call__", call)
+    with pytest.raises(Exception) as raised:
+        cli.main(["score", "--output", str(tmp_path / "out"), "--pool", str(assets["root"] / "pool" / "*.parquet"),
+                  "--model", str(assets["root"] / "model.keras")])
+    assert input_error_message(raised.value) is None
+    chain, exc = [], raised.value
+    while exc is not None and len(chain) < 20:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert any(isinstance(e, tf.errors.ResourceExhaustedError) or "ResourceExhaustedError" in str(e) or
+               "OOM when allocating" in str(e) for e in chain), chain
+    assert "error: " not in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "_SUCCESS")

@@ -11,7 +11,7 @@ import pyarrow as pa
 from clusmar_beam.core.batch import Batch
 
 
-class _SizedPickleCoder(beam.coders.Coder):
+class SizedPickleCoder(beam.coders.Coder):
     """Pickles elements (protocol 5), but estimates their size from their buffers.
 
     Beam's runners estimate the size of the first elements of every PCollection by
@@ -38,7 +38,7 @@ class _SizedPickleCoder(beam.coders.Coder):
         raise NotImplementedError
 
 
-class BatchCoder(_SizedPickleCoder):
+class BatchCoder(SizedPickleCoder):
     def estimate_size(self, value) -> int:
         return sum(v.nbytes if v.dtype != object else 16 * len(v) for v in value.columns.values()) + 64
 
@@ -46,7 +46,7 @@ class BatchCoder(_SizedPickleCoder):
         return Batch
 
 
-class ArrowTableCoder(_SizedPickleCoder):
+class ArrowTableCoder(SizedPickleCoder):
     def estimate_size(self, value) -> int:
         return value.nbytes + 64
 

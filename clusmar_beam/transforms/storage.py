@@ -226,7 +226,7 @@ def table_to_batch(table: pa.Table, path: str) -> Batch:
 
 # ---------------------------------------------------------------- reading
 
-class _ReadTFRecordFile(beam.DoFn):
+class ReadTFRecordFile(beam.DoFn):
     """Parses one TFRecord file a batch of records at a time."""
 
     def __init__(self, schema: dict, names: list[str], batch_size: int):
@@ -309,7 +309,7 @@ class ReadTable(beam.PTransform):
                     | "ToBatch" >> beam.MapTuple(lambda path, table: table_to_batch(table, path)))
         return (files
                 | "Spread" >> beam.Reshuffle()
-                | "ReadTFRecord" >> beam.ParDo(_ReadTFRecordFile(self.schema, self.columns, self.batch_size)))
+                | "ReadTFRecord" >> beam.ParDo(ReadTFRecordFile(self.schema, self.columns, self.batch_size)))
 
 
 # ---------------------------------------------------------------- writing
