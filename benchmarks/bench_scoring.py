@@ -7,7 +7,7 @@ MLP (256 -> hidden 256 -> embedding 128 -> 100-way softmax), saved as .keras.
   same `Scorer` (scoring.load_scorer) on the same --batch-size batches, compute
   the same margins and write the same scores files (scoring.score_batch /
   scores_table / write_scores). It reports its model-call time separately.
-- pipeline: `pipelines.score.run(...)` on the DirectRunner (FnApiRunner), scoring
+- pipeline: `clusmar_beam.pipelines.score.run(...)` on the DirectRunner (FnApiRunner), scoring
   through RunInference (scoring.ScorerModelHandler, one pool batch per element), timed
   from the call to its return: driver checks, model loads, pipeline, output
   finalisation and _SUCCESS included.

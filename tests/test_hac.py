@@ -647,7 +647,7 @@ def test_rows_kept_in_place_block_by_block(monkeypatch):
     assert np.shares_memory(kept, a) and np.array_equal(kept, expected)
 
 def test_renumbering_keeps_frozen_neighbours(monkeypatch):
-    """Frozen clusters (a partition's neighbours in hac_sharded) survive the renumbering unmerged."""
+    """Frozen clusters (a partition's neighbours in core.hac.sharded) survive the renumbering unmerged."""
     from clusmar_beam.core import hac
     from clusmar_beam.core.hac import sharded
     X = hac.prepare(_diffuse_groups_and_bursts(seed=3), "sqeuclidean")

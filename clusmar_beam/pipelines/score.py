@@ -73,6 +73,44 @@ class ScoreOptions(CommonOptions):
                             help=f"rows per output file, at most (default {ROWS_PER_SCORE_SHARD})")
 
 
+def parse_classes(text: str | None) -> tuple | None:
+    """'0,3,7' or '2-5,9' -> (0, 3, 7) / (2, 3, 4, 5, 9); None stays None."""
+    if text is None or text == "":
+        return None
+    classes = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                low, high = part.split("-", 1) if not part.startswith("-") else (part, "")
+                classes.extend(range(int(low), int(high) + 1))
+            else:
+                classes.append(int(part))
+        except ValueError:
+            raise InputError(f"--classes {text!r}: expected class indices such as 0,3,7 or 2-5") from None
+    if not classes or min(classes) < 0:
+        raise InputError(f"--classes {text!r}: expected non-negative class indices such as 0,3,7 or 2-5")
+    return tuple(sorted(set(classes)))
+
+
+def parse_inputs_flags(values) -> dict:
+    """--inputs 'INPUT=COL[,COL...]' (repeatable; a bare 'COL[,COL...]' for single-input models)."""
+    mapping = {}
+    for value in values or []:
+        for entry in str(value).split(";"):
+            entry = entry.strip()
+            if not entry:
+                continue
+            name, _, cols = entry.rpartition("=")
+            columns = tuple(c.strip() for c in cols.split(",") if c.strip())
+            if not columns:
+                raise InputError(f"--inputs {entry!r}: expected INPUT=COLUMN[,COLUMN...]")
+            if name.strip() in mapping:
+                raise InputError(f"--inputs: model input {name.strip()!r} given twice")
+            mapping[name.strip()] = columns
+    return mapping
+
+
 def model_config(opts) -> scoring.ModelConfig:
     model = require(opts.model, "--model")
     outputs = opts.outputs or "probs"
@@ -84,7 +122,7 @@ def model_config(opts) -> scoring.ModelConfig:
     if opts.no_embeddings and embedding:
         raise InputError("--no-embeddings: no embedding is written, so --embedding-layer/--embedding-output "
                          "have no effect; drop one of them")
-    classes = scoring.parse_classes(opts.classes)
+    classes = parse_classes(opts.classes)
     if classes is not None and not opts.multi_label:
         raise InputError("--classes applies to multi-label models (--multi-label); a multi-class margin uses "
                          "all classes")
@@ -137,7 +175,7 @@ def build(pipeline: beam.Pipeline, opts: ScoreOptions):
     compression = opts.compression or "none"
     if compression not in scoring.COMPRESSIONS:
         raise InputError(f"--compression {compression!r}: choose one of {', '.join(scoring.COMPRESSIONS)}")
-    mapping = scoring.parse_inputs_flags(opts.inputs)
+    mapping = parse_inputs_flags(opts.inputs)
 
     # Everything that can be checked before workers start is checked here: the model's layers and
     # outputs, the pool's columns against the model's inputs, and a few rows run through the model.

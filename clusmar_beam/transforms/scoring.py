@@ -75,26 +75,6 @@ def _shape_text(shape) -> str:
     return "(None" + "".join(f", {d}" for d in shape) + ")"
 
 
-def parse_classes(text: str | None) -> tuple | None:
-    """'0,3,7' or '2-5,9' -> (0, 3, 7) / (2, 3, 4, 5, 9); None stays None."""
-    if text is None or text == "":
-        return None
-    classes = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                low, high = part.split("-", 1) if not part.startswith("-") else (part, "")
-                classes.extend(range(int(low), int(high) + 1))
-            else:
-                classes.append(int(part))
-        except ValueError:
-            raise InputError(f"--classes {text!r}: expected class indices such as 0,3,7 or 2-5") from None
-    if not classes or min(classes) < 0:
-        raise InputError(f"--classes {text!r}: expected non-negative class indices such as 0,3,7 or 2-5")
-    return tuple(sorted(set(classes)))
-
-
 # ---------------------------------------------------------------- loading
 
 def model_kind(path: str) -> str:
@@ -394,24 +374,6 @@ class Feed:
     """Model input `spec` is fed by these pool columns, concatenated along the feature axis."""
     spec: InputSpec
     columns: tuple
-
-
-def parse_inputs_flags(values) -> dict:
-    """--inputs 'INPUT=COL[,COL...]' (repeatable; a bare 'COL[,COL...]' for single-input models)."""
-    mapping = {}
-    for value in values or []:
-        for entry in str(value).split(";"):
-            entry = entry.strip()
-            if not entry:
-                continue
-            name, _, cols = entry.rpartition("=")
-            columns = tuple(c.strip() for c in cols.split(",") if c.strip())
-            if not columns:
-                raise InputError(f"--inputs {entry!r}: expected INPUT=COLUMN[,COLUMN...]")
-            if name.strip() in mapping:
-                raise InputError(f"--inputs: model input {name.strip()!r} given twice")
-            mapping[name.strip()] = columns
-    return mapping
 
 
 _COMPATIBLE_KINDS = {"float": ("float", "int64"), "int": ("int64",), "string": ("string", "bytes"), "bool": ("int64",)}

@@ -81,7 +81,7 @@ def choose_threshold(
 
     This is the in-memory run of the steps below (threshold_cells,
     training_rows, SampleCells, draw_cells, threshold_from_sample);
-    hac_sharded.ThresholdFromTarget runs the same steps as a Beam pipeline.
+    transforms.sharded_hac.ThresholdFromTarget runs the same steps as a Beam pipeline.
     Rows are numbered 0..n-1 in the given order; the choice depends only on
     each row's number and vector and the seed.
     """
