@@ -49,12 +49,6 @@ def scored_pool(cfg: dict, n: int) -> str:
     return _join(round_dir(cfg["workdir"], n), "scores", "scores-*.parquet")
 
 
-def _options(options_class, flags: list[str], **values):
-    """A pipeline's typed options: the config's flags, then these values over them (the pipeline checks the
-    flags as its command line would, so a misspelled one is an error)."""
-    return options_class(flags, **values)
-
-
 # ---------------------------------------------------------------- score
 
 def score(cfg: dict, beam: list[str], n: int, with_embeddings: bool, overwrite: bool) -> dict:
@@ -75,8 +69,8 @@ def score(cfg: dict, beam: list[str], n: int, with_embeddings: bool, overwrite: 
         values.update(no_embeddings=True, embedding_layer=None, embedding_output=None)
     if overwrite:
         values["overwrite"] = True
-    summary = pipeline.run(_options(pipeline.ScoreOptions, [*cfg["score_args"], *beam], pool=cfg["pool"],
-                                    model=cfg["model"], output=out, **values))
+    summary = pipeline.run(pipeline.ScoreOptions([*cfg["score_args"], *beam], pool=cfg["pool"],
+                                                 model=cfg["model"], output=out, **values))
     return {"rows": summary.get("rows"), "path": out, "with_embeddings": with_embeddings}
 
 
@@ -118,9 +112,9 @@ def cluster(cfg: dict, beam: list[str], state: dict, n: int, need: bool) -> dict
         threshold = {"distance_threshold": float(cfg["distance_threshold"])}
     else:
         threshold = {"target_mean_cluster_size": float(cfg["target_mean_cluster_size"])}
-    summary = pipeline.run(_options(pipeline.ClusterOptions, [*cfg["cluster_args"], *beam], pool=embedded,
-                                    output=out, metric=cfg["metric"], seed=cfg["seed"], overwrite=True,
-                                    **threshold))
+    summary = pipeline.run(pipeline.ClusterOptions([*cfg["cluster_args"], *beam], pool=embedded, output=out,
+                                                   metric=cfg["metric"], seed=cfg["seed"], overwrite=True,
+                                                   **threshold))
     state["clustering"] = {
         "round": n, "parameters": clustering_parameters(cfg), "model": embedding_model(cfg),
         "pool_fingerprint": pool_fingerprint(cfg["pool"]),
@@ -134,8 +128,8 @@ def embed(cfg: dict, beam: list[str]) -> str:
     """Embeddings of the pool by `embedding_model`, for clustering only."""
     from clusmar_beam.pipelines import score as pipeline
     out = _join(cfg["workdir"], "embeddings")
-    pipeline.run(_options(pipeline.ScoreOptions, [*cfg["score_args"], *beam], pool=cfg["pool"],
-                          model=cfg["embedding_model"], output=out, overwrite=True))
+    pipeline.run(pipeline.ScoreOptions([*cfg["score_args"], *beam], pool=cfg["pool"],
+                                       model=cfg["embedding_model"], output=out, overwrite=True))
     return _join(out, "scores-*.parquet")
 
 
@@ -192,9 +186,9 @@ def select(cfg: dict, beam: list[str], n: int, excluded: str | None, overwrite: 
             values["labeled"] = excluded
         if overwrite:
             values["overwrite"] = True
-        summary = pipeline.run(_options(pipeline.SelectOptions, list(beam), pool=scored_pool(cfg, n), output=out,
-                                        batch_size=cfg["batch_size"], strategy=cfg["strategy"], round_index=n,
-                                        seed=cfg["seed"], **values))
+        summary = pipeline.run(pipeline.SelectOptions(list(beam), pool=scored_pool(cfg, n), output=out,
+                                                      batch_size=cfg["batch_size"], strategy=cfg["strategy"],
+                                                      round_index=n, seed=cfg["seed"], **values))
     not_in_pool = summary.get("labeled_not_in_pool") or 0
     if not_in_pool:
         LOG.warning("[round %d] %d labeled/sent ids are not in the pool; ignored", n, not_in_pool)
