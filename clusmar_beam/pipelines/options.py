@@ -55,8 +55,9 @@ def parse_options(options_class, argv):
 
     The subcommand's flags are parsed by its own class; only what is left goes
     to Beam, and anything Beam does not know either is an error, not a warning.
-    Callers in this process (clusmar round) pass typed values instead:
-    `SelectOptions(beam_flags, pool=..., batch_size=...)` is both at once.
+    Callers in this process (clusmar round) pass typed values instead,
+    `SelectOptions(flags, pool=..., batch_size=...)`: its flags are checked and
+    split the same way, and the values set on it are the subcommand's options.
     """
     given = None
     if isinstance(argv, options_class):

@@ -15,8 +15,8 @@ class SizedPickleCoder(beam.coders.Coder):
     """Pickles elements (protocol 5), but estimates their size from their buffers.
 
     Beam's runners estimate the size of the first elements of every PCollection by
-    encoding them; for a pool batch of 60K x 256 floats that is a full 64 MB pickle
-    (~35 ms) per element and PCollection, thrown away. This coder answers from nbytes.
+    encoding them; for a pool batch of tens of megabytes that is a full pickle per
+    element and PCollection, thrown away. This coder answers from nbytes.
     """
 
     def encode(self, value):
