@@ -21,7 +21,6 @@ The output is a pool for `clusmar cluster` (id, embedding) and `clusmar select`
 from __future__ import annotations
 
 import logging
-import time
 
 import apache_beam as beam
 import pyarrow as pa
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
-from clusmar_beam.pipelines.options import CommonOptions, make_pipeline, parse_options, require, run_pipeline
+from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
 from clusmar_beam.transforms import storage
 from clusmar_beam.core.batch import Batch
 from clusmar_beam.core import margins
@@ -162,9 +161,9 @@ def _number_parts(parts: list[dict], pool_glob: str, files: int):
         yield index, len(parts), part["part"]
 
 
-def build(pipeline: beam.Pipeline, opts: ScoreOptions):
-    """The score step on `pipeline`; returns (the output directory, the model loaded to check it: hold it
-    while the pipeline runs, and an in-process runner's workers reuse that load)."""
+def build(pipeline: beam.Pipeline, opts: ScoreOptions) -> storage.OutputDir:
+    """The score step on `pipeline`: the model is loaded and checked on a few rows here, before any worker
+    starts (and an in-process runner's workers reuse that load); returns the output directory."""
     pool_glob = require(opts.pool, "--pool")
     output_dir = require(opts.output, "--output")
     config = model_config(opts)
@@ -210,29 +209,20 @@ def build(pipeline: beam.Pipeline, opts: ScoreOptions):
     coders.declare_batch_types(batches, reader.format)
     parts = (batches
              | "Score" >> scoring.ScorePool(config, feeds, batch_size, output.temp, rows_per_shard, handle,
-                                                 compression)
+                                                 compression, loaded=scorer)
              | "AllParts" >> beam.combiners.ToList())
     _ = (parts
          | "Number" >> beam.FlatMap(_number_parts, pool_glob, len(reader.files))
          | "Write" >> storage.WriteShards(output, ".parquet", _move_part, summary, parts))
-    return output, scorer
+    return output
 
 
 def run(argv: list[str] | ScoreOptions | None = None) -> dict:
     """Run the pipeline from its flags (a list), or from typed values (a ScoreOptions); returns the summary."""
-    options, opts = parse_options(ScoreOptions, argv)
-    start = time.time()
-    pipeline = make_pipeline(options)
-    output, scorer = build(pipeline, opts)
-    try:
-        result = run_pipeline(pipeline, "score")
-    finally:
-        output.remove_temp()
-    info = storage.read_json(output.join("scoring.json"))
+    info, result, seconds, output = build_and_run(ScoreOptions, argv, build, "score", "scoring.json")
     info["metrics"] = scoring.log_metrics(result)
-    info["seconds"] = time.time() - start
-    del scorer
+    info["seconds"] = seconds
     LOG.info("score: %d examples (embedding dim %s, %s classes, mean margin %.4f) in %.1f s -> %s; metrics %s",
              info["num_examples"], info["embedding_dim"], info["num_classes"], info["margin"]["mean"],
-             info["seconds"], output.path, info["metrics"])
+             info["seconds"], output, info["metrics"])
     return info

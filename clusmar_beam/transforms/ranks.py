@@ -18,39 +18,19 @@ import numpy as np
 from clusmar_beam.core import hashing
 from clusmar_beam.core.batch import Batch, concat_batches, find_duplicates
 from clusmar_beam.transforms import element_sizes
+from clusmar_beam.transforms.samples import BottomKByHash
 
 SAMPLE_SIZE = 1 << 16    # ids sampled to place the range boundaries
 ROWS_PER_RANGE = 1 << 17  # rows a range aims at (an element: its ids and any other columns)
 _SAMPLE_SALT = 0x72616E6B  # 'rank'
 
 
-class _LowestHashIds(beam.CombineFn):
-    """The `size` ids of lowest seeded hash, sorted: a sample that does not depend on the batching."""
+def _sample_hash(ids):
+    return hashing.seeded_hash(ids, _SAMPLE_SALT)
 
-    def __init__(self, size: int):
-        self.size = size
 
-    def create_accumulator(self):
-        return None
-
-    def _trim(self, hashes, ids):
-        keep = np.argsort(hashes, kind="stable")[:self.size]
-        return hashes[keep], ids[keep]
-
-    def add_input(self, acc, batch):
-        if not len(batch):
-            return acc
-        part = self._trim(hashing.seeded_hash(batch.ids, _SAMPLE_SALT), batch.ids)
-        return part if acc is None else self.merge_accumulators([acc, part])
-
-    def merge_accumulators(self, accs):
-        accs = [a for a in accs if a is not None]
-        if not accs:
-            return None
-        return self._trim(np.concatenate([a[0] for a in accs]), np.concatenate([a[1] for a in accs]))
-
-    def extract_output(self, acc):
-        return None if acc is None else np.sort(acc[1])
+def _sorted_ids(sample):
+    return None if sample is None else np.sort(sample[1])
 
 
 def range_bounds(sample, n: int, rows_per_range: int = ROWS_PER_RANGE):
@@ -116,7 +96,9 @@ class RankIds(beam.PTransform):
         side = beam.pvalue.AsSingleton
         count = batches | "Count" >> beam.Map(len) | "Sum" >> beam.CombineGlobally(sum)
         bounds = (batches
-                  | "Sample" >> beam.CombineGlobally(_LowestHashIds(self.sample_size))
+                  | "Sample" >> beam.CombineGlobally(BottomKByHash(self.sample_size, _sample_hash,
+                                                                 lambda batch: (batch.ids,)))
+                  | "SortSample" >> beam.Map(_sorted_ids)
                   | "Bounds" >> beam.Map(range_bounds, side(count), self.rows_per_range)
                   | "MeasureBounds" >> element_sizes.measured("rank_bounds"))
         pieces = (batches

@@ -637,15 +637,19 @@ class ScorerModelHandler(ModelHandler):
     Rows are already batched by the reader, so RunInference batches one element at a
     time (max_batch_size=1); the model-call size stays `batch_size`. Each result keeps
     its batch's source file and ids, so no key is needed to tie it back.
-    `shared_handle` lets an in-process runner reuse the model the driver loaded.
+    `shared_handle` lets an in-process runner reuse the model the driver loaded: `loaded`,
+    that model, is held here while the pipeline exists (and never pickled), so the handle
+    still has it when the workers start.
     """
 
-    def __init__(self, config: ModelConfig, feeds: list[Feed], batch_size: int, shared_handle=None):
+    def __init__(self, config: ModelConfig, feeds: list[Feed], batch_size: int, shared_handle=None,
+                 loaded: Scorer | None = None):
         super().__init__(min_batch_size=1, max_batch_size=1)
         self._config = config
         self._feeds = feeds
         self._batch_size = batch_size
         self._shared = shared_handle
+        self._loaded = loaded
         self._metrics = None
 
     def load_model(self) -> Scorer:
@@ -675,7 +679,7 @@ class ScorerModelHandler(ModelHandler):
         return METRICS_NAMESPACE
 
     def __getstate__(self):
-        return {**self.__dict__, "_metrics": None}
+        return {**self.__dict__, "_metrics": None, "_loaded": None}
 
 
 def split_rows(batch: Batch, rows_per_part: int):
@@ -734,10 +738,10 @@ class ScorePool(beam.PTransform):
     """PCollection of pool `Batch` -> PCollection of scored part records (RunInference, then `WriteScoreParts`)."""
 
     def __init__(self, config: ModelConfig, feeds: list[Feed], batch_size: int, temp_dir: str,
-                 rows_per_part: int, shared_handle=None, compression: str = "none"):
+                 rows_per_part: int, shared_handle=None, compression: str = "none", loaded: Scorer | None = None):
         super().__init__()
         self._rows_per_part = rows_per_part
-        self._handler = ScorerModelHandler(config, feeds, batch_size, shared_handle)
+        self._handler = ScorerModelHandler(config, feeds, batch_size, shared_handle, loaded)
         self._write = WriteScoreParts(temp_dir, rows_per_part, compression)
 
     def expand(self, batches):

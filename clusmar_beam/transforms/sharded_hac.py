@@ -9,6 +9,7 @@ core.hac.choose_threshold.
 """
 from __future__ import annotations
 
+import functools
 import math
 import typing
 
@@ -23,39 +24,7 @@ from clusmar_beam.core.hac.sharded import (DEFAULT_MAX_ROUNDS, PARTITION_KMEANS_
                                            partition_sample_size, route)
 from clusmar_beam.core.hac.sizes import add_size_counts, size_counts, size_histogram
 from clusmar_beam.transforms import element_sizes, ranks
-
-
-class BottomKByHash(beam.CombineFn):
-    """The `size` rows of lowest hashing.row_hash: the same sample on any sharding.
-
-    `rows_of(element)` gives an element's (int64 ids, vectors); the output is
-    (hashes, ids, vectors) of the sample, or None when there were no rows.
-    """
-
-    def __init__(self, size: int, seed: int, rows_of):
-        self.size, self.seed, self.rows_of = size, seed, rows_of
-
-    def create_accumulator(self):
-        return None
-
-    def _trim(self, hashes, ids, vecs):
-        order = np.lexsort((ids, hashes))[:self.size]
-        return hashes[order], ids[order], vecs[order]
-
-    def add_input(self, acc, element):
-        ids, x = self.rows_of(element)
-        ids = np.asarray(ids, np.int64)
-        part = self._trim(hashing.row_hash(ids, self.seed), ids, x)
-        return part if acc is None else self.merge_accumulators([acc, part])
-
-    def merge_accumulators(self, accs):
-        accs = [a for a in accs if a is not None]
-        if not accs:
-            return None
-        return self._trim(*(np.concatenate([a[i] for a in accs]) for i in range(3)))
-
-    def extract_output(self, acc):
-        return acc
+from clusmar_beam.transforms.samples import BottomKByHash
 
 
 def _to_clusters(batch, metric):
@@ -455,7 +424,8 @@ class ShardedHac(beam.PTransform):
                                                 self.shards, self.target))
             centroids = (clusters
                          | f"{name}Sample" >> beam.CombineGlobally(
-                             BottomKByHash(partition_sample_size(self.shards), seed, _ids_and_means))
+                             BottomKByHash(partition_sample_size(self.shards), functools.partial(hashing.row_hash, seed=seed),
+                                           _ids_and_means))
                          .without_defaults()
                          | f"{name}MeasureSample" >> measured("partition_sample")
                          | f"{name}Train" >> beam.Map(_train, side(plan), seed)
@@ -603,7 +573,8 @@ class ThresholdFromTarget(beam.PTransform):
                   | "Layout" >> beam.Map(_layout, self.sample_size))
         cells = (batches
                  | "TrainingRows" >> beam.CombineGlobally(
-                     BottomKByHash(hac.threshold.TRAIN_ROWS_MAX, self.seed, lambda batch: batch))
+                     BottomKByHash(hac.threshold.TRAIN_ROWS_MAX, functools.partial(hashing.row_hash, seed=self.seed),
+                                   lambda batch: batch))
                  .without_defaults()
                  | "MeasureTraining" >> measured("threshold_training")
                  | "TrainCells" >> beam.Map(_train_cells, side(layout), self.metric, self.margin_cells, self.seed)

@@ -74,13 +74,10 @@ import time
 from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.app.rounds import stages
-from clusmar_beam.app.rounds.config import (CONFIG_KEYS, STRATEGIES, beam_flags, clustering_parameters,
-                                            embedding_model, load_config, pool_fingerprint, round_parameters,
-                                            separate_embedding_model)
-from clusmar_beam.app.rounds.lock import LockHeld, acquire_lock, release_lock
+from clusmar_beam.app.rounds.config import beam_flags, load_config, round_parameters, separate_embedding_model
+from clusmar_beam.app.rounds.lock import acquire_lock, release_lock
 from clusmar_beam.app.rounds.stages import STAGES, _tfrecord_ids, read_ids, write_ids
-from clusmar_beam.app.rounds.state import (STATE_FORMAT, STATE_VERSION, completed_rounds, load_state,
-                                           now, save_state, state_path)
+from clusmar_beam.app.rounds.state import STATE_FORMAT, STATE_VERSION, completed_rounds, load_state, now, save_state
 from clusmar_beam.app.rounds.status import format_status, status_rows
 from clusmar_beam.core import progress
 from clusmar_beam.core.errors import InputError
@@ -89,11 +86,8 @@ from clusmar_beam.transforms import storage
 LOG = logging.getLogger("clusmar")
 
 # What app/round.py, app/status.py and the tests use; the modules hold the rest.
-__all__ = ["run_round", "Round", "load_config", "beam_flags", "round_parameters", "clustering_parameters",
-           "embedding_model", "separate_embedding_model", "pool_fingerprint", "CONFIG_KEYS", "STRATEGIES",
-           "STATE_FORMAT", "STATE_VERSION", "state_path", "load_state", "save_state", "completed_rounds",
-           "LockHeld", "acquire_lock", "release_lock", "STAGES", "read_ids", "write_ids", "_tfrecord_ids",
-           "status_rows", "format_status", "FAULT_HOOK", "_Ticker"]
+__all__ = ["run_round", "Round", "load_config", "beam_flags", "STATE_FORMAT", "STATE_VERSION", "read_ids",
+           "write_ids", "_tfrecord_ids", "status_rows", "format_status", "FAULT_HOOK", "_Ticker"]
 
 # Test hook: called as FAULT_HOOK(stage, "before"|"after"); "after" is after the stage's
 # outputs are written but before state.json records it. CLUSMAR_FAIL_STAGE=stage[:when]
