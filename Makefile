@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench browser clean-venv
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python -m clusmar_beam.app.demo --workdir $${DEMO_DIR:-demo-output}
 
+## browser: Debian's chromium, which the report tests render pages in (needs root and Debian's packages)
+browser:
+	test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
 ## test: install what the tests need and run the whole suite
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 ## bench: the 1M-example benchmark (see benchmarks/RESULTS.md)

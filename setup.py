@@ -9,11 +9,13 @@ REQUIRED = [
     "numpy>=1.26",
     "scipy>=1.13",
     "pyyaml>=6",
+    "scikit-learn>=1.5",   # clusmar simulate: logistic regression, digits
+    "matplotlib>=3.8",     # clusmar report: plots embedded in one HTML file
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "scikit-learn>=1.5", "fastcluster>=1.2"],
-    "bench": ["scikit-learn>=1.5", "fastcluster>=1.2"],
+    "test": ["pytest>=8", "fastcluster>=1.2"],
+    "bench": ["fastcluster>=1.2"],
 }
 
 setuptools.setup(

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "score": ("clusmar_beam.pipelines.score", "embeddings, probabilities and margins from a TensorFlow model"),
     "round": ("clusmar_beam.app.round", "one whole active-learning round from a config file (resumable)"),
     "status": ("clusmar_beam.app.status", "a table of the rounds in a `clusmar round` work directory"),
+    "simulate": ("clusmar_beam.app.simulate", "replay active learning on a labelled pool: strategies side by side"),
+    "report": ("clusmar_beam.app.report", "one offline HTML page for a simulation or a round work directory"),
 }
 
 USAGE = "usage: clusmar {" + ",".join(SUBCOMMANDS) + "} [flags] [Beam pipeline flags]\n\n" + "\n".join(
