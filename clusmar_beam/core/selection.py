@@ -14,6 +14,7 @@ import numpy as np
 
 from clusmar_beam.core.batch import Batch
 from clusmar_beam.core.errors import InputError
+from clusmar_beam.core.hashing import pick_hash, tiebreak_hash
 
 STRATEGIES = ("cluster-margin", "margin", "random")
 NO_CLUSTER = -1
@@ -42,9 +43,22 @@ def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarra
     groups go by (size among candidates, cluster id); inside a group the picks go
     by (seeded hash, id). Exhausted groups simply have no row in later passes.
     """
-    n = len(cluster_ids)
-    if n == 0:
+    if len(cluster_ids) == 0:
         return np.zeros(0, dtype=np.int64)
+    pass_index, group_size, id_order = _passes(cluster_ids, picks, ids)
+    return np.lexsort((id_order, picks, cluster_ids, group_size, pass_index))
+
+
+def round_robin_pass(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The round-robin pass (0-based) in which each candidate is taken."""
+    if len(cluster_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return _passes(cluster_ids, picks, ids)[0]
+
+
+def _passes(cluster_ids, picks, ids):
+    """Per row: its pass (rank inside its group), its group's size among candidates, and its id's rank."""
+    n = len(cluster_ids)
     id_order = _rank(ids)
     within = np.lexsort((id_order, picks, cluster_ids))        # by cluster, then pick order
     sorted_clusters = cluster_ids[within]
@@ -54,7 +68,7 @@ def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarra
     pass_index[within] = np.arange(n) - np.repeat(starts, sizes)
     group_size = np.empty(n, dtype=np.int64)
     group_size[within] = np.repeat(sizes, sizes)
-    return np.lexsort((id_order, picks, cluster_ids, group_size, pass_index))
+    return pass_index, group_size, id_order
 
 
 def _rank(ids: np.ndarray) -> np.ndarray:
@@ -88,3 +102,26 @@ def lowest_for(batch: Batch, strategy: str, keep: int) -> np.ndarray:
     if strategy == "random":
         return lowest(c["pick"].astype(np.float64), c["pick"], batch.ids, keep)
     return lowest(c["margin"], c["tiebreak"], batch.ids, keep)
+
+
+def scored_rows(source: str, ids: np.ndarray, margin: np.ndarray, cluster_ids: np.ndarray, seed: int,
+                round_index: int, id_type: str) -> Batch:
+    """Unlabeled rows with everything the order needs: margin, cluster, tie-break and pick hashes."""
+    return Batch(source, {
+        "id": ids,
+        "margin": margin,
+        "cluster_id": cluster_ids,
+        "tiebreak": tiebreak_hash(ids, seed),
+        "pick": pick_hash(ids, seed, round_index),
+    }, id_type)
+
+
+def candidates_to_keep(strategy: str, k_t: int, k_m: int) -> int:
+    """Rows the order needs: k_m for cluster-margin, k_t for the others."""
+    return k_m if strategy == "cluster-margin" else k_t
+
+
+def select_in_memory(rows: Batch, strategy: str, k_t: int, k_m: int) -> tuple[Batch, Batch]:
+    """(candidates, chosen) of one in-memory pool: the same two steps `clusmar select` runs across workers."""
+    candidates = rows.take(lowest_for(rows, strategy, candidates_to_keep(strategy, k_t, k_m)))
+    return candidates, order_candidates(candidates, strategy, k_t)

@@ -172,6 +172,8 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
                 "largest_cluster": largest, "largest_cluster_share": largest / max(n, 1),
                 "warnings": _warnings(largest, n, opts.warn_largest_share),
                 "singletons": result["singletons"],
+                "singleton_share_of_points": result["singletons"] / max(n, 1),
+                "singleton_share_of_clusters": result["singletons"] / max(result["num_clusters"], 1),
                 "cluster_size_histogram": result["cluster_size_histogram"], "dim": result["dim"],
                 "rounds": result["rounds"], "merges": result["merges"],
                 "merges_per_round": result["merges_per_round"], "ivf_probing": result.get("ivf_probing"),

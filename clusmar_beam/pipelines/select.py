@@ -14,6 +14,7 @@ import numpy as np
 
 from clusmar_beam.core import selection as core_selection
 from clusmar_beam.core.batch import Batch, check_finite, check_probabilities
+from clusmar_beam.core.diagnostics import describe, selection_diagnostics
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.margins import top2_margins
 from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
@@ -117,7 +118,7 @@ def build(pipeline, opts: SelectOptions):
     labeled_reader = storage.ReadTable(opts.labeled, required=["id"], flag="--labeled") if opts.labeled else None
     output = storage.OutputDir(output_dir, "manifest", "manifest.json", storage.SUCCESS, opts.overwrite)
 
-    keep = k_m if opts.strategy == "cluster-margin" else k_t
+    keep = core_selection.candidates_to_keep(opts.strategy, k_t, k_m)
     pool = pipeline | pool_reader | "Margins" >> beam.Map(_with_margins)
     inputs = {"pool": pool}
     if cluster_reader:
@@ -135,8 +136,12 @@ def build(pipeline, opts: SelectOptions):
             raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows in {len(pool_reader.files)} files)")
         return core_selection.order_candidates(candidates, strategy, k_t) if candidates is not None else None
 
+    def diagnose(candidates, chosen, stats, pick_sizes=None):
+        return selection_diagnostics(candidates, chosen, strategy, k_t, stats["unlabeled"],
+                                     stats.get("histogram:unlabeled_margins"), pick_sizes)
+
     def summary(names, extra):
-        chosen, stats = extra
+        chosen, stats, (diagnostics, warnings) = extra
         n = 0 if chosen is None else len(chosen)
         return {
             "round": round_index, "strategy": strategy, "seed": opts.seed,
@@ -148,11 +153,18 @@ def build(pipeline, opts: SelectOptions):
             "selected": n,
             "clusters_selected": (int(len(np.unique(chosen.columns["cluster_id"]))) if n else 0)
                                  if opts.clusters else None,
+            "diagnostics": diagnostics, "warnings": warnings,
             "files": names,
         }
 
     chosen = candidates | "Order" >> beam.Map(order, beam.pvalue.AsSingleton(stats))
-    both = chosen | "WithStats" >> beam.Map(lambda c, s: (c, s), beam.pvalue.AsSingleton(stats))
+    sides = [beam.pvalue.AsSingleton(chosen), beam.pvalue.AsSingleton(stats)]
+    if cluster_reader:
+        pick_sizes = inputs["clusters"] | "PickClusterSizes" >> selection.PickClusterSizes(chosen)
+        sides.append(beam.pvalue.AsSingleton(pick_sizes))
+    diagnostics = candidates | "Diagnose" >> beam.Map(diagnose, *sides)
+    both = chosen | "WithStats" >> beam.Map(lambda c, s, d: (c, s, d), beam.pvalue.AsSingleton(stats),
+                                            beam.pvalue.AsSingleton(diagnostics))
     _ = (chosen
          | "Shards" >> beam.FlatMap(_shards, num_shards, round_index)
          | "Write" >> storage.WriteShards(output, ".tfrecord", _write_manifest_shard, summary, both))
@@ -164,4 +176,7 @@ def run(argv: list[str] | SelectOptions | None = None) -> dict:
     summary, _, seconds, output = build_and_run(SelectOptions, argv, build, "select", "manifest.json")
     LOG.info("select: %d selected of %d unlabeled (pool %d) in %.1f s -> %s", summary["selected"],
              summary["unlabeled_count"], summary["pool_count"], seconds, output)
+    LOG.info("select: %s", describe(summary["diagnostics"]))
+    for warning in summary["warnings"]:
+        LOG.warning("select: %s", warning)
     return summary

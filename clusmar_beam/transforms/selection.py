@@ -10,9 +10,10 @@ import apache_beam as beam
 import numpy as np
 
 from clusmar_beam.core.batch import Batch, concat_batches, find_duplicates
+from clusmar_beam.core.diagnostics import margin_histogram
 from clusmar_beam.core.errors import InputError
-from clusmar_beam.core.hashing import id_keys, mix64, pick_hash, tiebreak_hash
-from clusmar_beam.core.selection import NO_CLUSTER, lowest_for
+from clusmar_beam.core.hashing import id_keys, mix64
+from clusmar_beam.core.selection import NO_CLUSTER, lowest_for, scored_rows
 
 # ---------------------------------------------------------------- sharded join
 
@@ -98,14 +99,10 @@ class _JoinBucket(beam.DoFn):
 
         keep_rows = np.flatnonzero(~is_labeled)
         stats["unlabeled"] = len(keep_rows)
+        stats["histogram:unlabeled_margins"] = margin_histogram(pool.columns["margin"][keep_rows]).tolist()
         ids = ids[keep_rows]
-        candidates = Batch(pool.source, {
-            "id": ids,
-            "margin": pool.columns["margin"][keep_rows],
-            "cluster_id": cluster_ids[keep_rows],
-            "tiebreak": tiebreak_hash(ids, self._seed),
-            "pick": pick_hash(ids, self._seed, self._round),
-        }, pool.id_type)
+        candidates = scored_rows(pool.source, ids, pool.columns["margin"][keep_rows], cluster_ids[keep_rows],
+                                 self._seed, self._round, pool.id_type)
         yield candidates.take(lowest_for(candidates, self._strategy, self._keep))
         yield beam.pvalue.TaggedOutput("stats", stats)
 
@@ -149,6 +146,8 @@ def _sum_stats(dicts):
         for key, value in d.items():
             if key.startswith("examples:"):
                 total[key] = sorted(total.get(key, []) + list(value), key=str)[:3]
+            elif key.startswith("histogram:"):
+                total[key] = (np.add(total[key], value) if key in total else np.asarray(value)).tolist()
             else:
                 total[key] = total.get(key, 0) + value
     return total
@@ -198,3 +197,57 @@ class SelectCandidates(beam.PTransform):
         candidates = joined.rows | "KeepLowest" >> beam.CombineGlobally(_KeepLowest(self.strategy, self.keep))
         stats = joined.stats | "SumStats" >> beam.CombineGlobally(_sum_stats)
         return candidates, stats
+
+
+class _CountPickClusters(beam.CombineFn):
+    """Per picked cluster, its rows in the clustering: a vector as long as the batch's clusters, never the pool's."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, accumulator, counts):
+        return counts if accumulator is None else accumulator + counts
+
+    def merge_accumulators(self, accumulators):
+        parts = [a for a in accumulators if a is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _count_in_batch(batch: Batch, wanted: np.ndarray) -> np.ndarray:
+    counts = np.zeros(len(wanted), dtype=np.int64)
+    if len(wanted) and len(batch):
+        found, found_counts = np.unique(batch.columns["cluster_id"], return_counts=True)
+        position = np.minimum(np.searchsorted(wanted, found), len(wanted) - 1)
+        hit = wanted[position] == found
+        np.add.at(counts, position[hit], found_counts[hit])
+    return counts
+
+
+class PickClusterSizes(beam.PTransform):
+    """Cluster batches + the chosen batch (singleton) -> each chosen row's cluster size in the whole clustering.
+
+    Only the picked clusters are counted (a side input of at most k_t ids), so
+    nothing grows with the pool.
+    """
+
+    def __init__(self, chosen):
+        super().__init__()
+        self.chosen = chosen
+
+    def expand(self, clusters):
+        wanted = self.chosen | "PickedClusters" >> beam.Map(
+            lambda c: np.unique(c.columns["cluster_id"]) if c is not None else np.zeros(0, np.int64))
+        counts = (clusters
+                  | "CountInBatch" >> beam.Map(_count_in_batch, beam.pvalue.AsSingleton(wanted))
+                  | "Sum" >> beam.CombineGlobally(_CountPickClusters()))
+
+        def per_pick(chosen, wanted, counts):
+            if chosen is None or counts is None:
+                return None
+            return counts[np.searchsorted(wanted, chosen.columns["cluster_id"])]
+
+        return self.chosen | "PerPick" >> beam.Map(per_pick, beam.pvalue.AsSingleton(wanted),
+                                                   beam.pvalue.AsSingleton(counts))
