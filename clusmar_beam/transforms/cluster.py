@@ -105,26 +105,20 @@ def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
              len(spilled))
     order = np.argsort(pool.ids, kind="stable")   # a fixed row order makes the clustering deterministic
     ids = pool.ids[order]
-    embeddings = pool.columns["embedding"][order]
+    # Held only in this dict, so popping it into the call hands flat_clusters the one reference: it frees the
+    # float32 rows once its float64 copy exists.
+    held = {"embedding": pool.columns["embedding"][order]}
+    dim = held["embedding"].shape[1]
     id_type = pool.id_type
     del pool, order   # the id-ordered copies are all the HAC needs
     start = time.time()
     eps, choice, target = opts_dict["distance_threshold"], None, opts_dict["target_mean_cluster_size"]
     try:
-        if eps is None:
-            choice = hac.choose_threshold(embeddings, opts_dict["metric"], target,
-                                          sample_size=opts_dict["threshold_sample_size"], seed=opts_dict["seed"],
-                                          log=every_few_seconds(LOG.info), delta=opts_dict["approximation"])
-            eps = _count_choice(choice).merge_threshold
-        dim = embeddings.shape[1]
-        # The HAC works on a float64 copy: make it here and let the HAC use it
-        # in place, so the float32 rows are not held through the run.
-        embeddings = embeddings.astype(np.float64)
-        result = hac.average_linkage(
-            embeddings, eps, opts_dict["metric"], target_mean_cluster_size=target, k=opts_dict["knn"],
-            exact_search_max=opts_dict["exact_search_max"], nprobe=opts_dict["nprobe"], seed=opts_dict["seed"],
-            log=every_few_seconds(LOG.info), overwrite_input=True, delta=opts_dict["approximation"])
-        del embeddings  # overwritten by the HAC
+        result, choice = hac.flat_clusters(
+            held.pop("embedding"), opts_dict["metric"], eps, target, sample_size=opts_dict["threshold_sample_size"],
+            seed=opts_dict["seed"], delta=opts_dict["approximation"], log=every_few_seconds(LOG.info),
+            on_choice=_count_choice, k=opts_dict["knn"], exact_search_max=opts_dict["exact_search_max"],
+            nprobe=opts_dict["nprobe"])
     except hac.HacError as exc:
         raise InputError(f"--pool {pool_glob!r}: {exc}") from exc
     elapsed = time.time() - start

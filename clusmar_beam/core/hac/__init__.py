@@ -14,6 +14,7 @@ from clusmar_beam.core.hac.prepare import (METRICS, HacError, check_count, check
 from clusmar_beam.core.hac.clusters import Clusters
 from clusmar_beam.core.hac.rac import DEFAULT_DELTA, DEFAULT_K, EXACT_SEARCH_MAX, Rac, keep_rows
 from clusmar_beam.core.hac.threshold import (TRAIN_PER_CELL, CellDraw, SampleCells, ThresholdChoice, choose_threshold,
+                                        flat_clusters,
                                         draw_cells, lowest_hash_rows, threshold_cells, threshold_from_sample,
                                         training_rows, training_size)
 
@@ -22,7 +23,7 @@ __all__ = [
     "HacResult", "IvfIndex", "METRICS", "Rac", "SampleCells", "TARGET_OVERSHOOT", "TARGET_RAISE",
     "TRAIN_PER_CELL", "ThresholdChoice", "TwoLevelQuantiser", "average_linkage", "check_count", "check_delta",
     "check_target", "check_threshold", "choose_threshold", "collapse_duplicates", "cut_keeping",
-    "default_nlist", "draw_cells", "keep_rows", "labels_from_edges", "lowest_hash_rows",
+    "default_nlist", "draw_cells", "flat_clusters", "keep_rows", "labels_from_edges", "lowest_hash_rows",
     "merge_all_threshold", "number_by_first_appearance", "on_all_cores", "prepare", "threshold_cells",
     "threshold_from_heights", "threshold_from_sample", "training_rows", "training_size",
 ]

@@ -281,3 +281,28 @@ def threshold_from_sample(sample_x: np.ndarray, core: np.ndarray, metric: str, t
     merge_eps, _ = _threshold_for_core(result, core, TARGET_OVERSHOOT * target)
     return ThresholdChoice(eps, target, int(core.sum()), int(core.size), draw.sample_cells, draw.num_cells,
                            mean_size, max(merge_eps, eps))
+
+
+def flat_clusters(embeddings: np.ndarray, metric: str, distance_threshold: float | None = None,
+                  target_mean_cluster_size: float | None = None, *, sample_size: int = 10_000, seed: int = 0,
+                  delta: float = 0.0, log: Callable[[str], None] | None = None, on_choice=None,
+                  **linkage_options) -> tuple[HacResult, ThresholdChoice | None]:
+    """Average-linkage flat clusters cut at a distance, or at a target mean size (threshold chosen on a sample).
+
+    The one-worker path of `clusmar cluster` and `clusmar simulate` both cluster
+    through here; `on_choice(choice)` sees the sample's choice before the pool's
+    HAC starts. Rows are used in place (a float64 copy is made if they are not float64).
+    """
+    choice = None
+    eps = distance_threshold
+    if eps is None:
+        choice = choose_threshold(embeddings, metric, target_mean_cluster_size, sample_size=sample_size,
+                                  seed=seed, log=log, delta=delta)
+        if on_choice is not None:
+            on_choice(choice)
+        eps = choice.merge_threshold
+    rows = np.ascontiguousarray(embeddings, dtype=np.float64)
+    del embeddings
+    result = average_linkage(rows, eps, metric, target_mean_cluster_size=target_mean_cluster_size, seed=seed,
+                             log=log, overwrite_input=True, delta=delta, **linkage_options)
+    return result, choice
