@@ -50,6 +50,9 @@ def run(argv=None) -> dict:
     source = require(opts.input, "--input").rstrip("/") or "/"
     kind = detect_input(source)
     output = opts.output or FileSystems.join(source, "report.html")
+    if not output.lower().endswith((".html", ".htm")):
+        # also keeps a slip of the flag from replacing simulation.json, state.json or a directory
+        raise InputError(f"--output {output!r}: must name an .html file")
     if FileSystems.exists(output) and not opts.overwrite:
         raise InputError(f"--output {output!r}: the file exists; pass --overwrite to replace it")
     page = simulation_page(source) if kind == "simulation" else workdir_page(source)
@@ -108,6 +111,10 @@ def fmt_seconds(value) -> str:
     if value is None:
         return "—"
     value = float(value)
+    if value == 0:
+        return "0 s"
+    if value < 0.1:
+        return f"{value * 1000:.1f} ms"
     if value < 10:
         return f"{value:.2f} s"
     if value < 120:
@@ -163,15 +170,17 @@ figure { margin: 12px 0 18px; }
 figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 figcaption { margin-top: 6px; max-width: 900px; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13.5px; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th, td { padding: 5px 9px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
 th { background: #eef1f6; font-weight: 600; border-bottom: 2px solid #cfd5df; }
 tbody tr:nth-child(even) td { background: #fafbfc; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+table:not(.kv) td { white-space: nowrap; }
+table.kv td { word-break: break-word; }
 table.kv th { background: none; border-bottom: 1px solid var(--line); font-weight: 600; width: 15em; }
 .tables { display: flex; flex-wrap: wrap; gap: 0 36px; }
 .wide { overflow-x: auto; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 4px 0 6px; }
-.card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 14px; min-width: 130px; background: #fbfcfe; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; min-width: 108px; background: #fbfcfe; }
 .card .v { font-size: 20px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .card .k { font-size: 12.5px; color: var(--muted); }
 .warnings { background: #fff6e0; border: 1px solid #f0c36d; border-left: 6px solid #e39b00; }
@@ -293,9 +302,11 @@ def _summary_rows(sim: dict) -> list[dict]:
 
 
 def _setting_names(sim: dict, summary: list[dict]) -> list[str]:
-    names = [s.get("name") for s in sim.get("settings") or [] if s.get("name")]
-    extra = [r.get("setting") for r in summary + (sim.get("runs") or [])]
-    return names + [n for n in dict.fromkeys(extra) if n and n not in names]
+    """The settings some run used, in the order simulation.json lists them (a sweep without a
+    setting-dependent strategy has none: its curves then go in one panel)."""
+    used = [r.get("setting") for r in summary + (sim.get("runs") or []) if r.get("setting")]
+    names = [s.get("name") for s in sim.get("settings") or [] if s.get("name") in used]
+    return names + [n for n in dict.fromkeys(used) if n not in names]
 
 
 def saving_fraction(row: dict) -> float | None:
@@ -317,9 +328,10 @@ def simulation_page(source: str) -> Page:
     repetitions = params.get("repetitions") or len({r.get("repetition") for r in runs}) or None
     total = (sim.get("timing") or {}).get("total_seconds")
     body = cards([("pool examples", fmt_int(data.get("pool_count"))), ("test examples", fmt_int(data.get("test_count"))),
-                  ("classes", fmt_value(data.get("num_classes"))), ("strategies", len(order)),
-                  ("settings swept", len(settings)), ("repetitions", fmt_value(repetitions)),
-                  ("rounds", fmt_value(params.get("rounds"))), ("run time", fmt_seconds(total))])
+                  ("classes", fmt_value(data.get("num_classes")))]
+                 + ([("cluster-margin settings", len(settings))] if settings else [])
+                 + [("repetitions", fmt_value(repetitions)), ("rounds", fmt_value(params.get("rounds"))),
+                    ("run time", fmt_seconds(total))])
     data_rows = [("pool", data.get("pool")), ("pool examples", fmt_int(data.get("pool_count"))),
                  ("test examples", fmt_int(data.get("test_count"))), ("test set", data.get("test_source")),
                  ("classes", data.get("num_classes")), ("feature dimensions", data.get("features_dim"))]
@@ -355,7 +367,7 @@ def _simulation_curves(page: Page, sim, summary, settings, order) -> None:
         page.section("curves", "Learning curves", "<p>No accuracy was recorded: the simulation has no rounds.</p>")
         return
     panels = [(name, _series_for(summary, name, order)) for name in settings] or \
-             [("all strategies", _series_for(summary, None, order))]
+             [("", _series_for(summary, None, order))]
     panels = [(title, series) for title, series in panels if series]
     body = page.figure(
         plots.learning_curves(panels), "test accuracy against labels per strategy",
@@ -379,7 +391,11 @@ def _simulation_curves(page: Page, sim, summary, settings, order) -> None:
         by = dict(zip(r["labels"], zip(r.get("accuracy_mean") or [], r.get("accuracy_std") or [])))
         cells.append([by.get(n) for n in all_labels])
         rows.append([r.get("strategy"), r.get("setting") or "(any)"])
-    best = [max((c[j][0] for c in cells if c[j] is not None), default=None) for j in range(len(all_labels))]
+    best = []
+    for j in range(len(all_labels)):
+        column = [c[j][0] for c in cells if c[j] is not None]
+        # the seed round is the same for every strategy: nothing to single out there
+        best.append(max(column) if column and max(column) > min(column) else None)
     table_rows = []
     for head, row in zip(rows, cells):
         out = []
@@ -400,43 +416,65 @@ def _simulation_curves(page: Page, sim, summary, settings, order) -> None:
 def _savings_cell(row: dict) -> Raw:
     value = saving_fraction(row)
     if value is None:
-        return Raw('<span class="never">never reached the target</span>')
+        return Raw(f'<span class="never">never reached the target (0 of {esc(fmt_value(row.get("repetitions")))} '
+                   "repetitions)</span>")
     std = row.get("savings_std")
     text = f"{value * 100:+.1f}%" + (f" ± {std * 100:.1f}" if std is not None else "")
     if value < 0:
-        return Raw(f'<span class="loss">{esc(text)} (a loss: more labels than {esc(row.get("baseline", "margin"))})</span>')
-    return Raw(f'<span class="gain">{esc(text)}</span>')
+        return Raw(f'<span class="loss">{esc(text)} (loss)</span>')
+    return Raw(f'<span class="gain">{esc(text)}</span>') if value > 0 else Raw(esc(text))
+
+
+def _accuracy_delta_cell(row: dict):
+    value = row.get("final_accuracy_delta_mean")
+    if value is None:
+        return "—"
+    std = row.get("final_accuracy_delta_std")
+    text = f"{value * 100:+.1f}" + (f" ± {std * 100:.1f}" if std is not None else "") + " pp"
+    return Raw(f'<span class="{"loss" if value < -0.0005 else "gain" if value > 0.0005 else ""}">{esc(text)}</span>')
+
+
+BASELINE_ORDER = ("margin", "random", "k-center")
+
+
+def _baselines(savings) -> list[str]:
+    found = list(dict.fromkeys(r.get("baseline") or "margin" for r in savings))
+    return sorted(found, key=lambda b: (BASELINE_ORDER.index(b) if b in BASELINE_ORDER else len(BASELINE_ORDER), b))
 
 
 def _simulation_savings(page: Page, sim, settings) -> None:
     savings = sim.get("savings") or []
     if not savings:
         page.section("savings", "Label savings",
-                     "<p>No savings were computed (the simulation needs both cluster-margin and margin among its "
-                     "strategies).</p>")
+                     "<p>No savings were computed: the simulation needs cluster-margin and at least one baseline "
+                     "(margin, random or k-center) among its strategies.</p>")
         return
     order = {name: i for i, name in enumerate(settings)}
-    savings = sorted(savings, key=lambda r: (order.get(r.get("setting"), len(order)), r.get("target_accuracy") or 0))
-    rows = []
-    for r in savings:
-        needed = r.get("labels_strategy_mean")
-        needed_text = ("never reached" if needed is None else
-                       fmt_int(needed) + (f" ± {fmt_int(r['labels_strategy_std'])}"
-                                          if r.get("labels_strategy_std") is not None else ""))
-        reached, reps = r.get("reached"), r.get("repetitions")
-        reached_text = f"in {fmt_value(reached)} of {fmt_value(reps)} repetitions"
-        if reached is not None and reps is not None and reached < reps:
-            reached_text = Raw(f'<span class="never">{esc(reached_text)}</span>')
-        rows.append([r.get("setting") or "—", f"{r.get('strategy', 'cluster-margin')} vs {r.get('baseline', 'margin')}",
-                     fmt_pct(r.get("target_accuracy")), fmt_int(r.get("labels_baseline")), needed_text,
-                     _savings_cell(r), reached_text])
-    body = ("<p>How many labels each strategy needed to first reach the target accuracy (the accuracy the baseline "
-            "reaches at the end of its run), and the share of the baseline's labels that cluster-margin saved. "
-            "Positive savings mean fewer labels than the baseline; negative ones are losses. When a repetition "
-            "never reaches the target it is counted in the last column and left out of the mean.</p>")
-    body += table(["setting", "comparison", "target accuracy", "baseline needs (labels)",
-                   "strategy needs (labels, mean ± std)", "labels saved (mean ± std)", "reached the target"], rows,
-                  numeric=(2, 3, 4))
+    strategy = savings[0].get("strategy") or "cluster-margin"
+    body = (f"<p>For each baseline: the labels {esc(strategy)} needed to first reach the baseline's final accuracy "
+            "(interpolated between rounds), against the labels the baseline used to get there, per repetition and "
+            "then mean ± std over the repetitions that reached it. <b>Labels saved</b> is the share of the "
+            "baseline's labels that were not needed: positive is a gain, negative a loss (more labels than the "
+            "baseline). A setting that never reached the target in a repetition is counted in the last column and "
+            "left out of the mean. <b>Final accuracy</b> compares the last round's accuracies directly.</p>")
+    for baseline in _baselines(savings):
+        rows = []
+        for r in sorted((r for r in savings if (r.get("baseline") or "margin") == baseline),
+                        key=lambda r: order.get(r.get("setting"), len(order))):
+            needed = r.get("labels_strategy_mean")
+            needed_text = ("never reached" if needed is None else
+                           fmt_int(needed) + (f" ± {fmt_int(r['labels_strategy_std'])}"
+                                              if r.get("labels_strategy_std") is not None else ""))
+            reached, reps = r.get("reached"), r.get("repetitions")
+            reached_text = f"{fmt_value(reached)} of {fmt_value(reps)}"
+            if reached is not None and reps is not None and reached < reps:
+                reached_text = Raw(f'<span class="never">{esc(reached_text)}</span>')
+            rows.append([r.get("setting") or "—", fmt_pct(r.get("target_accuracy")), fmt_int(r.get("labels_baseline")),
+                         needed_text, _savings_cell(r), _accuracy_delta_cell(r), reached_text])
+        body += f"<h3>{esc(strategy)} vs {esc(baseline)}</h3>"
+        body += table(["setting", f"target accuracy ({baseline}'s final)", f"{baseline} used (labels)",
+                       f"{strategy} needs (labels, mean ± std)", "labels saved (mean ± std)",
+                       "final accuracy vs baseline", "repetitions reaching the target"], rows, numeric=(1, 2, 3, 4, 5, 6))
     if len(settings) > 1:
         body += _savings_heatmap(page, sim, savings)
     page.section("savings", "Label savings", body)
@@ -447,7 +485,7 @@ def _clustering_key(setting: dict):
         return ("target size", float(setting["target_mean_cluster_size"]))
     if setting.get("distance_threshold") is not None:
         return ("distance threshold", float(setting["distance_threshold"]))
-    return ("clustering", setting.get("name"))
+    return ("clustering", 0.0, str(setting.get("name")))
 
 
 def _savings_heatmap(page: Page, sim, savings) -> str:
@@ -455,45 +493,40 @@ def _savings_heatmap(page: Page, sim, savings) -> str:
     if len(settings) < 2:
         return ""
     multipliers = sorted({float(s["candidate_multiplier"]) for s in settings.values()
-                          if s.get("candidate_multiplier") is not None})
-    columns = sorted({_clustering_key(s) for s in settings.values()}, key=lambda k: (k[0], str(k[1]).zfill(12)
-                                                                                     if isinstance(k[1], str) else k[1]))
-    columns = sorted(columns, key=lambda k: (k[0], k[1] if not isinstance(k[1], str) else 0))
-    kinds = {k for k, _ in columns}
+                          if s.get("candidate_multiplier") is not None}) or [None]
+    columns = sorted({_clustering_key(s) for s in settings.values()})
+    kinds = {key[0] for key in columns}
     column_title = ("target mean cluster size" if kinds == {"target size"} else
                     "distance threshold ε" if kinds == {"distance threshold"} else "clustering")
-    column_labels = [f"{v:g}" if not isinstance(v, str) and len(kinds) == 1 else
-                     (f"{k} {v:g}" if not isinstance(v, str) else str(v)) for k, v in columns]
-    if not multipliers:
-        multipliers = [None]
-    targets = sorted({r.get("target_accuracy") for r in savings if r.get("target_accuracy") is not None})[-4:]
+    column_labels = [key[2] if len(key) > 2 else (f"{key[1]:g}" if len(kinds) == 1 else f"{key[0]} {key[1]:g}")
+                     for key in columns]
     maps = []
-    for target in targets or [None]:
+    for baseline in _baselines(savings)[:3]:
         values = np.full((len(multipliers), len(columns)), np.nan)
         text = [["not run"] * len(columns) for _ in multipliers]
         for r in savings:
             s = settings.get(r.get("setting"))
-            if s is None or (target is not None and r.get("target_accuracy") != target):
+            if s is None or (r.get("baseline") or "margin") != baseline:
                 continue
-            i = multipliers.index(float(s["candidate_multiplier"])) if s.get("candidate_multiplier") is not None else 0
+            i = multipliers.index(float(s["candidate_multiplier"])) if multipliers != [None] else 0
             j = columns.index(_clustering_key(s))
             value = saving_fraction(r)
+            partial = "" if r.get("reached") == r.get("repetitions") else f"\n({r.get('reached')} of {r.get('repetitions')})"
             if value is None:
                 text[i][j] = "never"
             else:
                 values[i, j] = value
-                reached = "" if r.get("reached") == r.get("repetitions") else f"\n({r.get('reached')}/{r.get('repetitions')})"
-                text[i][j] = f"{value * 100:+.1f}%{reached}"
-        maps.append({"title": f"target accuracy {fmt_pct(target)}" if target is not None else "labels saved",
-                     "rows": [f"{m:g}× k_t" if m is not None else "—" for m in multipliers],
+                text[i][j] = f"{value * 100:+.1f}%{partial}"
+        maps.append({"title": f"vs {baseline}", "rows": [f"{m:g} × k_t" if m is not None else "—" for m in multipliers],
                      "columns": column_labels, "row_title": "candidates k_m", "column_title": column_title,
                      "values": values, "text": text})
     return "<h3>The sweep at a glance</h3>" + page.figure(
-        plots.savings_heatmaps(maps), "heatmap of label savings over the sweep",
-        "Labels cluster-margin saved relative to margin, for every combination of candidate multiplier (rows: "
-        "k_m as a multiple of the batch size k_t) and clustering (columns). Green cells needed fewer labels than "
-        "margin, red cells more (a loss); grey cells never reached the target accuracy. A fraction such as (1/2) "
-        "under a number says in how many repetitions the target was reached.")
+        plots.savings_heatmaps(maps), "heatmaps of label savings over the sweep",
+        "Labels cluster-margin saved against each baseline (one panel per baseline, margin first), for every "
+        "combination of candidate multiplier (rows: k_m as a multiple of the batch size k_t) and clustering "
+        "(columns). Green cells needed fewer labels than the baseline, red cells more (a loss); grey cells never "
+        "reached the target. \"(1 of 2)\" under a number: the target was reached in only that many repetitions, "
+        "and the number is their mean.")
 
 
 DIAGNOSTIC_COLUMNS = [
@@ -560,7 +593,7 @@ def _clustering_table(sim) -> str:
     return ("<h3>Clusterings</h3><p class=\"note\">The pool's average-linkage clusterings, averaged over the "
             "repetitions that made them. A large singleton share means many points have no near neighbour at this "
             "threshold; a large largest-cluster share means the threshold merges too much.</p>"
-            + table(["clustering", "repetitions", "distance threshold ε", "points", "clusters", "mean size",
+            + table(["clustering", "times clustered", "distance threshold ε", "points", "clusters", "mean size",
                      "points in singletons", "largest cluster (share of points)", "time"], rows,
                     numeric=range(1, 9)))
 
@@ -601,6 +634,8 @@ def _simulation_timing(page: Page, sim, order) -> None:
     per: dict = {}
     for r in sim.get("runs") or []:
         for rd in r.get("rounds") or []:
+            if rd.get("round") == 0:   # the seed model: no selection, and the same for every strategy
+                continue
             seconds = rd.get("seconds") or {}
             bucket = per.setdefault(r.get("strategy"), {s: [] for s in stages})
             for s in stages:
@@ -618,13 +653,13 @@ def _simulation_timing(page: Page, sim, order) -> None:
             share = (means["select"] or 0.0) / total
         rows.append([name] + [fmt_seconds(means[s]) for s in stages] + [fmt_seconds(total), fmt_pct(share)])
         bars.append((name, means))
-        notes.append(f"select {fmt_pct(share, 0)}" if share is not None else "")
+        notes.append(f"select {fmt_pct(share, 0 if share >= 0.1 else 1)}" if share is not None else "")
     body = page.figure(
         plots.seconds_per_round(bars, stages, "mean seconds per round", "Where each round's time goes", notes),
         "seconds per round by stage for each strategy",
-        "Mean seconds of one round per strategy, split into training the model, scoring the pool and selecting "
-        "the batch; the label at the end of each bar is the share spent selecting. Cluster-margin's clustering "
-        "is a one-off per repetition and is listed in the clusterings table, not here.")
+        "Mean time of one round per strategy (round 0, the seed model, left out), split into training the model, "
+        "scoring the pool and selecting the batch; the label at the end of each bar is the share spent selecting. "
+        "Cluster-margin's clustering is made once and is listed in the clusterings table, not here.")
     body += table(["strategy", "train (per round)", "score (per round)", "select (per round)", "round total",
                    "share selecting"], rows, numeric=range(1, 6))
     if timing.get("total_seconds") is not None:
@@ -758,8 +793,8 @@ def workdir_page(workdir: str) -> Page:
                        else f"{fmt_value(params.get('candidate_multiplier') or 10)} × k_t"),
                       ("model", params.get("model") or "none (the pool carries its scores)"),
                       ("labels", params.get("labels") or "—"), ("seed", fmt_value(params.get("seed"))),
-                      ("work directory created", state.get("created_at") or "—"),
-                      ("last updated", state.get("updated_at") or "—")])
+                      ("work directory created (UTC)", _when(state.get("created_at"))),
+                      ("last updated (UTC)", _when(state.get("updated_at")))])
     page.section("overview", "Overview", body)
 
     warnings = [f"clustering: {w}" for w in (clustering or {}).get("warnings") or []]
@@ -827,6 +862,11 @@ def _workdir_clustering(page: Page, state, clustering) -> None:
     page.section("clustering", "Pool and clustering", body)
 
 
+def _when(stamp) -> str:
+    """2026-01-31T12:00:00Z as 2026-01-31 12:00 (UTC, as state.json records it)."""
+    return str(stamp).replace("T", " ")[:16] if stamp else "—"
+
+
 def _workdir_history(page: Page, rounds, numbers, manifests) -> None:
     if not numbers:
         page.section("rounds", "Rounds", "<p>No round has started yet.</p>")
@@ -842,7 +882,7 @@ def _workdir_history(page: Page, rounds, numbers, manifests) -> None:
         exclude, select = stages.get("exclude") or {}, stages.get("select") or {}
         seconds = {s: (stages.get(s) or {}).get("elapsed_s") for s in STAGES}
         total = sum(v for v in seconds.values() if v is not None)
-        rows.append([str(n), status, info.get("started_at") or "—", info.get("completed_at") or "—",
+        rows.append([str(n), status, _when(info.get("completed_at") or info.get("started_at")),
                      fmt_int(select.get("pool_count")), fmt_int(exclude.get("labeled")),
                      fmt_int(exclude.get("excluded")), fmt_int(select.get("unlabeled")), fmt_int(select.get("k_m")),
                      fmt_int(info.get("selected"))] + [fmt_seconds(seconds[s]) for s in STAGES]
@@ -850,9 +890,9 @@ def _workdir_history(page: Page, rounds, numbers, manifests) -> None:
         bars.append((f"round {n}", seconds))
     body = ("<p>Every round in state.json: when it ran, the pool and what was excluded from it (labels already "
             "back, ids sent out earlier), the candidates k_m and the picks, and the seconds of each stage.</p>")
-    body += table(["round", "status", "started", "completed", "pool", "labels back", "excluded", "unlabeled",
-                   "candidates k_m", "selected"] + [f"{s} time" for s in STAGES] + ["total"], rows,
-                  numeric=[0] + list(range(4, 15)))
+    body += table(["round", "status", "completed (UTC; else started)", "pool", "labels back", "excluded",
+                   "unlabeled", "candidates k_m", "selected"] + [f"{s} time" for s in STAGES] + ["total"], rows,
+                  numeric=[0] + list(range(3, 14)))
     body += page.figure(
         plots.seconds_per_round(bars, list(STAGES), "seconds", "Time per stage in each round"),
         "seconds of each stage per round",

@@ -89,7 +89,8 @@ def learning_curves(panels: list[tuple[str, list[dict]]]) -> str:
             ax.set_title(title)
             ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
             ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0 if _span(values) > 0.05 else 1))
+            ax.yaxis.set_major_locator(MaxNLocator(7, steps=[1, 2, 5, 10]))
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0 if _span(values) > 0.035 else 1))
             if index % ncols == 0:
                 ax.set_ylabel("test accuracy")
             if index // ncols == nrows - 1 or index + ncols >= n:
@@ -130,15 +131,18 @@ def savings_heatmaps(maps: list[dict]) -> str:
         bound = bound or 1.0
         norm = TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
         image = None
-        for ax, m in zip(axes, maps):
+        for index, (ax, m) in enumerate(zip(axes, maps)):
             values = np.asarray(m["values"], float)
             masked = np.ma.masked_invalid(values)
             ax.set_facecolor("#e6e6e6")
             image = ax.imshow(masked, cmap="RdYlGn", norm=norm, aspect="auto")
             ax.set_xticks(range(len(m["columns"])), m["columns"])
-            ax.set_yticks(range(len(m["rows"])), m["rows"])
+            ax.set_yticks(range(len(m["rows"])), m["rows"] if index == 0 else [])
             ax.set_xlabel(m["column_title"])
-            ax.set_ylabel(m["row_title"])
+            if index == 0:
+                ax.set_ylabel(m["row_title"])
+            else:
+                ax.tick_params(left=False)
             ax.set_title(m["title"])
             for spine in ax.spines.values():
                 spine.set_visible(False)
@@ -150,8 +154,9 @@ def savings_heatmaps(maps: list[dict]) -> str:
                             color="white" if dark else "#222222")
         if image is not None:
             bar = fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.03)
-            bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-            bar.set_label("labels saved vs margin")
+            bar.ax.yaxis.set_major_locator(MaxNLocator(7, steps=[1, 2, 5, 10]))
+            bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+            bar.set_label("labels saved (share of the baseline's)")
         return to_data_uri(fig)
 
 
@@ -190,8 +195,12 @@ def seconds_per_round(rows: list[tuple[str, dict]], stages: list[str], xlabel: s
         ax = fig.add_subplot()
         y = np.arange(len(rows))[::-1]
         left = np.zeros(len(rows))
+        longest = max((sum(float(parts.get(s) or 0.0) for s in stages) for _, parts in rows), default=0.0)
+        scale = 1000.0 if longest < 1.0 else 1.0   # milliseconds, so short runs do not read 0.000
+        if scale != 1.0:
+            xlabel = xlabel.replace("seconds", "milliseconds")
         for stage in stages:
-            values = np.array([float(parts.get(stage) or 0.0) for _, parts in rows])
+            values = np.array([float(parts.get(stage) or 0.0) * scale for _, parts in rows])
             ax.barh(y, values, left=left, color=STAGE_COLORS.get(stage, "#aaaaaa"), edgecolor="white",
                     linewidth=0.5, label=stage, height=0.65)
             left += values

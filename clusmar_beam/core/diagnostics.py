@@ -13,7 +13,7 @@ import numpy as np
 
 from clusmar_beam.core.batch import Batch
 from clusmar_beam.core.hac.sizes import size_histogram, size_counts
-from clusmar_beam.core.selection import NO_CLUSTER, round_robin_pass
+from clusmar_beam.core.selection import NO_CLUSTER
 
 MARGIN_BIN_EDGES = np.linspace(0.0, 1.0, 41)
 WARN_CANDIDATE_SHARE = 0.25
@@ -35,12 +35,13 @@ def margin_quantiles(margins: np.ndarray) -> dict | None:
     return {**{name: float(v) for (name, _), v in zip(QUANTILES, values)}, "mean": float(margins.mean())}
 
 
-def passes_completed(pass_index: np.ndarray, selected: int) -> int:
-    """Whole round-robin passes inside the first `selected` rows of the order."""
-    if pass_index.size == 0:
+def passes_completed(group_sizes: np.ndarray, selected: int) -> int:
+    """Whole round-robin passes in the first `selected` picks, given each candidate group's size:
+    pass p takes one row from every group with more than p rows."""
+    if group_sizes.size == 0:
         return 0
-    per_pass = np.bincount(pass_index)
-    return int(np.searchsorted(np.cumsum(per_pass), selected, side="right"))
+    groups_with_more_than = np.cumsum(np.bincount(group_sizes)[::-1])[::-1][1:]   # index p: groups of size > p
+    return int(np.searchsorted(np.cumsum(groups_with_more_than), selected, side="right"))
 
 
 def selection_diagnostics(candidates: Batch | None, chosen: Batch | None, strategy: str, k_t: int,
@@ -84,8 +85,7 @@ def selection_diagnostics(candidates: Batch | None, chosen: Batch | None, strate
             count_of_pick = cand_counts[np.searchsorted(cand_clusters, chosen.columns["cluster_id"])]
             out["picks_from_single_candidate_clusters"] = float(np.mean(count_of_pick == 1))
     if clustered and strategy == "cluster-margin":
-        c = candidates.columns
-        completed = passes_completed(round_robin_pass(c["cluster_id"], c["pick"], candidates.ids), n_chosen)
+        completed = passes_completed(cand_counts, n_chosen)
         out["round_robin_passes_completed"] = completed
         out["ended_inside_first_pass"] = bool(n_chosen and completed == 0)
     if pick_cluster_sizes is not None and n_chosen:

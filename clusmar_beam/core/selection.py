@@ -43,24 +43,10 @@ def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarra
     groups go by (size among candidates, cluster id); inside a group the picks go
     by (seeded hash, id). Exhausted groups simply have no row in later passes.
     """
-    if len(cluster_ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    pass_index, group_size, id_order = _passes(cluster_ids, picks, ids)
-    return np.lexsort((id_order, picks, cluster_ids, group_size, pass_index))
-
-
-def round_robin_pass(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """The round-robin pass (0-based) in which each candidate is taken."""
-    if len(cluster_ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return _passes(cluster_ids, picks, ids)[0]
-
-
-def _passes(cluster_ids, picks, ids):
-    """Per row: its pass (rank inside its group), its group's size among candidates, and its id's rank."""
     n = len(cluster_ids)
-    id_order = _rank(ids)
-    within = np.lexsort((id_order, picks, cluster_ids))        # by cluster, then pick order
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    within = np.lexsort((_rank(ids), picks, cluster_ids))        # by cluster, then pick order
     sorted_clusters = cluster_ids[within]
     starts = np.flatnonzero(np.r_[True, sorted_clusters[1:] != sorted_clusters[:-1]])
     sizes = np.diff(np.r_[starts, n])
@@ -68,7 +54,8 @@ def _passes(cluster_ids, picks, ids):
     pass_index[within] = np.arange(n) - np.repeat(starts, sizes)
     group_size = np.empty(n, dtype=np.int64)
     group_size[within] = np.repeat(sizes, sizes)
-    return pass_index, group_size, id_order
+    # A cluster has one row per pass, so (pass, group size, cluster) already orders every row.
+    return np.lexsort((cluster_ids, group_size, pass_index))
 
 
 def _rank(ids: np.ndarray) -> np.ndarray:
