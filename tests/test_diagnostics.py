@@ -79,3 +79,18 @@ def test_margin_strategy_reports_no_passes_and_labeled_rows_leave_the_pool_histo
     assert d["round_robin_passes_completed"] is None and d["k_m_share_of_unlabeled"] is None
     assert sum(d["margin_histograms"]["pool"]) == len(ids) - 500
     assert summary["warnings"] == []
+
+
+def test_clustering_json_reports_singleton_and_largest_shares(tmp_path, rng):
+    from clusmar_beam.app import cli
+    import pyarrow.parquet as pq
+    x = np.concatenate([rng.normal(size=(300, 8)) * 0.05 + rng.normal(size=(1, 8)), rng.normal(size=(200, 8))])
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(500), "embedding": x})
+    assert cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*.parquet"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.05"]) == 0
+    info = json.load(open(tmp_path / "c" / "clustering.json"))
+    labels = pq.read_table(str(tmp_path / "c" / "clusters-00000-of-00001.parquet")).column("cluster_id").to_numpy()
+    sizes = np.bincount(labels)
+    assert info["singleton_share_of_points"] == pytest.approx(np.count_nonzero(sizes == 1) / 500)
+    assert info["singleton_share_of_clusters"] == pytest.approx(np.count_nonzero(sizes == 1) / len(sizes))
+    assert info["largest_cluster_share"] == pytest.approx(sizes.max() / 500)

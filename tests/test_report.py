@@ -184,7 +184,7 @@ def test_workdir_report(workdir, tmp_path):
     # cluster sizes, stage times, the latest round's picks by cluster size and margins, class balance
     assert summary["plots"] == 5
     page = _assert_self_contained(html_path, 5, [
-        "Overview", "Pool and clustering", "Clusters by size", "Rounds", "Latest selection: round 2",
+        "Overview", "Pool and clustering", "Cluster sizes", "Rounds", "Latest selection: round 2",
         "Every round&#x27;s selection", "Class balance of the picks", "candidate clusters per k_t",
         "picks from singleton clusters", "2,500"])
     manifest = json.load(open(workdir / "rounds" / "round-0002" / "manifest" / "manifest.json"))

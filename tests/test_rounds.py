@@ -96,6 +96,11 @@ def test_three_rounds_with_labeling(tmp_path, pool, capsys, caplog):
     assert r3["stages"]["exclude"]["labeled"] == len(labeled) + 2
     assert r3["stages"]["exclude"]["sent_earlier"] == 2 * K_T
     assert all("elapsed_s" in s for s in r3["stages"].values())
+    manifest_json = json.load(open(os.path.join(wd, "rounds", "round-0003", "manifest", "manifest.json")))
+    assert r3["stages"]["select"]["diagnostics"]["candidate_clusters"] == \
+        manifest_json["diagnostics"]["candidate_clusters"] == len({cluster_of[i] for i in expected_candidates(
+            pool, margins, manifests[1] + manifests[2])})
+    assert r3["stages"]["select"]["warnings"] == manifest_json["warnings"]
     assert not os.path.exists(os.path.join(wd, "lock.json"))
 
     # idempotent: a completed round does nothing and says where its manifest is
@@ -126,6 +131,14 @@ def test_three_rounds_with_labeling(tmp_path, pool, capsys, caplog):
     assert table[0].split()[:6] == ["round", "status", "model", "pool", "labeled", "selected"]
     assert [line.split()[0] for line in table[1:]] == ["1", "2", "3"]
     assert table[3].split()[1] == "completed" and table[3].split()[5] == str(K_T)
+
+
+def expected_candidates(pool, margins, excluded):
+    """The k_m = 4 k_t lowest margins of the unlabeled pool (ties by the seeded hash, as the contract says)."""
+    from clusmar_beam.core.hashing import tiebreak_hash
+    unlabeled = [i for i in pool["ids"].tolist() if i not in set(excluded)]
+    tie = dict(zip(unlabeled, tiebreak_hash(np.array(unlabeled), 3).tolist()))
+    return sorted(unlabeled, key=lambda i: (margins[i], tie[i], i))[:4 * K_T]
 
 
 class Boom(RuntimeError):

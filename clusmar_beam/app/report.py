@@ -187,6 +187,7 @@ table.kv th { background: none; border-bottom: 1px solid var(--line); font-weigh
 .warnings h2 { color: #8a5a00; }
 .warnings li { margin: 4px 0; }
 .ok { background: #eef8f0; border: 1px solid #b9e0c1; border-left: 6px solid #3c9a57; }
+.key { background: #eef4fc; border-left: 4px solid var(--accent); padding: 8px 12px; border-radius: 0 4px 4px 0; }
 .gain { color: #1c7a36; font-weight: 600; }
 .loss { color: #b3261e; font-weight: 600; }
 .never { color: #8a5a00; }
@@ -457,6 +458,7 @@ def _simulation_savings(page: Page, sim, settings) -> None:
             "baseline's labels that were not needed: positive is a gain, negative a loss (more labels than the "
             "baseline). A setting that never reached the target in a repetition is counted in the last column and "
             "left out of the mean. <b>Final accuracy</b> compares the last round's accuracies directly.</p>")
+    body += _key_result(savings, len(settings))
     for baseline in _baselines(savings):
         rows = []
         for r in sorted((r for r in savings if (r.get("baseline") or "margin") == baseline),
@@ -478,6 +480,31 @@ def _simulation_savings(page: Page, sim, settings) -> None:
     if len(settings) > 1:
         body += _savings_heatmap(page, sim, savings)
     page.section("savings", "Label savings", body)
+
+
+def _key_result(savings, settings: int) -> str:
+    """One sentence on the main comparison (against the first baseline, margin when it ran)."""
+    baseline = _baselines(savings)[0]
+    rows = [r for r in savings if (r.get("baseline") or "margin") == baseline]
+    reached = [r for r in rows if saving_fraction(r) is not None]
+    strategy = esc(rows[0].get("strategy") or "cluster-margin")
+    parts = []
+    if reached:
+        # a mean over the repetitions that reached the target flatters a setting that often did not:
+        # prefer the settings that reached it most often
+        best = max(reached, key=lambda r: ((r.get("reached") or 0) / max(r.get("repetitions") or 1, 1),
+                                           saving_fraction(r)))
+        value = saving_fraction(best)
+        where = f" with <b>{esc(best.get('setting'))}</b>" if settings > 1 else ""
+        verb = ("saved" if value > 0 else "needed as many labels as" if value == 0 else "lost")
+        amount = f"{abs(value) * 100:.1f}% of {esc(baseline)}'s labels" if value else esc(baseline)
+        parts.append(f"{'At best, ' if settings > 1 else ''}{strategy}{where} {verb} {amount} to reach {esc(baseline)}'s "
+                     f"final accuracy ({esc(fmt_pct(best.get('target_accuracy')))}), in {esc(fmt_value(best.get('reached')))} of "
+                     f"{esc(fmt_value(best.get('repetitions')))} repetitions.")
+    never = [r for r in rows if saving_fraction(r) is None]
+    if never:
+        parts.append(f"{len(never)} of {len(rows)} setting{'s' if len(rows) > 1 else ''} never reached it.")
+    return f'<p class="key">{" ".join(parts)}</p>' if parts else ""
 
 
 def _clustering_key(setting: dict):
@@ -621,9 +648,9 @@ def _simulation_class_balance(page: Page, sim, settings, order) -> None:
     body = page.figure(
         plots.class_balance_rows(rows, names, "Classes of the picks, all rounds and repetitions"),
         "share of each class among each strategy's picks",
-        "Each bar splits one strategy's picks (summed over rounds and repetitions) by their true class. Uncertainty "
-        "sampling alone (margin) tends to pile onto a few confusable classes; a diverse strategy spreads its "
-        "picks. Random shows the pool's own class mix.")
+        "Each bar splits one strategy's picks (summed over rounds and repetitions) by their true class. Random "
+        "shows the pool's own class mix; a strategy whose bar is dominated by a few wide segments spends its labels "
+        "on a few (often confusable) classes, while an even bar means diverse picks.")
     page.section("classes", "Class balance of the picks", body)
 
 
@@ -636,7 +663,9 @@ def _simulation_timing(page: Page, sim, order) -> None:
         for rd in r.get("rounds") or []:
             if rd.get("round") == 0:   # the seed model: no selection, and the same for every strategy
                 continue
-            seconds = rd.get("seconds") or {}
+            seconds = rd.get("seconds")
+            if not seconds:
+                continue
             bucket = per.setdefault(r.get("strategy"), {s: [] for s in stages})
             for s in stages:
                 if seconds.get(s) is not None:
@@ -654,7 +683,7 @@ def _simulation_timing(page: Page, sim, order) -> None:
         rows.append([name] + [fmt_seconds(means[s]) for s in stages] + [fmt_seconds(total), fmt_pct(share)])
         bars.append((name, means))
         notes.append(f"select {fmt_pct(share, 0 if share >= 0.1 else 1)}" if share is not None else "")
-    body = page.figure(
+    body = "" if not per else page.figure(
         plots.seconds_per_round(bars, stages, "mean seconds per round", "Where each round's time goes", notes),
         "seconds per round by stage for each strategy",
         "Mean time of one round per strategy (round 0, the seed model, left out), split into training the model, "
@@ -853,7 +882,7 @@ def _workdir_clustering(page: Page, state, clustering) -> None:
     body = kv_table(pairs)
     histogram = clustering.get("cluster_size_histogram") or {}
     if histogram:
-        body += page.figure(
+        body += "<h3>Cluster sizes</h3>" + page.figure(
             plots.size_bars(histogram, "clusters", "Clusters by size", log=True),
             "number of clusters in each size range",
             "How many clusters have 1, 2–3, 4–7, … points (sizes double from bar to bar; the y axis is logarithmic "
@@ -980,8 +1009,8 @@ def _workdir_latest(page: Page, workdir, n, manifest, records, clustering) -> No
         body += page.figure(
             plots.margin_distributions(edges, groups, f"Round {n}: margins of the pool, the candidates and the picks"),
             "margin distributions",
-            "Each group's margins as a share of its own rows (the legend gives the counts), so the pool and the "
-            "batch share one scale. The candidates are the k_m lowest margins of the unlabeled pool; the picks are "
+            "Each group's margins as a share of its own rows (the legend gives the counts), so the unlabeled pool "
+            "and the batch share one scale. The candidates are the k_m lowest margins of the unlabeled pool; the picks are "
             "the batch. Picks further right than the candidates' lowest margins are the price of diversity.")
     elif records is not None and "margin" in records and len(records["margin"]):
         edges = np.linspace(0, 1, 41)

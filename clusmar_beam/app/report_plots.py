@@ -220,6 +220,7 @@ def seconds_per_round(rows: list[tuple[str, dict]], stages: list[str], xlabel: s
 
 def size_bars(histogram: dict, ylabel: str, title: str, color: str = "#1f77b4", log: bool = False) -> str:
     """Bars over the size bins "1", "2-3", "4-7", ... in size order, each annotated with its count."""
+    histogram = _fill_size_bins(histogram)
     keys = sorted(histogram, key=_bin_low)
     values = [int(histogram[k]) for k in keys]
     with rc_context(STYLE):
@@ -239,6 +240,25 @@ def size_bars(histogram: dict, ylabel: str, title: str, color: str = "#1f77b4", 
             ax.set_ylim(0, max(values + [1]) * 1.15)
             ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
         return to_data_uri(fig)
+
+
+def _size_bin(power: int) -> str:
+    low, high = 2 ** power, 2 ** (power + 1) - 1
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _fill_size_bins(histogram: dict) -> dict:
+    """Empty doubling bins between the smallest and the largest shown as zero, so the x axis stays even."""
+    powers = {}
+    for key in histogram:
+        low = _bin_low(key)
+        power = low.bit_length() - 1 if 0 < low < 1 << 62 else None
+        if power is None or _size_bin(power) != str(key):
+            return dict(histogram)   # not the 1, 2-3, 4-7, ... bins: leave as given
+        powers[power] = histogram[key]
+    if not powers:
+        return {}
+    return {_size_bin(p): powers.get(p, 0) for p in range(min(powers), max(powers) + 1)}
 
 
 def _bin_low(key: str) -> int:
@@ -262,8 +282,9 @@ def margin_distributions(edges, histograms: dict[str, list], title: str) -> str:
             if not total:
                 continue
             share = counts / total
+            shown = "unlabeled pool" if name == "pool" else name
             ax.stairs(share, edges, color=colors.get(name, "#1f77b4"), linewidth=1.8,
-                      label=f"{name} ({int(total):,})", fill=name == "pool", alpha=0.35 if name == "pool" else 1.0)
+                      label=f"{shown} ({int(total):,})", fill=name == "pool", alpha=0.35 if name == "pool" else 1.0)
         ax.set_xlim(edges[0], edges[-1])
         ax.set_xlabel("margin (top-1 minus top-2 probability; lower = more uncertain)")
         ax.set_ylabel("share of the group's rows")

@@ -246,6 +246,8 @@ class Round:
                         s.get("elapsed_s", 0) for s in info["stages"].values()), 1))
         self._save()
         print(f"clusmar round: round {n} complete: {sel['selected']} selected -> {info['manifest']}")
+        for warning in sel.get("warnings", []):
+            print(f"clusmar round: round {n} warning: {warning}")
         return info
 
     def _stage(self, n: int, info: dict, name: str, work) -> None:

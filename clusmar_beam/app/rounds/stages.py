@@ -192,9 +192,17 @@ def select(cfg: dict, beam: list[str], n: int, excluded: str | None, overwrite: 
     not_in_pool = summary.get("labeled_not_in_pool") or 0
     if not_in_pool:
         LOG.warning("[round %d] %d labeled/sent ids are not in the pool; ignored", n, not_in_pool)
+    diagnostics = summary.get("diagnostics") or {}
     return {"pool_count": summary["pool_count"], "excluded_in_pool": summary.get("labeled_in_pool"),
             "not_in_pool": not_in_pool, "unlabeled": summary["unlabeled_count"], "k_m": summary.get("k_m"),
-            "selected": summary["selected"], "files": summary["files"], "path": out}
+            "selected": summary["selected"], "files": summary["files"], "path": out,
+            "diagnostics": {key: diagnostics.get(key) for key in ROUND_DIAGNOSTICS},
+            "warnings": summary.get("warnings", [])}
+
+
+# What state.json keeps of a selection's diagnostics (manifest.json has them all).
+ROUND_DIAGNOSTICS = ("k_m_share_of_unlabeled", "candidate_clusters", "candidate_clusters_per_k_t",
+                     "round_robin_passes_completed", "ended_inside_first_pass", "picks_from_singleton_clusters")
 
 
 # ---------------------------------------------------------------- ids

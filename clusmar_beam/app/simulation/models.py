@@ -62,10 +62,16 @@ class Mlp:
         return self
 
     def predict_proba(self, x) -> np.ndarray:
-        return self.model.predict(x, batch_size=8192, verbose=0).astype(np.float32)
+        return _in_chunks(self.model, x)
 
     def embed(self, x) -> np.ndarray:
-        return self._embedder.predict(x, batch_size=8192, verbose=0).astype(np.float32)
+        return _in_chunks(self._embedder, x)
+
+
+def _in_chunks(model, x, rows: int = 8192) -> np.ndarray:
+    """Direct calls: Keras' predict() traces a new function for every freshly trained model."""
+    return np.concatenate([np.asarray(model(x[i:i + rows], training=False)) for i in range(0, len(x), rows)]
+                          ).astype(np.float32)
 
 
 def make_model(kind: str, num_classes: int, seed: int, epochs: int):
