@@ -818,7 +818,9 @@ def workdir_page(workdir: str) -> Page:
     body += kv_table([("pool", last_info.get("pool") or params.get("pool") or "—"),
                       ("strategy", params.get("strategy") or (manifests.get(latest) or {}).get("strategy") or "—"),
                       ("batch size k_t", fmt_value(params.get("batch_size"))),
-                      ("candidates k_m", fmt_value(params.get("candidates")) if params.get("candidates") is not None
+                      ("candidates k_m", "— (only cluster-margin uses candidates)"
+                       if params.get("strategy") not in (None, "cluster-margin") else
+                       fmt_value(params.get("candidates")) if params.get("candidates") is not None
                        else f"{fmt_value(params.get('candidate_multiplier') or 10)} × k_t"),
                       ("model", params.get("model") or "none (the pool carries its scores)"),
                       ("labels", params.get("labels") or "—"), ("seed", fmt_value(params.get("seed"))),
@@ -842,7 +844,7 @@ def workdir_page(workdir: str) -> Page:
             warnings.append(f"round {n}: {not_in_pool:,} labeled or sent ids are not in the pool (ignored)")
     warnings_section(page, warnings)
 
-    _workdir_clustering(page, state, clustering)
+    _workdir_clustering(page, state, clustering, params.get("strategy"))
     _workdir_history(page, rounds, numbers, manifests)
     labels = read_labels(params.get("labels") or FileSystems.join(workdir, "labels", "*"))
     records = {}
@@ -854,10 +856,11 @@ def workdir_page(workdir: str) -> Page:
     return page
 
 
-def _workdir_clustering(page: Page, state, clustering) -> None:
+def _workdir_clustering(page: Page, state, clustering, strategy) -> None:
     if not clustering:
-        page.section("clustering", "Pool and clustering",
-                     "<p>No clustering yet (the strategy needs none, or the first round has not clustered).</p>")
+        why = (f"the strategy, {strategy}, needs none" if strategy not in (None, "cluster-margin") else
+               "the first round has not clustered the pool yet")
+        page.section("clustering", "Pool and clustering", f"<p>No clustering: {esc(why)}.</p>")
         return
     params = clustering.get("parameters") or {}
     points, clusters = clustering.get("num_points"), clustering.get("num_clusters")
@@ -983,11 +986,15 @@ def _workdir_latest(page: Page, workdir, n, manifest, records, clustering) -> No
                   ("ended inside the first pass", fmt_num(diag.get("ended_inside_first_pass"))),
                   ("picks from singleton clusters", fmt_pct(diag.get("picks_from_singleton_clusters"))),
                   ("picks alone among the candidates", fmt_pct(diag.get("picks_from_single_candidate_clusters")))]
-    body = (f"<p>What the selection of round {n} did. A k_m that is a large share of the unlabeled pool brings in "
-            "candidates that are not uncertain; more candidate clusters than k_t means the batch ends inside the "
-            "first round-robin pass, sampling only the smallest clusters.</p>")
+    body = f"<p>What the selection of round {n} did."
+    if manifest.get("strategy") in (None, "cluster-margin"):
+        body += (" A k_m that is a large share of the unlabeled pool brings in candidates that are not uncertain; "
+                 "more candidate clusters than k_t means the batch ends inside the first round-robin pass, sampling "
+                 "only the smallest clusters.")
+    body += "</p>"
     body += ('<div class="tables"><div><h3>Selection</h3>' + kv_table(pairs) + "</div>")
-    if diag:
+    diag_pairs = [(k, v) for k, v in diag_pairs if v != "—"]
+    if diag_pairs:
         body += "<div><h3>Diagnostics</h3>" + kv_table(diag_pairs) + "</div>"
     body += "</div>"
     quantiles = _quantile_rows(diag)
