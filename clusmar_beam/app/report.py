@@ -34,6 +34,9 @@ MAX_BYTES = 5 * 1024 * 1024
 # Picks-by-cluster-size is recomputed from the clusters files only for manifests written before
 # select recorded it, and only while the cluster ids fit comfortably in memory.
 MAX_POINTS_FOR_SIZE_FALLBACK = 20_000_000
+# Per-round plots show the latest rounds only, so a long-running work directory still gives readable bars;
+# the tables list every round.
+MAX_ROUNDS_PLOTTED = 24
 
 
 class ReportOptions(SubcommandOptions):
@@ -235,7 +238,8 @@ def table(headers, rows, numeric=(), css_class: str = "") -> str:
                    for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if i in numeric else f"<td>{esc(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f'<div class="wide"><table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return (f'<div class="wide"><table class="{css_class}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def kv_table(pairs) -> str:
@@ -245,7 +249,8 @@ def kv_table(pairs) -> str:
 
 def cards(pairs) -> str:
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(k)}</div></div>' for k, v in pairs) + "</div>"
+        f'<div class="card"><div class="v">{esc(v)}</div><div class="k">{esc(k)}</div></div>'
+        for k, v in pairs) + "</div>"
 
 
 def warnings_section(page: Page, warnings: list[str]) -> None:
@@ -328,8 +333,8 @@ def simulation_page(source: str) -> Page:
     # header
     repetitions = params.get("repetitions") or len({r.get("repetition") for r in runs}) or None
     total = (sim.get("timing") or {}).get("total_seconds")
-    body = cards([("pool examples", fmt_int(data.get("pool_count"))), ("test examples", fmt_int(data.get("test_count"))),
-                  ("classes", fmt_value(data.get("num_classes")))]
+    body = cards([("pool examples", fmt_int(data.get("pool_count"))),
+                  ("test examples", fmt_int(data.get("test_count"))), ("classes", fmt_value(data.get("num_classes")))]
                  + ([("cluster-margin settings", len(settings))] if settings else [])
                  + [("repetitions", fmt_value(repetitions)), ("rounds", fmt_value(params.get("rounds"))),
                     ("run time", fmt_seconds(total))])
@@ -471,12 +476,14 @@ def _simulation_savings(page: Page, sim, settings) -> None:
             reached_text = f"{fmt_value(reached)} of {fmt_value(reps)}"
             if reached is not None and reps is not None and reached < reps:
                 reached_text = Raw(f'<span class="never">{esc(reached_text)}</span>')
-            rows.append([r.get("setting") or "—", fmt_pct(r.get("target_accuracy")), fmt_int(r.get("labels_baseline")),
-                         needed_text, _savings_cell(r), _accuracy_delta_cell(r), reached_text])
+            rows.append([r.get("setting") or "—", fmt_pct(r.get("target_accuracy")),
+                         fmt_int(r.get("labels_baseline")), needed_text, _savings_cell(r),
+                         _accuracy_delta_cell(r), reached_text])
         body += f"<h3>{esc(strategy)} vs {esc(baseline)}</h3>"
         body += table(["setting", f"target accuracy ({baseline}'s final)", f"{baseline} used (labels)",
                        f"{strategy} needs (labels, mean ± std)", "labels saved (mean ± std)",
-                       "final accuracy vs baseline", "repetitions reaching the target"], rows, numeric=(1, 2, 3, 4, 5, 6))
+                       "final accuracy vs baseline", "repetitions reaching the target"], rows,
+                      numeric=(1, 2, 3, 4, 5, 6))
     if len(settings) > 1:
         body += _savings_heatmap(page, sim, savings)
     page.section("savings", "Label savings", body)
@@ -498,9 +505,9 @@ def _key_result(savings, settings: int) -> str:
         where = f" with <b>{esc(best.get('setting'))}</b>" if settings > 1 else ""
         verb = ("saved" if value > 0 else "needed as many labels as" if value == 0 else "lost")
         amount = f"{abs(value) * 100:.1f}% of {esc(baseline)}'s labels" if value else esc(baseline)
-        parts.append(f"{'At best, ' if settings > 1 else ''}{strategy}{where} {verb} {amount} to reach {esc(baseline)}'s "
-                     f"final accuracy ({esc(fmt_pct(best.get('target_accuracy')))}), in {esc(fmt_value(best.get('reached')))} of "
-                     f"{esc(fmt_value(best.get('repetitions')))} repetitions.")
+        parts.append(f"{'At best, ' if settings > 1 else ''}{strategy}{where} {verb} {amount} to reach "
+                     f"{esc(baseline)}'s final accuracy ({esc(fmt_pct(best.get('target_accuracy')))}), in "
+                     f"{esc(fmt_value(best.get('reached')))} of {esc(fmt_value(best.get('repetitions')))} repetitions.")
     never = [r for r in rows if saving_fraction(r) is None]
     if never:
         parts.append(f"{len(never)} of {len(rows)} setting{'s' if len(rows) > 1 else ''} never reached it.")
@@ -538,13 +545,15 @@ def _savings_heatmap(page: Page, sim, savings) -> str:
             i = multipliers.index(float(s["candidate_multiplier"])) if multipliers != [None] else 0
             j = columns.index(_clustering_key(s))
             value = saving_fraction(r)
-            partial = "" if r.get("reached") == r.get("repetitions") else f"\n({r.get('reached')} of {r.get('repetitions')})"
+            partial = ("" if r.get("reached") == r.get("repetitions") else
+                       f"\n({r.get('reached')} of {r.get('repetitions')})")
             if value is None:
                 text[i][j] = "never"
             else:
                 values[i, j] = value
                 text[i][j] = f"{value * 100:+.1f}%{partial}"
-        maps.append({"title": f"vs {baseline}", "rows": [f"{m:g} × k_t" if m is not None else "—" for m in multipliers],
+        maps.append({"title": f"vs {baseline}",
+                     "rows": [f"{m:g} × k_t" if m is not None else "—" for m in multipliers],
                      "columns": column_labels, "row_title": "candidates k_m", "column_title": column_title,
                      "values": values, "text": text})
     return "<h3>The sweep at a glance</h3>" + page.figure(
@@ -766,7 +775,8 @@ def read_labels(pattern: str) -> tuple[np.ndarray, np.ndarray] | None:
                     "label": tf.io.FixedLenFeature([], tf.int64)}
             for batch in tf.data.TFRecordDataset(path).batch(65536):
                 parsed = tf.io.parse_example(batch, spec)
-                ids.append(parsed["id"].numpy() if schema["id"].kind == "int64" else parsed["id"].numpy().astype(object))
+                values = parsed["id"].numpy()
+                ids.append(values if schema["id"].kind == "int64" else values.astype(object))
                 labels.append(parsed["label"].numpy())
     if not ids:
         return None
@@ -831,7 +841,9 @@ def workdir_page(workdir: str) -> Page:
     warnings = [f"clustering: {w}" for w in (clustering or {}).get("warnings") or []]
     for n in numbers:
         info = rounds[n]
-        for w in (manifests.get(n) or {}).get("warnings") or []:
+        # manifest.json's warnings; state.json keeps a copy for a manifest that has gone
+        recorded = (info.get("stages") or {}).get("select") or {}
+        for w in (manifests.get(n) or recorded).get("warnings") or []:
             warnings.append(f"round {n}: {w}")
         for stage, s in (info.get("stages") or {}).items():
             if s.get("status") == "failed":
@@ -888,9 +900,9 @@ def _workdir_clustering(page: Page, state, clustering, strategy) -> None:
         body += "<h3>Cluster sizes</h3>" + page.figure(
             plots.size_bars(histogram, "clusters", "Clusters by size", log=True),
             "number of clusters in each size range",
-            "How many clusters have 1, 2–3, 4–7, … points (sizes double from bar to bar; the y axis is logarithmic "
-            "when the counts span a wide range). Cluster-margin takes one pick per cluster per round-robin pass, "
-            "so many singletons mean many picks that stand alone.")
+            "How many clusters have 1, 2–3, 4–7, … points (sizes double from bar to bar; the y axis is "
+            "logarithmic when the counts span a wide range). Cluster-margin takes one pick per cluster per "
+            "round-robin pass, so many singletons mean many picks that stand alone.")
     page.section("clustering", "Pool and clustering", body)
 
 
@@ -925,8 +937,10 @@ def _workdir_history(page: Page, rounds, numbers, manifests) -> None:
     body += table(["round", "status", "completed (UTC; else started)", "pool", "labels back", "excluded",
                    "unlabeled", "candidates k_m", "selected"] + [f"{s} time" for s in STAGES] + ["total"], rows,
                   numeric=[0] + list(range(3, 14)))
+    latest = f" (the latest {MAX_ROUNDS_PLOTTED} rounds)" if len(bars) > MAX_ROUNDS_PLOTTED else ""
     body += page.figure(
-        plots.seconds_per_round(bars, list(STAGES), "seconds", "Time per stage in each round"),
+        plots.seconds_per_round(bars[-MAX_ROUNDS_PLOTTED:], list(STAGES), "seconds",
+                                f"Time per stage in each round{latest}"),
         "seconds of each stage per round",
         "Seconds each stage of a round took. Clustering normally runs in the first round only and is reused; a "
         "stage that did nothing (scoring without a model, a reused clustering) takes almost no time.")
@@ -1017,8 +1031,8 @@ def _workdir_latest(page: Page, workdir, n, manifest, records, clustering) -> No
             plots.margin_distributions(edges, groups, f"Round {n}: margins of the pool, the candidates and the picks"),
             "margin distributions",
             "Each group's margins as a share of its own rows (the legend gives the counts), so the unlabeled pool "
-            "and the batch share one scale. The candidates are the k_m lowest margins of the unlabeled pool; the picks are "
-            "the batch. Picks further right than the candidates' lowest margins are the price of diversity.")
+            "and the batch share one scale. The candidates are the k_m lowest margins of the unlabeled pool; the "
+            "picks are the batch. Picks further right than the candidates' lowest margins are the price of diversity.")
     elif records is not None and "margin" in records and len(records["margin"]):
         edges = np.linspace(0, 1, 41)
         counts = np.histogram(np.clip(records["margin"], 0, 1), bins=edges)[0]
@@ -1084,12 +1098,15 @@ def _workdir_classes(page: Page, workdir, rounds, numbers, manifests, records, l
     else:
         names = [str(c) for c in classes]
         counts = np.array([[np.count_nonzero(found == c) for c in classes] for _, found, _ in per_round])
+    shown = per_round[-MAX_ROUNDS_PLOTTED:]
     body = page.figure(
-        plots.class_balance_rounds([n for n, _, _ in per_round], counts, names,
-                                   [len(found) for _, found, _ in per_round], [total for _, _, total in per_round]),
+        plots.class_balance_rounds([n for n, _, _ in shown], counts[-MAX_ROUNDS_PLOTTED:], names,
+                                   [len(found) for _, found, _ in shown], [total for _, _, total in shown]),
         "class shares of each round's labeled picks",
         "For each round, the classes of the picks whose labels have come back (under each bar: labels back of "
-        "picks). A batch dominated by one or two classes is a sign of sampling bias.")
+        "picks). A batch dominated by one or two classes is a sign of sampling bias."
+        + (f" The plot shows the latest {MAX_ROUNDS_PLOTTED} rounds; the table lists all."
+           if len(per_round) > MAX_ROUNDS_PLOTTED else ""))
     rows = []
     for (n, found, total), row in zip(per_round, counts):
         top = int(np.argmax(row))

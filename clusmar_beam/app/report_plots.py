@@ -83,7 +83,7 @@ def learning_curves(panels: list[tuple[str, list[dict]]]) -> str:
                 std = np.nan_to_num(np.asarray(s["std"], float))
                 color = strategy_color(s["strategy"], order)
                 line, = ax.plot(labels, mean, marker="o", markersize=3.5, linewidth=1.8, color=color,
-                                label=s["strategy"], zorder=3)
+                                label=s["strategy"], zorder=4 if s["strategy"] == "cluster-margin" else 3)
                 ax.fill_between(labels, mean - std, mean + std, color=color, alpha=0.15, linewidth=0, zorder=2)
                 handles.setdefault(s["strategy"], line)
             ax.set_title(title)
@@ -103,7 +103,7 @@ def learning_curves(panels: list[tuple[str, list[dict]]]) -> str:
             axes[0][0].set_ylim(low - pad, high + pad)
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), frameon=False,
                    bbox_to_anchor=(0.5, 1.0))
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.32 / fig.get_figheight()))
         return to_data_uri(fig)
 
 
@@ -310,11 +310,15 @@ def class_balance_rounds(rounds: list[int], counts: np.ndarray, class_names: lis
             ax.bar(x, share, bottom=bottom, color=colors[c], edgecolor="white", linewidth=0.5, label=name,
                    width=0.7)
             bottom += share
-        ax.set_xticks(x, [f"round {r}\n{n:,} of {s:,}" for r, n, s in zip(rounds, labeled, selected)])
+        if len(rounds) <= 10:
+            ax.set_xticks(x, [f"round {r}\n{n:,} of {s:,}" for r, n, s in zip(rounds, labeled, selected)])
+        else:   # too many for the counts: round numbers only (the table beside the plot has the counts)
+            ax.set_xticks(x, [str(r) for r in rounds])
+            ax.set_xlabel("round")
         ax.set_ylim(0, 1)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_ylabel("share of labeled picks")
-        ax.set_title("Classes of each round's picks (labels back / picks)")
+        ax.set_title("Classes of each round's labeled picks")
         ax.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
                   ncol=1 if len(class_names) <= 12 else 2)
         return to_data_uri(fig)

@@ -205,9 +205,9 @@ def _margins(probs: np.ndarray) -> np.ndarray:
 def simulate(opts) -> dict:
     started = time.time()
     pool, test, test_source = _load(opts)
+    if not len(test) or len(pool) < 2:
+        raise InputError(f"{pool.source}: {len(pool)} pool rows and {len(test)} test rows; both are needed")
     num_classes = int(max(pool.labels.max(), test.labels.max())) + 1
-    if not len(test):
-        raise InputError("the test set is empty")
     sim = Simulation(opts, pool, test, num_classes)
     clusterings = _clusterings(opts)
     settings = [{"name": f"k_m {m:g}x · {c['name']}", "candidate_multiplier": m, "clustering": c["name"],
