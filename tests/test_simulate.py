@@ -146,3 +146,20 @@ def test_k_center_greedy_matches_a_plain_loop(rng):
         chosen.append(points[best].astype(np.float64))
     assert taken.tolist() == expected
     assert len(set(k_center_greedy(points, centers[:0], 300).tolist())) == 300
+
+
+def test_savings_per_repetition_and_on_mean_curves():
+    from clusmar_beam.app.simulation.outcome import savings
+
+    def run(strategy, setting, rep, accuracy):
+        return {"strategy": strategy, "setting": setting, "repetition": rep,
+                "rounds": [{"labels": 100 * (i + 1), "accuracy": a} for i, a in enumerate(accuracy)]}
+    runs = [run("margin", None, 0, [0.5, 0.6, 0.7]), run("margin", None, 1, [0.5, 0.6, 0.8]),
+            run("cluster-margin", "s", 0, [0.5, 0.7, 0.75]),    # reaches 0.7 at 200 labels: saves 1/3
+            run("cluster-margin", "s", 1, [0.5, 0.7, 0.75])]    # never reaches 0.8
+    (row,) = savings(runs, "cluster-margin", ["margin"])
+    assert row["reached"] == 1 and row["repetitions"] == 2
+    assert row["savings_mean"] == pytest.approx(1 / 3) and row["labels_strategy_mean"] == pytest.approx(200)
+    # mean curves: margin ends at 0.75, cluster-margin reaches 0.75 only at 300 labels: no saving
+    assert row["savings_of_mean_curves"] == pytest.approx(0.0)
+    assert row["final_accuracy_delta_mean"] == pytest.approx(0.0)
