@@ -22,14 +22,13 @@ from apache_beam.io.filesystems import FileSystems
 from clusmar_beam.app import report_plots as plots
 from clusmar_beam.app.rounds.stages import STAGES, clusters_dir, manifest_dir
 from clusmar_beam.app.rounds.state import load_state
+from clusmar_beam.app.simulate import SIMULATION_FORMAT, SIMULATION_VERSION
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.pipelines.options import SubcommandOptions, parse_options, require
 from clusmar_beam.transforms import storage
 
 LOG = logging.getLogger("clusmar")
 
-SIMULATION_FORMAT = "clusmar-simulation"
-SIMULATION_VERSION = 1
 MAX_BYTES = 5 * 1024 * 1024
 # Picks-by-cluster-size is recomputed from the clusters files only for manifests written before
 # select recorded it, and only while the cluster ids fit comfortably in memory.

@@ -41,6 +41,7 @@ from clusmar_beam.transforms import storage
 
 LOG = logging.getLogger("clusmar")
 SIMULATION_FORMAT = "clusmar-simulation"
+SIMULATION_VERSION = 1
 ALL_STRATEGIES = STRATEGIES + ("k-center",)
 SEED_SALT = 0x5EED
 
@@ -284,7 +285,7 @@ def simulate(opts) -> dict:
     baselines = [s for s in ("margin", "random", "k-center") if s in opts.strategies]
     warnings += _selection_warnings(runs)
     return {
-        "format": SIMULATION_FORMAT, "version": 1,
+        "format": SIMULATION_FORMAT, "version": SIMULATION_VERSION,
         "parameters": {"rounds": opts.rounds, "batch_size": opts.batch_size,
                        "seed_labels": opts.seed_labels or opts.batch_size, "strategies": opts.strategies,
                        "repetitions": opts.repetitions, "seed": opts.seed, "model": opts.model,

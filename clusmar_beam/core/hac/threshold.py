@@ -291,7 +291,8 @@ def flat_clusters(embeddings: np.ndarray, metric: str, distance_threshold: float
 
     The one-worker path of `clusmar cluster` and `clusmar simulate` both cluster
     through here; `on_choice(choice)` sees the sample's choice before the pool's
-    HAC starts. Rows are used in place (a float64 copy is made if they are not float64).
+    HAC starts. The HAC works in place on a float64 copy; a caller that hands over its only reference
+    lets the input be freed while it runs.
     """
     choice = None
     eps = distance_threshold
@@ -301,7 +302,7 @@ def flat_clusters(embeddings: np.ndarray, metric: str, distance_threshold: float
         if on_choice is not None:
             on_choice(choice)
         eps = choice.merge_threshold
-    rows = np.ascontiguousarray(embeddings, dtype=np.float64)
+    rows = np.array(embeddings, dtype=np.float64)   # always a copy: the HAC overwrites it
     del embeddings
     result = average_linkage(rows, eps, metric, target_mean_cluster_size=target_mean_cluster_size, seed=seed,
                              log=log, overwrite_input=True, delta=delta, **linkage_options)
