@@ -68,3 +68,25 @@ def test_cluster_on_external_workers_matches_direct_runner(tmp_path, worker_pool
     assert cli.main([*args, "--output", str(tmp_path / "portable"), *_portable(worker_pool)]) == 0
     direct, portable = _files(tmp_path / "direct"), _files(tmp_path / "portable")
     assert direct and portable == direct
+
+
+def test_select_on_external_workers_matches_direct_runner(tmp_path, worker_pool):
+    """The manifest and its diagnostics (the pick cluster sizes travel as a side input) are the DirectRunner's."""
+    import json
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "3000", "--dim", "12",
+                     "--num-classes", "5", "--seed", "22", "--num-shards", "3"]) == 0
+    pool = str(tmp_path / "pool" / "pool-*.parquet")
+    assert cli.main(["cluster", "--pool", pool, "--target-mean-cluster-size", "6",
+                     "--output", str(tmp_path / "clusters")]) == 0
+    args = ["select", "--pool", pool, "--clusters", str(tmp_path / "clusters"), "--batch-size", "200",
+            "--candidate-multiplier", "3", "--round", "2"]
+    assert cli.main([*args, "--output", str(tmp_path / "direct")]) == 0
+    assert cli.main([*args, "--output", str(tmp_path / "portable"), *_portable(worker_pool)]) == 0
+    manifests = [{os.path.basename(p): open(p, "rb").read()
+                  for p in sorted(glob.glob(os.path.join(tmp_path / where, "manifest-*.tfrecord")))}
+                 for where in ("direct", "portable")]
+    assert manifests[0] and manifests[0] == manifests[1]
+    summaries = [json.load(open(tmp_path / where / "manifest.json")) for where in ("direct", "portable")]
+    assert summaries[0]["diagnostics"]["picks_by_cluster_size"]
+    assert summaries[0]["diagnostics"] == summaries[1]["diagnostics"]
+    assert summaries[0]["warnings"] == summaries[1]["warnings"]

@@ -88,11 +88,18 @@ def selection_diagnostics(candidates: Batch | None, chosen: Batch | None, strate
         completed = passes_completed(cand_counts, n_chosen)
         out["round_robin_passes_completed"] = completed
         out["ended_inside_first_pass"] = bool(n_chosen and completed == 0)
-    if pick_cluster_sizes is not None and n_chosen:
-        sizes = np.asarray(pick_cluster_sizes, dtype=np.int64)
-        out["picks_from_singleton_clusters"] = float(np.mean(sizes == 1))
-        out["picks_by_cluster_size"] = size_histogram(size_counts(sizes))["histogram"]
+    if pick_cluster_sizes is not None:
+        add_pick_cluster_sizes(out, pick_cluster_sizes)
     return out, _warnings(out, strategy, k_t)
+
+
+def add_pick_cluster_sizes(diagnostics: dict, pick_cluster_sizes) -> dict:
+    """Fill in what needs each pick's cluster size in the whole clustering (known after the order, in a pipeline)."""
+    if pick_cluster_sizes is not None and len(pick_cluster_sizes):
+        sizes = np.asarray(pick_cluster_sizes, dtype=np.int64)
+        diagnostics["picks_from_singleton_clusters"] = float(np.mean(sizes == 1))
+        diagnostics["picks_by_cluster_size"] = size_histogram(size_counts(sizes))["histogram"]
+    return diagnostics
 
 
 def _warnings(d: dict, strategy: str, k_t: int) -> list[str]:

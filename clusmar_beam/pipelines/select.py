@@ -14,7 +14,7 @@ import numpy as np
 
 from clusmar_beam.core import selection as core_selection
 from clusmar_beam.core.batch import Batch, check_finite, check_probabilities
-from clusmar_beam.core.diagnostics import describe, selection_diagnostics
+from clusmar_beam.core.diagnostics import add_pick_cluster_sizes, describe, selection_diagnostics
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.margins import top2_margins
 from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
@@ -131,14 +131,14 @@ def build(pipeline, opts: SelectOptions):
     strategy, round_index, num_shards = opts.strategy, opts.round_index, opts.num_shards
 
     def order(candidates, stats):
+        """The chosen rows, and (tagged) the diagnostics: computed here, so the candidates are read once."""
         selection.raise_on_problems(stats, f"--pool {pool_glob!r}", f"--clusters {opts.clusters!r}")
         if not stats.get("pool"):
             raise InputError(f"--pool {pool_glob!r}: the pool is empty (0 rows in {len(pool_reader.files)} files)")
-        return core_selection.order_candidates(candidates, strategy, k_t) if candidates is not None else None
-
-    def diagnose(candidates, chosen, stats, pick_sizes=None):
-        return selection_diagnostics(candidates, chosen, strategy, k_t, stats["unlabeled"],
-                                     stats.get("histogram:unlabeled_margins"), pick_sizes)
+        chosen = core_selection.order_candidates(candidates, strategy, k_t) if candidates is not None else None
+        yield chosen
+        yield beam.pvalue.TaggedOutput("diagnostics", selection_diagnostics(
+            candidates, chosen, strategy, k_t, stats["unlabeled"], stats.get("histogram:unlabeled_margins")))
 
     def summary(names, extra):
         chosen, stats, (diagnostics, warnings) = extra
@@ -157,12 +157,14 @@ def build(pipeline, opts: SelectOptions):
             "files": names,
         }
 
-    chosen = candidates | "Order" >> beam.Map(order, beam.pvalue.AsSingleton(stats))
-    sides = [beam.pvalue.AsSingleton(chosen), beam.pvalue.AsSingleton(stats)]
+    ordered = candidates | "Order" >> beam.FlatMap(order, beam.pvalue.AsSingleton(stats)).with_outputs(
+        "diagnostics", main="chosen")
+    chosen, diagnostics = ordered.chosen, ordered.diagnostics
     if cluster_reader:
         pick_sizes = inputs["clusters"] | "PickClusterSizes" >> selection.PickClusterSizes(chosen)
-        sides.append(beam.pvalue.AsSingleton(pick_sizes))
-    diagnostics = candidates | "Diagnose" >> beam.Map(diagnose, *sides)
+        diagnostics = diagnostics | "AddPickClusterSizes" >> beam.Map(
+            lambda found, sizes: (add_pick_cluster_sizes(found[0], sizes), found[1]),
+            beam.pvalue.AsSingleton(pick_sizes))
     both = chosen | "WithStats" >> beam.Map(lambda c, s, d: (c, s, d), beam.pvalue.AsSingleton(stats),
                                             beam.pvalue.AsSingleton(diagnostics))
     _ = (chosen
