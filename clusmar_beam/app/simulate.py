@@ -212,7 +212,8 @@ def simulate(opts) -> dict:
     sim = Simulation(opts, pool, test, num_classes)
     clusterings = _clusterings(opts)
     settings = [{"name": f"k_m {m:g}x · {c['name']}", "candidate_multiplier": m, "clustering": c["name"],
-                 "distance_threshold": c["distance_threshold"], "target_mean_cluster_size": c["target_mean_cluster_size"]}
+                 "distance_threshold": c["distance_threshold"],
+                 "target_mean_cluster_size": c["target_mean_cluster_size"]}
                 for m in opts.candidate_multipliers for c in clusterings]
     runs, clustering_rows, warnings = [], [], []
     feature_embedding = pool.features if opts.metric == "sqeuclidean" else _unit(pool.features)

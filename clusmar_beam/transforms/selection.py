@@ -200,7 +200,7 @@ class SelectCandidates(beam.PTransform):
 
 
 class _CountPickClusters(beam.CombineFn):
-    """Per picked cluster, its rows in the clustering: a vector as long as the batch's clusters, never the pool's."""
+    """Per picked cluster, its rows in the clustering: a vector over at most k_t clusters."""
 
     def create_accumulator(self):
         return None
