@@ -163,3 +163,13 @@ def test_savings_per_repetition_and_on_mean_curves():
     # mean curves: margin ends at 0.75, cluster-margin reaches 0.75 only at 300 labels: no saving
     assert row["savings_of_mean_curves"] == pytest.approx(0.0)
     assert row["final_accuracy_delta_mean"] == pytest.approx(0.0)
+
+
+def test_a_baseline_that_plateaus_is_measured_where_it_first_got_there():
+    from clusmar_beam.app.simulation.outcome import savings
+    rounds = lambda accuracy: [{"labels": 100 * (i + 1), "accuracy": a} for i, a in enumerate(accuracy)]
+    runs = [{"strategy": "margin", "setting": None, "repetition": 0, "rounds": rounds([0.5, 0.9, 0.9, 0.9])},
+            {"strategy": "cluster-margin", "setting": "s", "repetition": 0, "rounds": rounds([0.5, 0.9, 0.9, 0.9])}]
+    (row,) = savings(runs, "cluster-margin", ["margin"])
+    assert row["labels_baseline"] == 200
+    assert row["savings_mean"] == pytest.approx(0.0) and row["savings_of_mean_curves"] == pytest.approx(0.0)

@@ -1,9 +1,10 @@
 """Learning curves averaged over repetitions, and the labels a strategy saves against a baseline.
 
 Savings follow the paper's reading: the labels a strategy needs to reach a
-baseline's final accuracy (linear between rounds), against the baseline's
-labels; computed per repetition, then mean and std over the repetitions where
-it was reached (biased upward when some never got there: `reached` says how
+baseline's final accuracy (linear between rounds), against the labels the
+baseline itself first reached it with (its final budget unless it plateaued);
+computed per repetition, then mean and std over the repetitions where it was
+reached (biased upward when some never got there: `reached` says how
 many did), and once on the curves averaged over repetitions
 (`savings_of_mean_curves`, without that bias). Never reaching the target is
 reported as such; the final accuracy difference shows how far short it fell.
@@ -58,7 +59,9 @@ def savings(runs: list[dict], strategy: str, baselines) -> list[dict]:
             for rep in reps:
                 mine = by_key[(strategy, setting, rep)]["rounds"]
                 theirs = by_key[(baseline, None, rep)]["rounds"]
-                target, base = theirs[-1]["accuracy"], theirs[-1]["labels"]
+                target = theirs[-1]["accuracy"]
+                # the baseline's own first reach of its final accuracy: a plateau does not count as savings
+                base = labels_to_reach([r["labels"] for r in theirs], [r["accuracy"] for r in theirs], target)
                 targets.append(target)
                 base_labels.append(base)
                 final_delta.append(mine[-1]["accuracy"] - target)
@@ -73,7 +76,7 @@ def savings(runs: list[dict], strategy: str, baselines) -> list[dict]:
                 "labels_strategy_std": float(np.std(needed)) if needed else None,
                 "savings_mean": float(np.mean(saved)) if saved else None,
                 "savings_std": float(np.std(saved)) if saved else None,
-                "savings_of_mean_curves": (1.0 - reach_of_means / theirs_mean[0][-1]
+                "savings_of_mean_curves": (1.0 - reach_of_means / labels_to_reach(*theirs_mean, theirs_mean[1][-1])
                                            if reach_of_means is not None else None),
                 "final_accuracy_delta_mean": float(np.mean(final_delta)),
                 "final_accuracy_delta_std": float(np.std(final_delta)),
