@@ -29,6 +29,25 @@ def test_round_robin_equal_sizes_go_by_cluster_id():
     assert order.tolist() == [3, 2, 1, 0]
 
 
+@pytest.mark.parametrize("bytes_ids", [False, True])
+def test_round_robin_tied_picks_go_by_id_like_the_reference(rng, bytes_ids):
+    """Tied pick hashes (impossible to construct from real hashes, so forced here) fall back to the id."""
+    n = 500
+    clusters = rng.integers(0, 40, n)
+    picks = rng.integers(0, 30, n).astype(np.uint64)          # many ties inside a cluster
+    ids = rng.permutation(10 * n)[:n]
+    if bytes_ids:
+        ids = np.array([f"x{i:05d}".encode() for i in ids], dtype=object)
+    order = core_selection.round_robin_order(clusters, picks, ids)
+    groups = {}
+    for i in sorted(range(n), key=lambda i: (picks[i], ids[i])):
+        groups.setdefault(clusters[i], []).append(i)
+    by_size = sorted(groups, key=lambda c: (len(groups[c]), c))
+    expected = [groups[c][depth] for depth in range(max(map(len, groups.values())))
+                for c in by_size if len(groups[c]) > depth]
+    assert order.tolist() == expected
+
+
 def test_margin_ties_are_broken_by_seeded_hash_then_id():
     margins = np.array([0.5, 0.1, 0.1, 0.1, 0.9])
     ids = np.array([10, 11, 12, 13, 14])

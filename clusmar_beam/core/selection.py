@@ -46,16 +46,21 @@ def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarra
     n = len(cluster_ids)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    within = np.lexsort((_rank(ids), picks, cluster_ids))        # by cluster, then pick order
+    by_pick = np.argsort(picks, kind="stable")
+    sorted_picks = picks[by_pick]
+    if np.any(sorted_picks[1:] == sorted_picks[:-1]):     # a tie of 64-bit hashes: settle it by the id
+        by_pick = np.lexsort((_rank(ids), picks))
+    within = by_pick[np.argsort(cluster_ids[by_pick], kind="stable")]   # by cluster, then pick order
     sorted_clusters = cluster_ids[within]
     starts = np.flatnonzero(np.r_[True, sorted_clusters[1:] != sorted_clusters[:-1]])
     sizes = np.diff(np.r_[starts, n])
-    pass_index = np.empty(n, dtype=np.int64)
-    pass_index[within] = np.arange(n) - np.repeat(starts, sizes)
-    group_size = np.empty(n, dtype=np.int64)
-    group_size[within] = np.repeat(sizes, sizes)
-    # A cluster has one row per pass, so (pass, group size, cluster) already orders every row.
-    return np.lexsort((cluster_ids, group_size, pass_index))
+    pass_index = np.arange(n) - np.repeat(starts, sizes)
+    groups = len(starts)
+    group_rank = np.empty(groups, dtype=np.int64)
+    group_rank[np.lexsort((sorted_clusters[starts], sizes))] = np.arange(groups)   # smallest group first
+    # One key per row, unique because a group has one row per pass: (pass, group's rank).
+    key = pass_index * groups + np.repeat(group_rank, sizes)
+    return within[np.argsort(key)]
 
 
 def _rank(ids: np.ndarray) -> np.ndarray:
