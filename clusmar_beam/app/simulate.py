@@ -367,10 +367,12 @@ def run(argv=None) -> dict:
     for warning in result["warnings"]:
         LOG.warning("simulate: %s", warning)
     for row in result["savings"]:
-        saved = ("not reached" if row["savings_mean"] is None else
-                 f"{row['savings_mean']:+.1%} ± {row['savings_std']:.1%} ({row['reached']}/{row['repetitions']})")
-        LOG.info("simulate: %s vs %s (%s): labels saved %s, final accuracy %+.4f", row["strategy"],
-                 row["baseline"], row["setting"], saved, row["final_accuracy_delta_mean"])
+        of_means = "not reached" if row["savings_of_mean_curves"] is None else f"{row['savings_of_mean_curves']:+.1%}"
+        per_rep = ("not reached" if row["savings_mean"] is None else
+                   f"{row['savings_mean']:+.1%} ± {row['savings_std']:.1%}")
+        LOG.info("simulate: %s vs %s (%s): labels saved %s on the mean curves, per repetition %s (%d of %d "
+                 "reached), final accuracy %+.4f", row["strategy"], row["baseline"], row["setting"], of_means,
+                 per_rep, row["reached"], row["repetitions"], row["final_accuracy_delta_mean"])
     LOG.info("simulate: %d runs in %.1f s -> %s", len(result["runs"]), result["timing"]["total_seconds"], output)
     return result
 
