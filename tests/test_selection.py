@@ -131,3 +131,17 @@ def test_select_candidates_pipeline_keeps_exact_lowest_unlabeled(rng):
             assert_that(candidates | beam.Map(lambda b: sorted(b.ids.tolist())), equal_to([expected]))
             assert_that(stats | beam.Map(lambda s: (s["pool"], s["labeled_in_pool"], s["unlabeled"])),
                         equal_to([(n, len(labeled), n - len(labeled))]), label="Stats")
+
+
+@pytest.mark.parametrize("bytes_ids", [False, True])
+def test_lowest_as_a_set_is_the_ordered_lowest(rng, bytes_ids):
+    n = 2000
+    primary = rng.integers(0, 50, n).astype(np.float64)          # heavy ties at the cut
+    secondary = rng.integers(0, 5, n).astype(np.uint64)
+    ids = rng.permutation(10 * n)[:n]
+    if bytes_ids:
+        ids = np.array([f"k{i:06d}".encode() for i in ids], dtype=object)
+    for k in (1, 37, 999, 1999, 2000, 5000):
+        ordered = core_selection.lowest(primary, secondary, ids, k)
+        as_set = core_selection.lowest(primary, secondary, ids, k, ordered=False)
+        assert as_set.tolist() == sorted(ordered.tolist())

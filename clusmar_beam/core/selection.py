@@ -20,20 +20,31 @@ STRATEGIES = ("cluster-margin", "margin", "random")
 NO_CLUSTER = -1
 
 
-def lowest(primary: np.ndarray, secondary: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k rows smallest by (primary, secondary, id), in that order."""
+def lowest(primary: np.ndarray, secondary: np.ndarray, ids: np.ndarray, k: int, ordered: bool = True) -> np.ndarray:
+    """Indices of the k rows smallest by (primary, secondary, id): in that order, or (ordered=False) in
+    row order, which is all a set of candidates needs and spares sorting them."""
     n = len(primary)
     if k <= 0 or n == 0:
         return np.zeros(0, dtype=np.int64)
-    if k < n:
-        # Everything strictly below the k-th primary value is in; ties at it are settled by the full sort.
-        cut = np.partition(primary, k - 1)[k - 1]
-        index = np.flatnonzero(primary <= cut)
-    else:
+    if k >= n:
         index = np.arange(n)
-    order = np.lexsort((ids[index], secondary[index], primary[index])) if ids.dtype != object else \
-        sorted(range(len(index)), key=lambda i: (primary[index[i]], secondary[index[i]], ids[index[i]]))
-    return index[np.asarray(order, dtype=np.int64)[:k]]
+        if not ordered:
+            return index
+    else:
+        # Everything strictly below the k-th primary value is in; ties at it are settled by (secondary, id).
+        cut = np.partition(primary, k - 1)[k - 1]
+        if not ordered:
+            below, tied = np.flatnonzero(primary < cut), np.flatnonzero(primary == cut)
+            settled = tied[_order(primary[tied], secondary[tied], ids[tied])[:k - len(below)]]
+            return np.sort(np.concatenate([below, settled]))
+        index = np.flatnonzero(primary <= cut)
+    return index[_order(primary[index], secondary[index], ids[index])[:k]]
+
+
+def _order(primary, secondary, ids) -> np.ndarray:
+    if ids.dtype != object:
+        return np.lexsort((ids, secondary, primary))
+    return np.asarray(sorted(range(len(ids)), key=lambda i: (primary[i], secondary[i], ids[i])), dtype=np.int64)
 
 
 def round_robin_order(cluster_ids: np.ndarray, picks: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -89,11 +100,12 @@ def order_candidates(candidates: Batch, strategy: str, k_t: int) -> Batch:
 
 
 def lowest_for(batch: Batch, strategy: str, keep: int) -> np.ndarray:
-    """Positions of the `keep` rows a strategy keeps: lowest margin, or lowest pick hash for random."""
+    """Positions (in row order) of the `keep` rows a strategy keeps: lowest margin, or lowest pick hash for
+    random. A set: order_candidates puts them in selection order."""
     c = batch.columns
     if strategy == "random":
-        return lowest(c["pick"].astype(np.float64), c["pick"], batch.ids, keep)
-    return lowest(c["margin"], c["tiebreak"], batch.ids, keep)
+        return lowest(c["pick"].astype(np.float64), c["pick"], batch.ids, keep, ordered=False)
+    return lowest(c["margin"], c["tiebreak"], batch.ids, keep, ordered=False)
 
 
 def scored_rows(source: str, ids: np.ndarray, margin: np.ndarray, cluster_ids: np.ndarray, seed: int,
