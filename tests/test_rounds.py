@@ -13,7 +13,7 @@ import pytest
 
 from clusmar_beam.app import cli, rounds
 from reference import margins_from_probs
-from conftest import read_manifest, write_parquet
+from conftest import read_manifest, write_parquet, write_tfrecord
 from reference import reference_select
 
 K_T = 100
@@ -493,3 +493,83 @@ def test_round_and_status_take_only_their_own_flags(tmp_path, pool, capsys):
     assert cli.main(["status", "--workdir", str(tmp_path / "wd"), "--output", "x"]) == 2
     assert "unknown flag(s): --output" in capsys.readouterr().err
     assert not (tmp_path / "wd" / "state.json").exists()
+
+
+def _sent_ids(wd, rounds_):
+    return [i for r in rounds_ for i in _manifest_ids(wd, r)]
+
+
+def test_state_lost_mid_replace_recovers_from_the_previous_one_without_resending(tmp_path, pool, caplog):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    assert cli.main(["round", "--config", config]) == 0
+    _label(pool, wd, 1)
+    assert cli.main(["round", "--config", config]) == 0
+    manifest_2 = open(os.path.join(wd, "rounds", "round-0002", "manifest", "manifest-00000-of-00001.tfrecord"),
+                      "rb").read()
+    # a kill between the delete and the rename of state.json: only state.previous.json is left
+    os.remove(os.path.join(wd, "state.json"))
+    assert json.load(open(os.path.join(wd, "state.previous.json")))["rounds"]["2"]["status"] == "running"
+    with caplog.at_level(logging.WARNING, logger="clusmar"):
+        assert cli.main(["round", "--config", config]) == 0        # finishes round 2 from its outputs
+    assert "recovering from" in caplog.text
+    assert open(os.path.join(wd, "rounds", "round-0002", "manifest", "manifest-00000-of-00001.tfrecord"),
+                "rb").read() == manifest_2
+    assert _state(wd)["rounds"]["2"]["status"] == "completed"
+    assert cli.main(["round", "--config", config]) == 0        # round 3, not round 1 again
+    sent = _sent_ids(wd, (1, 2, 3))
+    assert len(sent) == 3 * K_T == len(set(sent))
+
+
+def test_sent_manifests_without_any_state_are_refused(tmp_path, pool, capsys):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    assert cli.main(["round", "--config", config]) == 0
+    for name in ("state.json", "state.previous.json"):
+        if os.path.exists(os.path.join(wd, name)):
+            os.remove(os.path.join(wd, name))
+    assert cli.main(["round", "--config", config]) == 2
+    assert "refusing to start over at round 1" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(wd, "state.json"))
+    assert not os.path.exists(os.path.join(wd, "rounds", "round-0002"))
+
+
+@pytest.mark.parametrize("damaged", ["labels-parquet", "labels-tfrecord", "manifest"])
+def test_unreadable_labels_or_manifest_stop_the_round_with_the_state_unchanged(tmp_path, pool, capsys, damaged):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    assert cli.main(["round", "--config", config]) == 0
+    labeled = _label(pool, wd, 1, fraction=0.5)
+    manifest = os.path.join(wd, "rounds", "round-0001", "manifest", "manifest-00000-of-00001.tfrecord")
+    if damaged == "labels-parquet":
+        bad = os.path.join(wd, "labels", "late.parquet")
+        good = open(os.path.join(wd, "labels", "labels-round-1.parquet"), "rb").read()
+        open(bad, "wb").write(good[: len(good) // 2])                      # a truncated upload
+    elif damaged == "labels-tfrecord":      # the labels come back as TFRecord instead
+        os.remove(os.path.join(wd, "labels", "labels-round-1.parquet"))
+        bad = os.path.join(wd, "labels", "labels-round-1.tfrecord")
+        write_tfrecord(bad, {"id": labeled, "label": np.zeros(len(labeled), dtype=np.int64)})
+        data = bytearray(open(bad, "rb").read())
+        data[len(data) // 2] ^= 0xFF                                        # a flipped byte: the CRC fails
+        open(bad, "wb").write(bytes(data))
+    else:
+        bad = manifest
+        data = bytearray(open(bad, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(bad, "wb").write(bytes(data))
+    before = {name: open(os.path.join(wd, name), "rb").read() for name in ("state.json", "state.previous.json")
+              if os.path.exists(os.path.join(wd, name))}
+    capsys.readouterr()
+    assert cli.main(["round", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert bad in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    after = {name: open(os.path.join(wd, name), "rb").read() for name in before}
+    assert after == before
+    assert not os.path.exists(os.path.join(wd, "rounds", "round-0002"))
+    if damaged != "manifest":          # the file is fixed: the round runs, sending nothing twice
+        os.remove(bad)
+        if damaged == "labels-tfrecord":
+            write_tfrecord(bad, {"id": labeled, "label": np.zeros(len(labeled), dtype=np.int64)})
+        assert cli.main(["round", "--config", config]) == 0
+        sent = _sent_ids(wd, (1, 2))
+        assert len(sent) == len(set(sent)) == 2 * K_T

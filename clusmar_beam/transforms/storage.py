@@ -93,6 +93,15 @@ def _parquet_footer(path: str):
             raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
+def read_parquet_table(path: str, columns: list[str]) -> pa.Table:
+    """A whole Parquet file through FileSystems; a damaged one is bad input naming the file."""
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        try:
+            return pq.read_table(handle, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
 def parquet_schema(path: str) -> dict[str, Column]:
     """The file's columns."""
     schema = _parquet_footer(path).schema.to_arrow_schema()

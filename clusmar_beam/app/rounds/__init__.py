@@ -18,6 +18,8 @@ Work directory layout (local path or any Beam filesystem, e.g. gs://bucket/al/):
     WORKDIR/
       state.json                    every round: parameters, model, counts, timings, manifest
                                     location; written atomically (temp file, then rename)
+      state.previous.json           the state before the last save: a run that finds state.json
+                                    missing (killed while replacing it) recovers from it
       lock.json                     present while a run holds the work directory: host, pid,
                                     start time, round (break a stale one with --break-lock)
       clusters/                     clusters-*.parquet + clustering.json (from `clusmar cluster`)
@@ -208,6 +210,12 @@ class Round:
             changed = sorted(k for k in params if info.get("parameters", {}).get(k) != params[k])
             raise InputError(f"round {n} was started with different settings ({', '.join(changed)}); "
                              f"restore them, or pass --force to restart round {n} with the new config")
+        # Labels and earlier manifests are read before anything changes (state.json, --force's markers): a
+        # damaged file is one error naming it, and the next run is the same run.
+        resumable = info is not None and info.get("parameters") == params
+        found = None
+        if not (resumable and info["stages"].get("exclude", {}).get("status") == "done"):
+            found = stages.read_excluded(self.cfg, self.state, n)
         if info is None or info.get("parameters") != params:
             info = {"round": n, "status": "running", "started_at": now(), "parameters": params,
                     "model": self.cfg["model"], "pool": self.cfg["pool"], "stages": {},
@@ -237,7 +245,7 @@ class Round:
             info["stages"].pop("score")   # scored without embeddings earlier, but now this round must cluster
         self._stage(n, info, "score", lambda: stages.score(cfg, beam, n, with_embeddings, force_outputs))
         self._stage(n, info, "cluster", lambda: stages.cluster(cfg, beam, self.state, n, need_cluster))
-        self._stage(n, info, "exclude", lambda: stages.exclude(cfg, self.state, n))
+        self._stage(n, info, "exclude", lambda: stages.exclude(cfg, n, found))
         self._stage(n, info, "select", lambda: stages.select(cfg, beam, n, info["stages"]["exclude"].get("path"),
                                                              force_outputs))
         sel = info["stages"]["select"]

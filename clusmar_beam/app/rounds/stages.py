@@ -135,12 +135,14 @@ def embed(cfg: dict, beam: list[str]) -> str:
 
 # ---------------------------------------------------------------- exclude
 
-def exclude(cfg: dict, state: dict, n: int) -> dict:
-    """Labeled ids and ids sent out earlier (but not those due for re-sending) into one file."""
+def read_excluded(cfg: dict, state: dict, n: int) -> dict:
+    """The labeled ids and the ids sent out before round n (but not those due for re-sending).
+
+    The round reads them before it records anything in state.json, so an
+    unreadable labels or manifest file stops the run with the state as it was.
+    """
     kind = _id_kind(cfg["pool"], "pool")
     labeled = read_ids(cfg["labels"], "labels", kind, missing_ok=True)
-    if not len(labeled):
-        LOG.info("[round %d] no labels found at %s yet", n, cfg["labels"])
     resend = cfg["resend_after"]
     sent_parts, resendable = [], 0
     for r in completed_rounds(state):
@@ -154,6 +156,14 @@ def exclude(cfg: dict, state: dict, n: int) -> dict:
             continue
         sent_parts.append(ids)
     sent = np.concatenate(sent_parts) if sent_parts else _empty(kind)
+    return {"kind": kind, "labeled": labeled, "sent": sent, "resendable": resendable}
+
+
+def exclude(cfg: dict, n: int, found: dict) -> dict:
+    """The ids of read_excluded into one file."""
+    kind, labeled, sent, resendable = found["kind"], found["labeled"], found["sent"], found["resendable"]
+    if not len(labeled):
+        LOG.info("[round %d] no labels found at %s yet", n, cfg["labels"])
     excluded = np.unique(np.concatenate([labeled, sent])) if len(labeled) + len(sent) else _empty(kind)
     path = _join(round_dir(cfg["workdir"], n), "exclude", "exclude-00000-of-00001.parquet")
     if len(excluded):
@@ -162,7 +172,7 @@ def exclude(cfg: dict, state: dict, n: int) -> dict:
         FileSystems.delete([path])
     if resendable:
         LOG.info("[round %d] %d ids sent more than %d rounds ago without a label may be selected again",
-                 n, resendable, resend)
+                 n, resendable, cfg["resend_after"])
     return {"labeled": int(len(labeled)), "sent_earlier": int(len(np.unique(sent))) if len(sent) else 0,
             "resendable": resendable, "excluded": int(len(excluded)), "path": path if len(excluded) else None}
 
@@ -218,11 +228,18 @@ def _id_kind(glob_: str, flag: str) -> str:
 
 
 def _tfrecord_ids(files: list[str], kind: str) -> np.ndarray:
+    """The `id` feature of every record; a damaged file is bad input naming the file."""
     import tensorflow as tf
     dtype = tf.int64 if kind == "int64" else tf.string
-    ds = tf.data.TFRecordDataset(files).batch(65536).map(
-        lambda s: tf.io.parse_example(s, {"id": tf.io.FixedLenFeature([], dtype)})["id"])
-    parts = [b.numpy() for b in ds]
+    parts = []
+    for path in files:   # one file at a time, so an error can say which
+        ds = tf.data.TFRecordDataset([path]).batch(65536).map(
+            lambda s: tf.io.parse_example(s, {"id": tf.io.FixedLenFeature([], dtype)})["id"])
+        try:
+            parts.extend(b.numpy() for b in ds)
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
+            raise InputError(f"{path}: not a readable TFRecord file of examples with an 'id' "
+                             f"({str(exc).splitlines()[0][:200]})") from None
     if not parts:
         return np.zeros(0, dtype=np.int64 if kind == "int64" else object)
     out = np.concatenate(parts)
@@ -232,9 +249,7 @@ def _tfrecord_ids(files: list[str], kind: str) -> np.ndarray:
 def _parquet_ids(files: list[str]) -> np.ndarray:
     parts = []
     for path in files:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            table = pq.read_table(handle, columns=["id"])
-        parts.append(storage.table_to_batch(table, path).ids)
+        parts.append(storage.table_to_batch(storage.read_parquet_table(path, ["id"]), path).ids)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

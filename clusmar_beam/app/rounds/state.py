@@ -1,13 +1,23 @@
-"""state.json: the record of every round, written atomically so a crash leaves the old one whole."""
+"""state.json: the record of every round.
+
+No moment exists without a readable state: before state.json is replaced
+(write, delete, rename), the current one is copied to state.previous.json. A
+run that finds state.json missing recovers from state.previous.json, one save
+behind, which is safe because every stage reuses its finished outputs. A work
+directory that has sent manifests but no state at all is refused rather than
+started over at round 1, which would send the same ids again.
+"""
 from __future__ import annotations
 
 import datetime
+import logging
 
 from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.transforms import storage
 
+LOG = logging.getLogger("clusmar")
 STATE_FORMAT = "clusmar-round-state"
 STATE_VERSION = 1
 
@@ -20,12 +30,31 @@ def state_path(workdir: str) -> str:
     return FileSystems.join(workdir, "state.json")
 
 
+def previous_state_path(workdir: str) -> str:
+    return FileSystems.join(workdir, "state.previous.json")
+
+
 def load_state(workdir: str) -> dict:
     """The state, or a fresh one; a file that is not ours (or of another version) is refused, never rewritten."""
     path = state_path(workdir)
     if not FileSystems.exists(path):
+        previous = previous_state_path(workdir)
+        if FileSystems.exists(previous):
+            LOG.warning("%s is missing (a run stopped while replacing it); recovering from %s, one save behind: "
+                        "the round it records resumes and reuses its finished outputs", path, previous)
+            return _read_state(previous)
+        sent = _sent_manifests(workdir)
+        if sent:
+            raise InputError(f"{workdir}: {len(sent)} round manifests were sent out (e.g. {sent[0]}) but there is no "
+                             "state.json or state.previous.json; refusing to start over at round 1, which would "
+                             "select those ids again. Restore state.json from a backup (or object versioning), or "
+                             "list the sent manifests' ids in the labels glob and use a new work directory")
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "created_at": now(), "clustering": None,
                 "rounds": {}}
+    return _read_state(path)
+
+
+def _read_state(path: str) -> dict:
     try:
         state = storage.read_json(path)
     except Exception as exc:
@@ -40,9 +69,21 @@ def load_state(workdir: str) -> dict:
     return state
 
 
+def _sent_manifests(workdir: str) -> list[str]:
+    pattern = FileSystems.join(workdir, "rounds", "round-*", "manifest", "manifest.json")
+    try:
+        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    except Exception:   # nothing there (some file systems raise instead of matching nothing)
+        return []
+
+
 def save_state(workdir: str, state: dict) -> None:
     state["updated_at"] = now()
-    storage.write_json_atomic(state_path(workdir), state)
+    path = state_path(workdir)
+    if FileSystems.exists(path):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            storage.write_bytes_atomic(previous_state_path(workdir), handle.read())
+    storage.write_json_atomic(path, state)
 
 
 def completed_rounds(state: dict) -> list[int]:

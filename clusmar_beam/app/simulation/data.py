@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.core.batch import find_duplicates
 from clusmar_beam.core.errors import InputError
@@ -38,9 +36,7 @@ def read_parquet(pattern: str, flag: str, feature_columns: list[str]) -> Labelle
     parts = []
     for path in files:
         storage.check_schema(path, storage.parquet_schema(path), ["id", "label"] + feature_columns)
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            table = pq.read_table(handle, columns=["id", "label"] + feature_columns)
-        batch = storage.table_to_batch(table, path)
+        batch = storage.table_to_batch(storage.read_parquet_table(path, ["id", "label"] + feature_columns), path)
         columns = []
         for name in feature_columns:
             values = np.asarray(batch.columns[name], dtype=np.float32)
