@@ -573,3 +573,22 @@ def test_unreadable_labels_or_manifest_stop_the_round_with_the_state_unchanged(t
         assert cli.main(["round", "--config", config]) == 0
         sent = _sent_ids(wd, (1, 2))
         assert len(sent) == len(set(sent)) == 2 * K_T
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path, pool):
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    assert cli.main(["round", "--config", config]) == 0
+    manifest = os.path.join(wd, "rounds", "round-0001", "manifest")
+    kept = sorted(os.listdir(manifest))
+    leftovers = [os.path.join(manifest, ".tmp-0123456789ab", "manifest-00000-of-00001.tfrecord"),
+                 os.path.join(wd, "clusters", ".tmp-ba9876543210", "clusters-00000-of-00001.parquet"),
+                 os.path.join(wd, "state.json.tmp-feedface"), os.path.join(manifest, "manifest.json.tmp-c0ffee")]
+    for path in leftovers:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").write(b"partial")
+    assert cli.main(["round", "--config", config]) == 0
+    assert not any(os.path.exists(p) for p in leftovers)
+    assert not os.path.exists(os.path.join(manifest, ".tmp-0123456789ab"))
+    assert sorted(os.listdir(manifest)) == kept
+    assert _state(wd)["rounds"]["2"]["status"] == "completed"

@@ -188,6 +188,7 @@ class Round:
         lock = acquire_lock(self.workdir, self.round_arg, break_lock)
         try:
             self.state = load_state(self.workdir)
+            stages.remove_dead_temps(self.workdir)
             n = self._pick_round()
             if n is None:
                 info = self.state["rounds"][str(self.round_arg)]

@@ -133,6 +133,40 @@ def embed(cfg: dict, beam: list[str]) -> str:
     return _join(out, "scores-*.parquet")
 
 
+# ---------------------------------------------------------------- leftovers
+
+_OUTPUT_DIRS = ("", "clusters", "embeddings", "rounds/round-*/scores", "rounds/round-*/manifest",
+                "rounds/round-*/exclude")
+
+
+def remove_dead_temps(workdir: str) -> int:
+    """Delete what killed runs left: hidden `.tmp-*` shard directories and `*.tmp-*` files of atomic writes.
+
+    Called with the work directory's lock held, so no live run is writing there.
+    """
+    patterns = []
+    for sub in _OUTPUT_DIRS:
+        base = _join(workdir, sub) if sub else workdir
+        patterns += [_join(base, ".tmp-*"), _join(base, ".tmp-*", "*"), _join(base, "*.tmp-*")]
+    found = set()
+    for result in FileSystems.match(patterns):
+        for m in result.metadata_list:
+            path = m.path
+            if "/.tmp-" in path:   # a file inside a temporary shard directory: take the whole directory
+                head, _, rest = path.partition("/.tmp-")
+                path = f"{head}/.tmp-{rest.split('/')[0]}" + ("/" if "://" in path else "")
+            found.add(path)
+    leftovers = sorted(found)
+    for path in leftovers:
+        try:
+            FileSystems.delete([path])
+        except Exception as exc:   # already gone, or not ours to delete: say so, never fail the round on it
+            LOG.warning("could not remove the leftover %s: %s", path, exc)
+    if leftovers:
+        LOG.info("removed %d leftovers of killed runs (e.g. %s)", len(leftovers), leftovers[0])
+    return len(leftovers)
+
+
 # ---------------------------------------------------------------- exclude
 
 def read_excluded(cfg: dict, state: dict, n: int) -> dict:
