@@ -592,3 +592,48 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path, pool):
     assert not os.path.exists(os.path.join(manifest, ".tmp-0123456789ab"))
     assert sorted(os.listdir(manifest)) == kept
     assert _state(wd)["rounds"]["2"]["status"] == "completed"
+
+
+_HOLD_LOCK = """
+import os, sys, time
+from clusmar_beam.app.rounds.lock import LockHeld, acquire_lock
+try:
+    acquire_lock(sys.argv[1], 1, False)
+except LockHeld:
+    print("refused", flush=True)
+    sys.exit(0)
+print("acquired", flush=True)
+for _ in range(6000):     # hold the lock until the test says so (or a minute at most)
+    if os.path.exists(sys.argv[2]):
+        break
+    time.sleep(0.01)
+"""
+
+
+def test_two_recoveries_of_a_stale_lock_cannot_both_take_it(tmp_path, pool, capsys):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (wd / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started_at": "x",
+                                              "round": 1, "token": "stale"}))
+    release = tmp_path / "release"
+    runs = [subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(wd), str(release)], stdout=subprocess.PIPE,
+                             text=True) for _ in range(4)]
+    outcomes = sorted(p.stdout.readline().strip() for p in runs)   # each answers while the winner holds on
+    release.write_text("")
+    for p in runs:
+        p.wait(timeout=120)
+    assert outcomes == ["acquired", "refused", "refused", "refused"]
+    # a killed holder leaves lock.json behind, but not the OS lock: the next run takes over
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(wd), str(tmp_path / "never")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "acquired"
+    config = _config(tmp_path, pool, strategy="margin")
+    assert cli.main(["round", "--config", config, "--break-lock"]) == 2     # a live run's lock is not broken
+    assert "running process" in capsys.readouterr().err
+    holder.kill()
+    holder.wait()
+    assert (wd / "lock.json").exists()
+    assert cli.main(["round", "--config", config]) == 0
+    assert not (wd / "lock.json").exists()
