@@ -637,3 +637,22 @@ def test_two_recoveries_of_a_stale_lock_cannot_both_take_it(tmp_path, pool, caps
     assert (wd / "lock.json").exists()
     assert cli.main(["round", "--config", config]) == 0
     assert not (wd / "lock.json").exists()
+
+
+def test_status_next_round_is_what_a_scheduler_runs(tmp_path, pool, capsys, monkeypatch):
+    config = _config(tmp_path, pool, strategy="margin")
+    wd = str(tmp_path / "wd")
+    capsys.readouterr()
+    assert cli.main(["status", "--workdir", wd, "--next-round"]) == 0
+    assert capsys.readouterr().out.strip() == "1"
+    assert cli.main(["round", "--config", config, "--round", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["status", "--workdir", wd, "--next-round"]) == 0
+    assert capsys.readouterr().out.strip() == "2"
+    monkeypatch.setattr(rounds, "FAULT_HOOK", lambda stage, when: (_ for _ in ()).throw(Boom("x"))
+                        if (stage, when) == ("select", "before") else None)
+    with pytest.raises(Boom):
+        cli.main(["round", "--config", config, "--round", "2"])
+    capsys.readouterr()
+    assert cli.main(["status", "--workdir", wd, "--next-round"]) == 0
+    assert capsys.readouterr().out.strip() == "2"                 # the unfinished round, again

@@ -18,11 +18,18 @@ class StatusOptions(SubcommandOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument("--workdir", help="the work directory of `clusmar round`")
         parser.add_argument("--json", dest="as_json", action="store_true", help="print the rounds as JSON")
+        parser.add_argument("--next-round", dest="next_round", action="store_true",
+                            help="print only the round a scheduler should run next: the unfinished one, else the "
+                                 "one after the last completed (1 in a new work directory)")
 
 
 def run(argv=None) -> dict:
     _, opts = parse_options(StatusOptions, argv)
     workdir = require(opts.workdir, "--workdir").rstrip("/")
+    if opts.next_round:
+        n = rounds.next_round(workdir)
+        print(n)
+        return {"next_round": n}
     rows = rounds.status_rows(workdir)
     print(json.dumps(rows, indent=2) if opts.as_json else rounds.format_status(workdir))
     return {"rounds": rows}

@@ -80,7 +80,7 @@ from clusmar_beam.app.rounds.config import beam_flags, load_config, round_parame
 from clusmar_beam.app.rounds.lock import acquire_lock, release_lock
 from clusmar_beam.app.rounds.stages import STAGES, _tfrecord_ids, read_ids, write_ids
 from clusmar_beam.app.rounds.state import STATE_FORMAT, STATE_VERSION, completed_rounds, load_state, now, save_state
-from clusmar_beam.app.rounds.status import format_status, status_rows
+from clusmar_beam.app.rounds.status import format_status, next_round, status_rows
 from clusmar_beam.core import progress
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.transforms import storage
@@ -89,7 +89,7 @@ LOG = logging.getLogger("clusmar")
 
 # What app/round.py, app/status.py and the tests use; the modules hold the rest.
 __all__ = ["run_round", "Round", "load_config", "beam_flags", "STATE_FORMAT", "STATE_VERSION", "read_ids",
-           "write_ids", "_tfrecord_ids", "status_rows", "format_status", "FAULT_HOOK", "_Ticker"]
+           "write_ids", "_tfrecord_ids", "status_rows", "format_status", "next_round", "FAULT_HOOK", "_Ticker"]
 
 # Test hook: called as FAULT_HOOK(stage, "before"|"after"); "after" is after the stage's
 # outputs are written but before state.json records it. CLUSMAR_FAIL_STAGE=stage[:when]

@@ -6,13 +6,21 @@ import posixpath
 from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.app.rounds.stages import STAGES
-from clusmar_beam.app.rounds.state import load_state, state_path
+from clusmar_beam.app.rounds.state import load_state, previous_state_path, state_path
 from clusmar_beam.core.errors import InputError
+
+
+def next_round(workdir: str) -> int:
+    """The round `clusmar round` without --round would run: the first unfinished one, else the next."""
+    state = load_state(workdir.rstrip("/"))   # a fresh state in a new directory; refuses one that lost its state
+    rounds = {int(k): info for k, info in state["rounds"].items()}
+    unfinished = sorted(n for n, info in rounds.items() if info.get("status") != "completed")
+    return unfinished[0] if unfinished else max(rounds, default=0) + 1
 
 
 def status_rows(workdir: str) -> list[dict]:
     workdir = workdir.rstrip("/")
-    if not FileSystems.exists(state_path(workdir)):
+    if not FileSystems.exists(state_path(workdir)) and not FileSystems.exists(previous_state_path(workdir)):
         raise InputError(f"--workdir {workdir!r}: no state.json (not a `clusmar round` work directory, "
                          "or no round has started yet)")
     state = load_state(workdir)
