@@ -1,0 +1,137 @@
+"""The deploy files parse, and every flag, module, path and version they name exists here.
+
+Docker, gcloud, Airflow and Kubernetes are not on this machine; these checks keep the
+files from rotting silently as the code changes.
+"""
+import ast
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import apache_beam
+import numpy as np
+import pytest
+import yaml
+
+from clusmar_beam.app import cli
+from conftest import read_manifest, write_parquet
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def _launch_stage():
+    spec = importlib.util.spec_from_file_location("launch_stage", DEPLOY / "dataflow" / "launch_stage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flags_of(subcommand):
+    return {o for a in _launch_stage().own_parser(subcommand)._actions for o in a.option_strings}
+
+
+def _clusmar_commands(text):
+    """Every `clusmar SUBCOMMAND --flag ...` in a shell command line (including inside $(...))."""
+    found = []
+    for chunk in re.split(r"\$\(|\)|&&|;", text):
+        words = shlex.split(chunk.replace('"', " ").replace("'", " "))
+        for i, word in enumerate(words):
+            if word == "clusmar" and i + 2 < len(words) and words[i + 2].startswith("--"):   # a command, not prose
+                flags = [w.split("=")[0] for w in words[i + 2:] if w.startswith("--")]
+                found.append((words[i + 1], flags))
+    return found
+
+
+def _check_commands(text, at_least):
+    commands = _clusmar_commands(text)
+    assert {name for name, _ in commands} >= set(at_least)
+    beam_flags = {"--runner", "--job_endpoint", "--artifact_endpoint", "--environment_type",
+                  "--environment_config", "--project", "--region", "--temp_location"}
+    for name, flags in commands:
+        assert name in cli.SUBCOMMANDS, name
+        unknown = [f for f in flags if f not in _flags_of(name) and f not in beam_flags]
+        assert not unknown, (name, unknown)
+
+
+def test_sdk_image_is_beams_at_the_pinned_version_with_this_package():
+    text = (DEPLOY / "container" / "Dockerfile").read_text()
+    version = re.search(r"ARG BEAM_VERSION=(\S+)", text).group(1)
+    assert version == apache_beam.__version__
+    pin = re.search(r'"apache-beam\[gcp\]>=([\d.]+),<([\d.]+)"', (ROOT / "setup.py").read_text())
+    assert pin.group(1) == version
+    python = re.search(r"apache/beam_python(\d+\.\d+)_sdk:\$\{BEAM_VERSION\}", text).group(1)
+    assert python == f"{sys.version_info.major}.{sys.version_info.minor}"
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
+    assert "pip check" in text
+    launcher = (DEPLOY / "dataflow" / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (?!--from)(\S+) \S+$", launcher, flags=re.M):
+        assert (ROOT / source).exists(), source
+
+
+def test_flex_template_parameters_are_clusmar_flags():
+    meta = json.loads((DEPLOY / "dataflow" / "metadata.json").read_text())
+    stage = next(p for p in meta["parameters"] if p["name"] == "stage")
+    stages = re.fullmatch(r"\^\((.+)\)\$", stage["regexes"][0]).group(1).split("|")
+    assert set(stages) <= set(cli.SUBCOMMANDS) and "round" in stages and "select" in stages
+    flags = set().union(*(_flags_of(s) for s in stages))
+    for parameter in meta["parameters"]:
+        if parameter["name"] != "stage":
+            assert "--" + parameter["name"].replace("_", "-") in flags, parameter["name"]
+        for regex in parameter.get("regexes", []):
+            re.compile(regex)
+
+
+def test_the_template_program_runs_a_stage(tmp_path, rng):
+    launch = _launch_stage()
+    assert launch.clusmar_argv(["--stage=select", "--batch_size=10", "--overwrite=true",
+                                "--runner=DirectRunner", "--candidate_multiplier=2"]) == \
+        ["select", "--batch-size=10", "--overwrite", "--runner=DirectRunner", "--candidate-multiplier=2"]
+    assert launch.clusmar_argv(["--stage=round", "--config=gs://b/round.yaml", "--force=false", "--round=3"]) == \
+        ["round", "--config=gs://b/round.yaml", "--round=3"]
+    with pytest.raises(SystemExit):
+        launch.clusmar_argv(["--stage=bogus"])
+    ids = np.arange(500)
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": ids, "margin": rng.random(500).astype(np.float32)})
+    argv = launch.clusmar_argv(["--stage=select", f"--pool={tmp_path / 'pool' / '*.parquet'}", "--batch_size=25",
+                                "--strategy=margin", f"--output={tmp_path / 'manifest'}", "--runner=DirectRunner"])
+    assert cli.main(argv) == 0
+    assert len(read_manifest(tmp_path / "manifest")) == 25
+
+
+def test_flink_compose_pairs_a_worker_pool_with_the_taskmanager_at_matching_versions():
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+    text = (DEPLOY / "flink" / "docker-compose.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    job_server = re.fullmatch(r"apache/beam_flink([\d.]+)_job_server:(\S+)", services["job-server"]["image"])
+    assert job_server.group(2) == apache_beam.__version__
+    flink = re.match(r"flink:(\d+\.\d+)", services["jobmanager"]["image"]).group(1)
+    assert job_server.group(1) == flink and flink in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
+    assert services["taskmanager"]["image"] == services["jobmanager"]["image"]
+    assert services["worker-pool"]["network_mode"] == "service:taskmanager"
+    assert "--worker_pool" in services["worker-pool"]["command"]
+    _check_commands(text.replace("#", " "), ["cluster"])
+    assert "--environment_config localhost:50000" in text
+
+
+def test_schedules_run_the_next_round_with_flags_that_exist():
+    dag = (DEPLOY / "schedule" / "clusmar_round_dag.py").read_text()
+    tree = ast.parse(dag)
+    command = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                   and any(getattr(t, "id", None) == "ROUND_COMMAND" for t in node.targets))
+    _check_commands(ast.literal_eval(command), ["round", "status"])
+    cron = yaml.safe_load((DEPLOY / "schedule" / "cronjob.yaml").read_text())
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    _check_commands(" ".join(container["args"]), ["round", "status"])
+
+
+def test_deploy_scripts_are_valid_shell():
+    for script in sorted(DEPLOY.rglob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
