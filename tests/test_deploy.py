@@ -135,3 +135,32 @@ def test_schedules_run_the_next_round_with_flags_that_exist():
 def test_deploy_scripts_are_valid_shell():
     for script in sorted(DEPLOY.rglob("*.sh")):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+DATAFLOW_DRY_RUN = ["--runner=DataflowRunner", "--dry_run=True", "--project=clusmar-test", "--region=us-central1",
+                    "--temp_location=gs://clusmar-test-bucket/tmp"]
+
+
+def test_every_pipeline_builds_a_dataflow_job_offline_and_writes_nothing(tmp_path, rng):
+    import keras
+    inputs = keras.Input((4,), name="features")
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Dense(5, name="embedding")(inputs))).save(tmp_path / "model.keras")
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(3), 300).astype(np.float32)
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(300), "features": x, "embedding": x,
+                                                          "probs": probs})
+    write_parquet(str(tmp_path / "clusters" / "clusters-00000-of-00001.parquet"),
+                  {"id": np.arange(300), "cluster_id": np.arange(300) % 7})
+    pool = str(tmp_path / "pool" / "*.parquet")
+    commands = {
+        "generate-pool": ["generate-pool", "--num-examples", "1000", "--dim", "4", "--num-classes", "3"],
+        "score": ["score", "--pool", pool, "--model", str(tmp_path / "model.keras"), "--embedding-layer", "embedding"],
+        "cluster": ["cluster", "--pool", pool, "--target-mean-cluster-size", "5"],
+        "cluster-sharded": ["cluster", "--pool", pool, "--distance-threshold", "0.3", "--hac-shards", "3"],
+        "select": ["select", "--pool", pool, "--clusters", str(tmp_path / "clusters"), "--batch-size", "20"],
+    }
+    for name, argv in commands.items():
+        out = tmp_path / f"out-{name}"
+        assert cli.main([*argv, "--output", str(out), *DATAFLOW_DRY_RUN]) == 0, name
+        assert not out.exists(), name

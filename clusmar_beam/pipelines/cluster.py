@@ -209,6 +209,8 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
 def run(argv: list[str] | ClusterOptions | None = None) -> dict:
     """Run the pipeline from its flags (a list), or from typed values (a ClusterOptions); returns the summary."""
     info, outcome, seconds, output = build_and_run(ClusterOptions, argv, build, "cluster", "clustering.json")
+    if info.get("dry_run"):
+        return info
     sizes = element_sizes.largest(outcome)
     if sizes:
         LOG.info("cluster: largest element per step (bytes): %s",

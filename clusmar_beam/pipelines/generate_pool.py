@@ -83,6 +83,8 @@ def build(pipeline: beam.Pipeline, opts: GeneratePoolOptions) -> storage.OutputD
 def run(argv: list[str] | GeneratePoolOptions | None = None) -> dict:
     """Run the pipeline from its flags (a list), or from typed values (a GeneratePoolOptions); returns the summary."""
     summary, _, seconds, output = build_and_run(GeneratePoolOptions, argv, build, "generate-pool", "pool.json")
+    if summary.get("dry_run"):
+        return summary
     LOG.info("generate-pool: %d examples (dim %d, %d classes) in %d %s files in %.1f s -> %s",
              summary["num_examples"], summary["dim"], summary["num_classes"], len(summary["files"]),
              summary["format"], seconds, output)

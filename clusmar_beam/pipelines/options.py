@@ -6,7 +6,7 @@ import time
 from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.transforms import storage
@@ -128,6 +128,9 @@ def build_and_run(options_class, argv, build, name: str, summary_name: str):
         result = run_pipeline(pipeline, name)
     finally:
         output.remove_temp()
+    if options.view_as(TestOptions).dry_run:   # the runner built the job and submitted nothing
+        LOG.info("%s: --dry_run: the job was built and not submitted; nothing was written to %s", name, output.path)
+        return Finished({"dry_run": True}, result, time.time() - start, output.path)
     return Finished(storage.read_json(output.join(summary_name)), result, time.time() - start, output.path)
 
 
@@ -135,6 +138,7 @@ def run_pipeline(pipeline: beam.Pipeline, name: str):
     """Run to completion and log the elapsed time; returns the PipelineResult."""
     start = time.time()
     result = pipeline.run()
-    result.wait_until_finish()
+    if result is not None:   # None from a Dataflow --dry_run
+        result.wait_until_finish()
     LOG.info("%s: pipeline finished in %.1f s", name, time.time() - start)
     return result

@@ -220,6 +220,8 @@ def build(pipeline: beam.Pipeline, opts: ScoreOptions) -> storage.OutputDir:
 def run(argv: list[str] | ScoreOptions | None = None) -> dict:
     """Run the pipeline from its flags (a list), or from typed values (a ScoreOptions); returns the summary."""
     info, result, seconds, output = build_and_run(ScoreOptions, argv, build, "score", "scoring.json")
+    if info.get("dry_run"):
+        return info
     info["metrics"] = scoring.log_metrics(result)
     info["seconds"] = seconds
     LOG.info("score: %d examples (embedding dim %s, %s classes, mean margin %.4f) in %.1f s -> %s; metrics %s",

@@ -176,6 +176,8 @@ def build(pipeline, opts: SelectOptions):
 def run(argv: list[str] | SelectOptions | None = None) -> dict:
     """Run the pipeline from its flags (a list), or from typed values (a SelectOptions); returns the summary."""
     summary, _, seconds, output = build_and_run(SelectOptions, argv, build, "select", "manifest.json")
+    if summary.get("dry_run"):
+        return summary
     LOG.info("select: %d selected of %d unlabeled (pool %d) in %.1f s -> %s", summary["selected"],
              summary["unlabeled_count"], summary["pool_count"], seconds, output)
     LOG.info("select: %s", describe(summary["diagnostics"]))

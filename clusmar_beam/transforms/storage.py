@@ -353,6 +353,7 @@ class OutputDir:
     step of the pipeline) removes any earlier outputs, renames the new shards
     into place and writes the summary JSON and then the completion marker.
     A directory holding a completed run is refused unless `overwrite` is set.
+    Building the pipeline writes nothing.
     """
 
     def __init__(self, path: str, prefix: str, summary_name: str, marker: str | None, overwrite: bool):
@@ -362,13 +363,11 @@ class OutputDir:
         self.marker = marker
         self.temp = FileSystems.join(self.path, f".tmp-{uuid.uuid4().hex[:12]}")
         done = self.join(marker or summary_name)
+        # Only a check while the pipeline is built (a dry run writes nothing): the temporary directory appears
+        # with its first shard, and leftovers of a run that never completed are replaced by finalize.
         if FileSystems.exists(done) and not overwrite:
             raise InputError(f"{self.path} already holds a completed run ({posixpath.basename(done)} exists); "
                              "pass --overwrite to replace it")
-        if not FileSystems.exists(done):
-            # Leftovers of a run that never completed are not outputs: clear them now.
-            self._delete(self._existing_outputs())
-        FileSystems.mkdirs(self.temp) if not FileSystems.exists(self.temp) else None
 
     def join(self, name: str) -> str:
         return FileSystems.join(self.path, name)
