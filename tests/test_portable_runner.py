@@ -90,3 +90,21 @@ def test_select_on_external_workers_matches_direct_runner(tmp_path, worker_pool)
     assert summaries[0]["diagnostics"]["picks_by_cluster_size"]
     assert summaries[0]["diagnostics"] == summaries[1]["diagnostics"]
     assert summaries[0]["warnings"] == summaries[1]["warnings"]
+
+
+def test_round_on_external_workers_matches_direct_runner(tmp_path, worker_pool):
+    """A whole `clusmar round` (cluster once, exclude, select) through the EXTERNAL worker pool."""
+    assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "2000", "--dim", "8",
+                     "--num-classes", "4", "--seed", "23", "--num-shards", "2"]) == 0
+    manifests = {}
+    for where, beam_args in (("direct", []), ("portable", _portable(worker_pool))):
+        config = tmp_path / f"{where}.yaml"
+        config.write_text(f"pool: {tmp_path / 'pool' / 'pool-*.parquet'}\nworkdir: {tmp_path / where}\n"
+                          f"batch_size: 100\ncandidate_multiplier: 2\ntarget_mean_cluster_size: 8\nseed: 4\n"
+                          f"beam_args: {beam_args!r}\n")
+        assert cli.main(["round", "--config", str(config), "--round", "1"]) == 0
+        manifest = tmp_path / where / "rounds" / "round-0001" / "manifest"
+        manifests[where] = {os.path.basename(p): open(p, "rb").read()
+                            for p in sorted(glob.glob(os.path.join(manifest, "manifest-*.tfrecord")))}
+        manifests[where]["clusters"] = _files(tmp_path / where / "clusters")
+    assert manifests["direct"] and manifests["portable"] == manifests["direct"]
