@@ -211,6 +211,20 @@ def test_workdir_report_without_labels(workdir, tmp_path):
     _assert_self_contained(bare / "report.html", 4, ["No labels have come back yet"])
 
 
+def test_workdir_report_names_a_damaged_labels_file(workdir, tmp_path, capsys):
+    damaged = tmp_path / "wd"
+    shutil.copytree(workdir, damaged, ignore=shutil.ignore_patterns("report*.html"))
+    state = json.load(open(damaged / "state.json"))
+    for info in state["rounds"].values():
+        info["parameters"]["labels"] = str(damaged / "labels" / "*")
+    (damaged / "state.json").write_text(json.dumps(state))
+    labels = damaged / "labels" / "labels-round-1.parquet"
+    labels.write_bytes(labels.read_bytes()[:-200])                    # a truncated upload
+    assert cli.main(["report", "--input", str(damaged)]) == 2
+    assert str(labels) in capsys.readouterr().err
+    assert not (damaged / "report.html").exists()
+
+
 # ---------------------------------------------------------------- refusals
 
 def test_existing_output_needs_overwrite(workdir, tmp_path):

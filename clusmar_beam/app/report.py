@@ -16,7 +16,6 @@ import math
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.app import report_plots as plots
@@ -774,8 +773,7 @@ def read_labels(pattern: str) -> tuple[np.ndarray, np.ndarray] | None:
         schema = storage.parquet_schema(path)
         if "id" not in schema or "label" not in schema:
             continue
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            batch = storage.table_to_batch(pq.read_table(handle, columns=["id", "label"]), path)
+        batch = storage.table_to_batch(storage.read_parquet_table(path, ["id", "label"]), path)
         ids.append(batch.ids)
         labels.append(np.asarray(batch.columns["label"]))
     records = [f for f in files if f not in parquet]
@@ -787,11 +785,15 @@ def read_labels(pattern: str) -> tuple[np.ndarray, np.ndarray] | None:
                 continue
             spec = {"id": tf.io.FixedLenFeature([], tf.int64 if schema["id"].kind == "int64" else tf.string),
                     "label": tf.io.FixedLenFeature([], tf.int64)}
-            for batch in tf.data.TFRecordDataset(path).batch(65536):
-                parsed = tf.io.parse_example(batch, spec)
-                values = parsed["id"].numpy()
-                ids.append(values if schema["id"].kind == "int64" else values.astype(object))
-                labels.append(parsed["label"].numpy())
+            try:
+                for batch in tf.data.TFRecordDataset(path).batch(65536):
+                    parsed = tf.io.parse_example(batch, spec)
+                    values = parsed["id"].numpy()
+                    ids.append(values if schema["id"].kind == "int64" else values.astype(object))
+                    labels.append(parsed["label"].numpy())
+            except tf.errors.OpError as exc:
+                raise InputError(f"{path}: not a readable TFRecord file of labels "
+                                 f"({exc.message.splitlines()[0]})") from None
     if not ids:
         return None
     all_ids = np.concatenate([i if i.dtype == np.int64 else i.astype(object) for i in ids])
@@ -983,8 +985,7 @@ def _picks_by_size_fallback(workdir: str, records: dict | None, clustering: dict
         return None
     ids = []
     for path in files:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            ids.append(pq.read_table(handle, columns=["cluster_id"]).column("cluster_id").to_numpy())
+        ids.append(storage.read_parquet_table(path, ["cluster_id"]).column("cluster_id").to_numpy())
     cluster_ids, sizes = np.unique(np.concatenate(ids), return_counts=True)
     picks = records["cluster_id"].astype(np.int64)
     where = np.clip(np.searchsorted(cluster_ids, picks), 0, len(cluster_ids) - 1)
