@@ -1,8 +1,9 @@
 """Packaging for clusmar_beam; also used as Beam's --setup_file for remote workers."""
 import setuptools
 
+BEAM_PIN = ">=2.77.0,<2.78"
 REQUIRED = [
-    "apache-beam[gcp]>=2.77.0,<2.78",
+    "apache-beam[gcp]" + BEAM_PIN,
     "tensorflow-cpu>=2.21.0,<2.22",
     "faiss-cpu>=1.15.1,<1.16",
     "pyarrow>=18",
@@ -14,7 +15,12 @@ REQUIRED = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "fastcluster>=1.2"],
+    # File systems beyond gs:// and local ones (every file goes through Beam's FileSystems).
+    "aws": ["apache-beam[aws]" + BEAM_PIN],        # s3://
+    "azure": ["apache-beam[azure]" + BEAM_PIN],    # azfs://
+    "hadoop": ["apache-beam[hadoop]" + BEAM_PIN],  # hdfs://
+    # moto's S3-compatible server: tests run rounds on s3:// without a network.
+    "test": ["pytest>=8", "fastcluster>=1.2", "apache-beam[aws]" + BEAM_PIN, "moto[server]>=5"],
     "bench": ["fastcluster>=1.2"],
 }
 

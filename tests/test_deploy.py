@@ -62,7 +62,7 @@ def test_sdk_image_is_beams_at_the_pinned_version_with_this_package():
     text = (DEPLOY / "container" / "Dockerfile").read_text()
     version = re.search(r"ARG BEAM_VERSION=(\S+)", text).group(1)
     assert version == apache_beam.__version__
-    pin = re.search(r'"apache-beam\[gcp\]>=([\d.]+),<([\d.]+)"', (ROOT / "setup.py").read_text())
+    pin = re.search(r'BEAM_PIN = ">=([\d.]+),<([\d.]+)"', (ROOT / "setup.py").read_text())
     assert pin.group(1) == version
     python = re.search(r"apache/beam_python(\d+\.\d+)_sdk:\$\{BEAM_VERSION\}", text).group(1)
     assert python == f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -70,6 +70,10 @@ def test_sdk_image_is_beams_at_the_pinned_version_with_this_package():
         for path in source.split():
             assert (ROOT / path).exists(), path
     assert "pip check" in text
+    extras = set(re.findall(r"'\[(\w+)\]'", text))
+    setup = {}
+    exec(compile((ROOT / "setup.py").read_text().replace("setuptools.setup(", "dict("), "setup.py", "exec"), setup)
+    assert extras and extras <= set(setup["EXTRAS"]), extras
     launcher = (DEPLOY / "dataflow" / "Dockerfile").read_text()
     for source in re.findall(r"^COPY (?!--from)(\S+) \S+$", launcher, flags=re.M):
         assert (ROOT / source).exists(), source
@@ -164,3 +168,46 @@ def test_every_pipeline_builds_a_dataflow_job_offline_and_writes_nothing(tmp_pat
         out = tmp_path / f"out-{name}"
         assert cli.main([*argv, "--output", str(out), *DATAFLOW_DRY_RUN]) == 0, name
         assert not out.exists(), name
+
+
+def _min_ram_by_step(pipeline):
+    """{step name: min_ram bytes} of the steps whose environment carries a min_ram hint."""
+    from apache_beam.portability import common_urns
+    proto = pipeline.to_runner_api()
+    urn = common_urns.resource_hints.MIN_RAM_BYTES.urn
+    hinted = {}
+    for transform in proto.components.transforms.values():
+        hints = proto.components.environments[transform.environment_id].resource_hints if transform.environment_id \
+            else {}
+        if urn in hints and not transform.subtransforms:
+            hinted[transform.unique_name] = int(hints[urn])
+    return hinted
+
+
+def test_the_steps_that_hold_more_than_a_batch_ask_for_memory(tmp_path, rng):
+    """The one-worker HAC and the k_m candidates carry min_ram hints from the memory model; nothing else does."""
+    from clusmar_beam.pipelines import cluster, select
+    from clusmar_beam.pipelines.options import make_pipeline, parse_options
+    from clusmar_beam.transforms import memory
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(2000), "embedding": x,
+                                                          "margin": rng.random(2000).astype(np.float32)})
+    pool = str(tmp_path / "pool" / "*.parquet")
+    argv = ["--pool", pool, "--distance-threshold", "0.3", "--output", str(tmp_path / "c"), *DATAFLOW_DRY_RUN]
+    options, opts = parse_options(cluster.ClusterOptions, argv)
+    pipeline = make_pipeline(options)
+    cluster.build(pipeline, opts)
+    hinted = _min_ram_by_step(pipeline)
+    want = int(np.ceil(memory.one_worker_hac_bytes(2000 * 16 * 4) / memory.GiB)) * memory.GiB
+    assert set(hinted) == {"Cluster/Cluster"} and hinted["Cluster/Cluster"] == want
+    assert want >= memory.WORKER_BASE_BYTES
+
+    options, opts = parse_options(select.SelectOptions, [
+        "--pool", pool, "--strategy", "margin", "--batch-size", "50", "--output", str(tmp_path / "m"),
+        *DATAFLOW_DRY_RUN])
+    pipeline = make_pipeline(options)
+    select.build(pipeline, opts)
+    hinted = _min_ram_by_step(pipeline)
+    assert {step.split("/")[0] + "/" + step.split("/")[1] for step in hinted} == {"Candidates/KeepLowest", "Order/FlatMap(order)"}
+    assert set(hinted.values()) == {memory.GiB * int(np.ceil(memory.candidates_bytes(50) / memory.GiB))}
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()

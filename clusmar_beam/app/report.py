@@ -748,13 +748,10 @@ def read_manifest_records(directory: str) -> dict | None:
         if name in schema:
             spec[name] = tf.io.FixedLenFeature([], dtype)
     parts: dict = {name: [] for name in spec}
-    try:
-        for batch in tf.data.TFRecordDataset(files).batch(65536):
-            parsed = tf.io.parse_example(batch, spec)
+    for path in files:
+        for parsed in storage.read_tfrecord_features(path, spec):
             for name in spec:
-                parts[name].append(parsed[name].numpy())
-    except tf.errors.OpError as exc:
-        raise InputError(f"{directory}: cannot read the manifest records ({exc.message.splitlines()[0]})") from None
+                parts[name].append(parsed[name])
     out = {name: np.concatenate(values) if values else np.zeros(0) for name, values in parts.items()}
     if out["id"].dtype != np.int64:
         out["id"] = out["id"].astype(object)
@@ -785,15 +782,9 @@ def read_labels(pattern: str) -> tuple[np.ndarray, np.ndarray] | None:
                 continue
             spec = {"id": tf.io.FixedLenFeature([], tf.int64 if schema["id"].kind == "int64" else tf.string),
                     "label": tf.io.FixedLenFeature([], tf.int64)}
-            try:
-                for batch in tf.data.TFRecordDataset(path).batch(65536):
-                    parsed = tf.io.parse_example(batch, spec)
-                    values = parsed["id"].numpy()
-                    ids.append(values if schema["id"].kind == "int64" else values.astype(object))
-                    labels.append(parsed["label"].numpy())
-            except tf.errors.OpError as exc:
-                raise InputError(f"{path}: not a readable TFRecord file of labels "
-                                 f"({exc.message.splitlines()[0]})") from None
+            for parsed in storage.read_tfrecord_features(path, spec):
+                ids.append(parsed["id"] if schema["id"].kind == "int64" else parsed["id"].astype(object))
+                labels.append(parsed["label"])
     if not ids:
         return None
     all_ids = np.concatenate([i if i.dtype == np.int64 else i.astype(object) for i in ids])

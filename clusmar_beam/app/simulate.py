@@ -363,7 +363,7 @@ def run(argv=None) -> dict:
         FileSystems.delete([success])
     result = simulate(opts)
     storage.write_json_atomic(result_path, result)
-    storage.write_bytes_atomic(success, b"")
+    storage.write_success(output, "simulation.json")
     for warning in result["warnings"]:
         LOG.warning("simulate: %s", warning)
     for row in result["savings"]:

@@ -146,9 +146,9 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
     _check(opts)
     pool_glob, eps, target = opts.pool, opts.distance_threshold, opts.target_mean_cluster_size
     reader = storage.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
-    shards_flag, pool_rows = opts.hac_shards, None
-    if shards_flag == "auto" or (shards_flag != 1 and opts.max_rounds is None):
-        pool_rows, embedding_bytes = storage.footprint(reader.files, reader.format, "embedding")
+    shards_flag = opts.hac_shards
+    # From the Parquet footers: the --hac-shards auto choice, the rounds built, the one-worker step's memory hint.
+    pool_rows, embedding_bytes = storage.footprint(reader.files, reader.format, "embedding")
     if shards_flag == "auto":
         opts.hac_shards = auto_shards(embedding_bytes)
         LOG.info("cluster: --hac-shards auto: %.1f MiB of embeddings -> %s", embedding_bytes / (1 << 20),
@@ -200,7 +200,7 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
             opts.approximation, opts.threshold_sample_size, opts.num_shards)
     else:
         clustered = pipeline | reader | "Cluster" >> ClusterOnOneWorker(params, pool_glob, output.temp,
-                                                                         opts.num_shards)
+                                                                         opts.num_shards, embedding_bytes)
     shards, result = clustered["shards"], clustered["result"]
     _ = shards | "Write" >> storage.WriteShards(output, ".parquet", write_clusters_shard, summary, result)
     return output

@@ -5,6 +5,7 @@ same whatever the runner or number of workers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import apache_beam as beam
@@ -41,6 +42,13 @@ def _to_table(rows: dict) -> pa.Table:
                      "label": pa.array(rows["label"], type=pa.int64())})
 
 
+@functools.lru_cache(maxsize=1)
+def _plan(n: int, dim: int, num_classes: int, seed: int, region_sizes: str) -> synthetic.PoolPlan:
+    """The pool's plan, made again in each worker from its five parameters: the plan itself grows with the
+    pool (megabytes at 100M rows), and pickled into the write step it would inflate the job graph."""
+    return synthetic.make_plan(n, dim, num_classes, seed, region_sizes=region_sizes)
+
+
 def build(pipeline: beam.Pipeline, opts: GeneratePoolOptions) -> storage.OutputDir:
     """The pool's shards written in parallel, pool.json and _SUCCESS last; returns the output directory."""
     output_dir = require(opts.output, "--output")
@@ -50,8 +58,9 @@ def build(pipeline: beam.Pipeline, opts: GeneratePoolOptions) -> storage.OutputD
     if opts.region_sizes not in synthetic.REGION_SIZES:
         raise InputError(f"--region-sizes {opts.region_sizes!r}: choose "
                          + " or ".join(synthetic.REGION_SIZES))
+    spec = (n, opts.dim, opts.num_classes, opts.seed, opts.region_sizes)
     try:
-        plan = synthetic.make_plan(n, opts.dim, opts.num_classes, opts.seed, region_sizes=opts.region_sizes)
+        _plan(*spec)   # checks the parameters on the driver
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     num_shards = opts.num_shards or synthetic.default_num_shards(n)
@@ -64,7 +73,7 @@ def build(pipeline: beam.Pipeline, opts: GeneratePoolOptions) -> storage.OutputD
 
     def write(path, index):
         start, end = bounds[index]
-        rows = synthetic.generate_rows(plan, start, end)
+        rows = synthetic.generate_rows(_plan(*spec), start, end)
         if file_format == "parquet":
             storage.write_parquet(path, _to_table(rows))
         else:

@@ -71,7 +71,16 @@ def parse_options(options_class, argv):
     unknown = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
     if unknown:
         raise InputError("unknown flag(s): " + ", ".join(unknown))
-    return PipelineOptions(beam_argv), given if given is not None else options_class(argv)
+    options = PipelineOptions(beam_argv)
+    use_file_systems_with(options)
+    return options, given if given is not None else options_class(argv)
+
+
+def use_file_systems_with(options: PipelineOptions) -> None:
+    """Configure Beam's file systems from these flags for the reads and writes done outside a pipeline (schemas,
+    summaries, state): a file system such as S3 is unusable until it has options, even empty ones."""
+    from apache_beam.io.filesystems import FileSystems
+    FileSystems.set_options(options)
 
 
 def options_class_of(module):

@@ -18,7 +18,7 @@ from clusmar_beam.core.diagnostics import add_pick_cluster_sizes, describe, sele
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.margins import top2_margins
 from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
-from clusmar_beam.transforms import selection, storage
+from clusmar_beam.transforms import memory, selection, storage
 
 LOG = logging.getLogger("clusmar")
 ROWS_PER_MANIFEST_SHARD = 100_000
@@ -157,7 +157,8 @@ def build(pipeline, opts: SelectOptions):
             "files": names,
         }
 
-    ordered = candidates | "Order" >> beam.FlatMap(order, beam.pvalue.AsSingleton(stats)).with_outputs(
+    ordered = candidates | "Order" >> memory.with_min_ram(
+        beam.FlatMap(order, beam.pvalue.AsSingleton(stats)), memory.candidates_bytes(keep)).with_outputs(
         "diagnostics", main="chosen")
     chosen, diagnostics = ordered.chosen, ordered.diagnostics
     if cluster_reader:

@@ -24,7 +24,7 @@ from clusmar_beam.core.batch import Batch, check_finite, concat_batches, find_du
 from clusmar_beam.core.cells import split_by_key
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.hac.sizes import size_summary
-from clusmar_beam.transforms import element_sizes, ranks, sharded_hac, storage
+from clusmar_beam.transforms import element_sizes, memory, ranks, sharded_hac, storage
 
 LOG = logging.getLogger("clusmar")
 ROWS_PER_CLUSTER_SHARD = 1_000_000
@@ -264,16 +264,18 @@ def write_clusters_shard(path: str, payload) -> None:
 class ClusterOnOneWorker(beam.PTransform):
     """The pool gathered on one worker (as temporary files, not one element) and clustered by core.hac."""
 
-    def __init__(self, params: dict, pool_glob: str, temp_dir: str, num_shards: int | None):
+    def __init__(self, params: dict, pool_glob: str, temp_dir: str, num_shards: int | None, embedding_bytes: int):
         super().__init__()
         self.params, self.pool_glob, self.temp_dir, self.num_shards = params, pool_glob, temp_dir, num_shards
+        self.embedding_bytes = embedding_bytes
 
     def expand(self, batches):
         result = (batches
                   | "Check" >> beam.Map(_validated)
                   | "Spill" >> beam.Map(spill, self.temp_dir)
                   | "Gather" >> beam.combiners.ToList()
-                  | "Cluster" >> beam.Map(cluster_pool, self.params, self.pool_glob))
+                  | "Cluster" >> memory.with_min_ram(beam.Map(cluster_pool, self.params, self.pool_glob),
+                                                     memory.one_worker_hac_bytes(self.embedding_bytes)))
         shards = result | "Shards" >> beam.FlatMap(_shards, self.num_shards)
         return {"shards": shards, "result": result | "Summary" >> beam.Map(_one_worker_summary)}
 

@@ -15,11 +15,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.transforms.window import GlobalWindows
@@ -78,17 +80,48 @@ def _shape_text(shape) -> str:
 # ---------------------------------------------------------------- loading
 
 def model_kind(path: str) -> str:
-    """'keras' for a .keras/.h5 file, 'savedmodel' for a SavedModel directory; InputError otherwise."""
-    import tensorflow as tf
-    if not tf.io.gfile.exists(path):
-        raise InputError(f"--model {path!r}: no such file or directory")
-    if tf.io.gfile.isdir(path):
-        if tf.io.gfile.exists(path.rstrip("/") + "/saved_model.pb"):
-            return "savedmodel"
+    """'keras' for a .keras/.h5 file, 'savedmodel' for a SavedModel directory; InputError otherwise.
+
+    Looked up through Beam's FileSystems, so a model may live on any file system Beam has.
+    """
+    path = path.rstrip("/")
+    if FileSystems.exists(FileSystems.join(path, "saved_model.pb")):
+        return "savedmodel"
+    if FileSystems.exists(path) and not storage.files_under(path):
+        if path.endswith((".keras", ".h5", ".hdf5")):
+            return "keras"
+        raise InputError(f"--model {path!r}: expected a Keras .keras (or .h5) file or a SavedModel directory")
+    if storage.files_under(path):
         raise InputError(f"--model {path!r}: a directory without saved_model.pb is not a TensorFlow SavedModel")
-    if path.endswith((".keras", ".h5", ".hdf5")):
-        return "keras"
-    raise InputError(f"--model {path!r}: expected a Keras .keras (or .h5) file or a SavedModel directory")
+    raise InputError(f"--model {path!r}: no such file or directory")
+
+
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def local_model_path(path: str) -> str:
+    """A path TensorFlow can load the model from: `path` itself when it is local, else a copy in a
+    temporary directory made through Beam's FileSystems (TensorFlow reads only local files and gs://;
+    Beam reads every file system it has, s3:// and hdfs:// included). One copy per process."""
+    path = path.rstrip("/")
+    if "://" not in path:
+        return path
+    if path not in _LOCAL_COPIES:
+        import atexit
+        import shutil
+        import tempfile
+        target = tempfile.mkdtemp(prefix="clusmar-model-")
+        atexit.register(shutil.rmtree, target, True)
+        files = storage.files_under(path)
+        pairs = [(f, os.path.join(target, *f[len(path) + 1:].split("/"))) for f in files] if files else \
+            [(path, os.path.join(target, path.rsplit("/", 1)[-1]))]
+        for source, local in pairs:
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+                    open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        _LOCAL_COPIES[path] = target if files else pairs[0][1]
+    return _LOCAL_COPIES[path]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -172,7 +205,7 @@ class KerasScorer(Scorer):
         if config.signature:
             raise InputError(f"--signature applies to SavedModel directories; {config.path!r} is a Keras file")
         try:
-            model = keras.saving.load_model(config.path, compile=False)
+            model = keras.saving.load_model(local_model_path(config.path), compile=False)
         except Exception as exc:  # Keras raises many types for unreadable / unsupported files
             raise InputError(f"--model {config.path!r}: cannot load the Keras model ({_first_line(exc)})") from exc
         self.model = model
@@ -291,7 +324,7 @@ class SavedModelScorer(Scorer):
         super().__init__(config)
         import tensorflow as tf
         try:
-            self.loaded = tf.saved_model.load(config.path)
+            self.loaded = tf.saved_model.load(local_model_path(config.path))
         except Exception as exc:
             raise InputError(f"--model {config.path!r}: cannot load the SavedModel ({_first_line(exc)})") from exc
         signatures = dict(self.loaded.signatures)

@@ -14,6 +14,7 @@ from clusmar_beam.core.diagnostics import margin_histogram
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.hashing import id_keys, mix64
 from clusmar_beam.core.selection import NO_CLUSTER, lowest_for, scored_rows
+from clusmar_beam.transforms import memory
 
 # ---------------------------------------------------------------- sharded join
 
@@ -194,7 +195,8 @@ class SelectCandidates(beam.PTransform):
                   | "ByBucket" >> beam.GroupByKey()
                   | "Join" >> beam.ParDo(_JoinBucket(self.strategy, self.keep, self.seed, self.round,
                                                      self.clusters_flag)).with_outputs("stats", main="rows"))
-        candidates = joined.rows | "KeepLowest" >> beam.CombineGlobally(_KeepLowest(self.strategy, self.keep))
+        candidates = joined.rows | "KeepLowest" >> memory.with_min_ram(
+            beam.CombineGlobally(_KeepLowest(self.strategy, self.keep)), memory.candidates_bytes(self.keep))
         stats = joined.stats | "SumStats" >> beam.CombineGlobally(_sum_stats)
         return candidates, stats
 

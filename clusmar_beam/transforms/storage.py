@@ -127,8 +127,11 @@ def footprint(files: list[str], file_format: str, column: str) -> tuple[int | No
 def tfrecord_schema(path: str) -> dict[str, Column]:
     """Feature kinds from the first record; an empty file gives an empty schema."""
     import tensorflow as tf
-    for record in tf.data.TFRecordDataset(path).take(1):
-        example = tf.train.Example.FromString(record.numpy())
+    for first in read_tfrecords(path, batch_size=1):
+        try:
+            example = tf.train.Example.FromString(first[0])
+        except Exception as exc:   # protobuf's DecodeError
+            raise InputError(f"{path}: the first record is not a tf.train.Example ({exc})") from None
         columns = {}
         for name, feature in example.features.feature.items():
             kind = feature.WhichOneof("kind")
@@ -254,8 +257,7 @@ class ReadTFRecordFile(beam.DoFn):
     def process(self, path):
         import tensorflow as tf
         id_type = "binary" if self._schema["id"].kind == "bytes" else "int64"
-        dataset = tf.data.TFRecordDataset(path).batch(self._batch_size)
-        for serialized in dataset:
+        for serialized in read_tfrecords(path, self._batch_size):
             try:
                 parsed = tf.io.parse_example(serialized, self._spec)
             except tf.errors.InvalidArgumentError as exc:
@@ -333,6 +335,12 @@ def write_bytes_atomic(path: str, payload: bytes) -> None:
     FileSystems.rename([temp], [path])
 
 
+def write_success(directory: str, completes: str) -> None:
+    """The completion marker, written last: one line naming the summary it vouches for. Never empty: Beam's
+    S3 file system cannot write an empty object (apache/beam#21369)."""
+    write_bytes_atomic(FileSystems.join(directory, SUCCESS), f"{completes}\n".encode())
+
+
 def write_json_atomic(path: str, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -395,7 +403,7 @@ class OutputDir:
         self.remove_temp()
         write_json_atomic(self.join(self.summary_name), summary)
         if self.marker:
-            write_bytes_atomic(self.join(self.marker), b"")
+            write_success(self.path, self.summary_name)
 
     def remove_temp(self) -> None:
         if FileSystems.exists(self.temp):
@@ -405,6 +413,55 @@ class OutputDir:
 def write_parquet(path: str, table: pa.Table) -> None:
     with FileSystems.create(path) as handle:
         pq.write_table(table, handle, row_group_size=65536)
+
+
+def files_under(directory: str) -> list[str]:
+    """Every file below a directory, at any depth."""
+    return [m.path for result in FileSystems.match([FileSystems.join(directory.rstrip("/"), "**")])
+            for m in result.metadata_list]
+
+
+def file_or_directory_exists(path: str) -> bool:
+    """FileSystems.exists, true also for a directory on an object store, which is no object of its own."""
+    return FileSystems.exists(path) or bool(files_under(path))
+
+
+def read_tfrecords(path: str, batch_size: int = 65536):
+    """The serialized records of one TFRecord file, in lists of up to `batch_size`.
+
+    Read through Beam's FileSystems (so any scheme Beam has: gs://, s3://, hdfs://,
+    local), with the framing and CRC checks of Beam's own TFRecord source; a damaged
+    file is bad input naming it. A `.gz` file is decompressed.
+    """
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+    batch = []
+    with FileSystems.open(path) as handle:
+        while True:
+            try:
+                record = _TFRecordUtil.read_record(handle)
+            except ValueError as exc:
+                raise InputError(f"{path}: not a readable TFRecord file ({str(exc)[:120]})") from None
+            if record is None:
+                break
+            batch.append(record)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def read_tfrecord_features(path: str, spec: dict, batch_size: int = 65536):
+    """Batches of one TFRecord file's tf.train.Example records parsed by `spec` ({name: tf.io feature}),
+    as {name: numpy array}; a file that is damaged or lacks a feature is bad input naming it."""
+    import tensorflow as tf
+    for records in read_tfrecords(path, batch_size):
+        try:
+            parsed = tf.io.parse_example(records, spec)
+        except tf.errors.InvalidArgumentError as exc:
+            raise InputError(f"{path}: cannot parse the records' features {sorted(spec)} "
+                             f"({exc.message.splitlines()[0][:200]})") from None
+        yield {name: value.numpy() for name, value in parsed.items()}
 
 
 def write_tfrecords(path: str, records) -> None:

@@ -74,6 +74,7 @@ import os
 import time
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from clusmar_beam.app.rounds import stages
 from clusmar_beam.app.rounds.config import beam_flags, load_config, round_parameters, separate_embedding_model
@@ -83,6 +84,7 @@ from clusmar_beam.app.rounds.state import STATE_FORMAT, STATE_VERSION, completed
 from clusmar_beam.app.rounds.status import format_status, next_round, status_rows
 from clusmar_beam.core import progress
 from clusmar_beam.core.errors import InputError
+from clusmar_beam.pipelines.options import use_file_systems_with
 from clusmar_beam.transforms import storage
 
 LOG = logging.getLogger("clusmar")
@@ -146,6 +148,7 @@ class Round:
         self.cfg, self.force, self.recluster = cfg, force, recluster
         self.workdir = cfg["workdir"]
         self.beam = beam_flags(cfg) + list(extra_beam)
+        use_file_systems_with(PipelineOptions(self.beam))   # e.g. the config's --s3_endpoint_url
         self.round_arg = round_arg
 
     def round_dir(self, n: int) -> str:

@@ -97,7 +97,7 @@ def load_config(path: str) -> dict:
     # Names that do not exist: a clear message now, not a stack trace in stage 3.
     storage.match_files(cfg["pool"], f"{where}: pool")
     for key in ("model", "embedding_model"):
-        if cfg[key] is not None and not FileSystems.exists(cfg[key]):
+        if cfg[key] is not None and not storage.file_or_directory_exists(cfg[key]):
             raise InputError(f"{where}: {key} {cfg[key]!r} does not exist")
     if cfg["embedding_model"] is not None and cfg["model"] is None:
         raise InputError(f"{where}: embedding_model needs model (the pool is scored by model every round)")
