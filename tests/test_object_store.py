@@ -104,3 +104,39 @@ def test_rounds_on_s3_give_the_local_manifests(tmp_path, s3):
     import pyarrow.parquet as pq
     excluded = pq.read_table(str(tmp_path / "exclude" / "exclude-00000-of-00001.parquet")).column("id").to_numpy()
     assert len(excluded) == 40   # round 1's labels (and its manifest): nothing sent twice
+
+
+def test_the_lock_on_s3_is_taken_by_one_of_two_runs(s3, monkeypatch):
+    """Conditional writes: a free lock is created by one run only; a stale lock is taken over by one of two
+    recoveries that judged it stale at the same time; a live holder is refused."""
+    import json
+    from clusmar_beam.app.rounds import conditional
+    from clusmar_beam.app.rounds.lock import LockHeld, acquire_lock, release_lock
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from clusmar_beam.pipelines.options import use_file_systems_with
+    for name, value in s3["env"].items():
+        monkeypatch.setenv(name, value)
+    use_file_systems_with(PipelineOptions([]))   # what every clusmar command does first
+    workdir = f"s3://{BUCKET}/lock-test"
+    path = f"{workdir}/lock.json"
+    assert conditional.version(path) is None
+    assert conditional.put_if(path, b"first", None) and not conditional.put_if(path, b"second", None)
+    stale = conditional.version(path)
+    assert conditional.put_if(path, b"recovery A", stale)      # both judged the same holder stale ...
+    assert not conditional.put_if(path, b"recovery B", stale)  # ... only the first replaces it
+    assert s3["client"].get_object(Bucket=BUCKET, Key="lock-test/lock.json")["Body"].read() == b"recovery A"
+    s3["client"].delete_object(Bucket=BUCKET, Key="lock-test/lock.json")
+
+    mine = acquire_lock(workdir, 1, False)
+    with pytest.raises(LockHeld):            # a live holder on this host
+        acquire_lock(workdir, 1, False)
+    release_lock(workdir, mine)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    s3["client"].put_object(Bucket=BUCKET, Key="lock-test/lock.json", Body=json.dumps(
+        {"host": socket.gethostname(), "pid": dead.pid, "started_at": "x", "round": 1, "token": "stale"}))
+    taken = acquire_lock(workdir, 2, False)  # the holder's process is gone: taken over
+    holder = json.loads(s3["client"].get_object(Bucket=BUCKET, Key="lock-test/lock.json")["Body"].read())
+    assert holder["token"] == taken["token"] and holder["round"] == 2
+    release_lock(workdir, taken)
+    assert conditional.version(path) is None

@@ -353,6 +353,8 @@ def test_killed_process_then_resume(tmp_path, pool):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (wd / "lock.json").exists()                  # the dead run's lock is left behind
+    status = rounds.format_status(str(wd))
+    assert "stopped in select (score/cluster/exclude done)" in status and "no longer running" in status
     info = rounds.run_round(config, 1)
     assert info["status"] == "completed" and info["stages"]["cluster"]["status"] == "done"
     assert len(set(_manifest_ids(str(wd), 1))) == K_T
@@ -656,3 +658,109 @@ def test_status_next_round_is_what_a_scheduler_runs(tmp_path, pool, capsys, monk
     capsys.readouterr()
     assert cli.main(["status", "--workdir", wd, "--next-round"]) == 0
     assert capsys.readouterr().out.strip() == "2"                 # the unfinished round, again
+
+
+def test_skip_unreadable_labels_when_asked(tmp_path, pool, capsys):
+    """A truncated labels file stops the round; with --skip-unreadable-labels it is left out with a warning
+    that state.json records, and its ids are still excluded as sent."""
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    assert cli.main(["round", "--config", config]) == 0
+    _label(pool, wd, 1)
+    bad = os.path.join(wd, "labels", "labels-round-1.parquet")
+    good = open(bad, "rb").read()
+    open(bad, "wb").write(good[: len(good) // 3])
+    assert cli.main(["round", "--config", config]) == 2
+    capsys.readouterr()
+    assert cli.main(["round", "--config", config, "--skip-unreadable-labels"]) == 0
+    out = capsys.readouterr().out
+    assert f"labels file skipped as unreadable: {bad}" in out
+    exclude = _state(wd)["rounds"]["2"]["stages"]["exclude"]
+    assert exclude["labeled"] == 0 and exclude["sent_earlier"] == K_T
+    assert [s["file"] for s in exclude["skipped_labels"]] == [bad]
+    sent = _sent_ids(wd, (1, 2))
+    assert len(sent) == len(set(sent)) == 2 * K_T
+
+
+def test_dry_run_reads_everything_and_writes_nothing(tmp_path, pool, capsys):
+    config = _config(tmp_path, pool)
+    wd = tmp_path / "wd"
+    assert cli.main(["round", "--config", config, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1" in out and "cluster  run" in out and "0 labeled ids, 0 sent" in out and "lock: free" in out
+    assert not wd.exists()
+    assert cli.main(["round", "--config", config]) == 0
+    _label(pool, str(wd), 1, fraction=0.5)
+    listing = sorted((p, p.stat().st_mtime_ns) for p in wd.rglob("*"))
+    capsys.readouterr()
+    assert cli.main(["round", "--config", config, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "round 2" in out and "reuse the clusters of round 1" in out
+    assert f"{K_T // 2} labeled ids, {K_T} sent in earlier manifests" in out
+    assert sorted((p, p.stat().st_mtime_ns) for p in wd.rglob("*")) == listing
+    manifest = wd / "rounds" / "round-0001" / "manifest" / "manifest-00000-of-00001.tfrecord"
+    data = bytearray(manifest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    manifest.write_bytes(bytes(data))
+    assert cli.main(["round", "--config", config, "--dry-run"]) == 2
+    assert str(manifest) in capsys.readouterr().err
+
+
+def test_detach_returns_while_the_round_runs_and_status_shows_it(tmp_path, pool):
+    import time
+    config = _config(tmp_path, pool)
+    wd = str(tmp_path / "wd")
+    log = str(tmp_path / "logs" / "round.log")
+    started = subprocess.run([sys.executable, "-m", "clusmar_beam.app.cli", "round", "--config", config, "--detach",
+                              "--log-file", log], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    assert "running in the background" in started.stdout
+    status = rounds.format_status(wd)          # the run holds the lock until its last save
+    assert "a run holds the work directory" in status and log in status
+    deadline = time.time() + 600
+    while time.time() < deadline and os.path.exists(os.path.join(wd, "lock.json")):
+        time.sleep(0.5)
+    assert _state(wd)["rounds"]["1"]["status"] == "completed"
+    assert "round 1 complete: 100 selected" in open(log).read()
+    assert len(set(_manifest_ids(wd, 1))) == K_T
+    again = subprocess.run([sys.executable, "-m", "clusmar_beam.app.cli", "round", "--config", config, "--round",
+                            "1", "--detach", "--log-file", log], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_a_lock_left_on_another_host_is_taken_over_once_its_lease_runs_out(tmp_path, pool, capsys, caplog):
+    """A killed pod's lock names a host that never comes back; the holder's renewals tell it apart."""
+    import time
+    from clusmar_beam.app.rounds import lock
+    config = _config(tmp_path, pool, strategy="margin")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    holder = {"host": "pod-gone-1234", "pid": 7, "started_at": "x", "round": 1, "token": "t"}
+    (wd / "lock.json").write_text(json.dumps({**holder, "renewed_at": time.time() - 60}))
+    assert cli.main(["round", "--config", config]) == 2                      # renewed a minute ago: held
+    assert "locked by another run (host pod-gone-1234" in capsys.readouterr().err
+    (wd / "lock.json").write_text(json.dumps({**holder, "renewed_at": time.time() - lock.LEASE_SECONDS - 5}))
+    assert lock.read_holder(str(wd))["alive"] is False
+    with caplog.at_level(logging.WARNING, logger="clusmar"):
+        assert cli.main(["round", "--config", config]) == 0
+    assert "has not renewed it for" in caplog.text
+    assert not (wd / "lock.json").exists() and _state(str(wd))["rounds"]["1"]["status"] == "completed"
+
+
+def test_the_holder_renews_its_lock_while_it_runs(tmp_path):
+    import time
+    from clusmar_beam.app.rounds import lock
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    mine = lock.acquire_lock(str(wd), 1, False)
+    first = json.loads((wd / "lock.json").read_text())["renewed_at"]
+    mine["lease"].stop()
+    lease = lock._Lease(str(wd / "lock.json"), mine, None, every=0.05)
+    deadline, seen = time.time() + 30, first
+    while time.time() < deadline and seen == first:
+        seen = lock.read_holder(str(wd)).get("renewed_at", first)   # {} for the instant lock.json is replaced
+        time.sleep(0.05)
+    assert seen > first
+    mine["lease"] = lease
+    lock.release_lock(str(wd), mine)
+    assert not (wd / "lock.json").exists() and not lease.thread.is_alive()

@@ -1,7 +1,8 @@
 """One active-learning round per run: config, state, the labeled set, resume, lock.
 
-`clusmar round --config round.yaml [--round N] [--force] [--recluster] [--break-lock]`
-does, in order, only what is missing for the round:
+`clusmar round --config round.yaml [--round N] [--force] [--recluster] [--break-lock]
+[--dry-run] [--detach] [--skip-unreadable-labels]` does, in order, only what is missing for
+the round (--dry-run only says what that is; --detach does it in a background process):
 
 1. score  - with a model: `clusmar score` of the pool into the round's scores/
             (embeddings too only when this round must cluster); without a model the
@@ -21,7 +22,8 @@ Work directory layout (local path or any Beam filesystem, e.g. gs://bucket/al/):
       state.previous.json           the state before the last save: a run that finds state.json
                                     missing (killed while replacing it) recovers from it
       lock.json                     present while a run holds the work directory: host, pid,
-                                    start time, round (break a stale one with --break-lock)
+                                    start time, round, renewed every minute (a stale one is taken
+                                    over; --break-lock takes any other)
       clusters/                     clusters-*.parquet + clustering.json (from `clusmar cluster`)
       embeddings/                   scores of `embedding_model` (only when it is not `model`)
       labels/                       labels coming back (Parquet or TFRecord with `id`, `label`);
@@ -64,8 +66,9 @@ Config keys (YAML or JSON; unknown keys are an error):
     beam_args: [FLAG, ...]          Beam pipeline flags for every stage (--runner ...)
     beam_options: {name: value}     the same as a mapping (runner: DataflowRunner, ...)
 
-Modules: config (the keys above), state (state.json), lock (lock.json), stages (the four
-stages), status (`clusmar status`); this one runs a round through them.
+Modules: config (the keys above), state (state.json), lock (lock.json; conditional: its
+conditional writes on S3 and GCS), stages (the four stages), status (`clusmar status`),
+launch (--detach); this one runs a round through them.
 """
 from __future__ import annotations
 
@@ -73,12 +76,14 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from clusmar_beam.app.rounds import stages
 from clusmar_beam.app.rounds.config import beam_flags, load_config, round_parameters, separate_embedding_model
-from clusmar_beam.app.rounds.lock import acquire_lock, release_lock
+from clusmar_beam.app.rounds.lock import acquire_lock, read_holder, release_lock
 from clusmar_beam.app.rounds.stages import STAGES, _tfrecord_ids, read_ids, write_ids
 from clusmar_beam.app.rounds.state import STATE_FORMAT, STATE_VERSION, completed_rounds, load_state, now, save_state
 from clusmar_beam.app.rounds.status import format_status, next_round, status_rows
@@ -90,7 +95,7 @@ from clusmar_beam.transforms import storage
 LOG = logging.getLogger("clusmar")
 
 # What app/round.py, app/status.py and the tests use; the modules hold the rest.
-__all__ = ["run_round", "Round", "load_config", "beam_flags", "STATE_FORMAT", "STATE_VERSION", "read_ids",
+__all__ = ["run_round", "plan_round", "Round", "load_config", "beam_flags", "STATE_FORMAT", "STATE_VERSION", "read_ids",
            "write_ids", "_tfrecord_ids", "status_rows", "format_status", "next_round", "FAULT_HOOK", "_Ticker"]
 
 # Test hook: called as FAULT_HOOK(stage, "before"|"after"); "after" is after the stage's
@@ -144,8 +149,10 @@ class _Ticker:
 class Round:
     """Runs (or resumes) one round under the work directory's lock; see the module docstring."""
 
-    def __init__(self, cfg: dict, round_arg: int | None, force: bool, recluster: bool, extra_beam: list[str]):
+    def __init__(self, cfg: dict, round_arg: int | None, force: bool, recluster: bool, extra_beam: list[str],
+                 skip_unreadable_labels: bool = False):
         self.cfg, self.force, self.recluster = cfg, force, recluster
+        self.skip_unreadable_labels = skip_unreadable_labels
         self.workdir = cfg["workdir"]
         self.beam = beam_flags(cfg) + list(extra_beam)
         use_file_systems_with(PipelineOptions(self.beam))   # e.g. the config's --s3_endpoint_url
@@ -185,10 +192,11 @@ class Round:
             raise InputError(f"--round {n} goes back: the next round is {expected}")
         return n
 
-    def run(self, break_lock: bool = False) -> dict:
+    def run(self, break_lock: bool = False, log: str | None = None) -> dict:
+        """The round under the lock; `log` (the log file of a detached run) is recorded in lock.json."""
         FileSystems.mkdirs(self.workdir) if not FileSystems.exists(self.workdir) else None
         load_state(self.workdir)   # an incompatible work directory is refused before anything is written
-        lock = acquire_lock(self.workdir, self.round_arg, break_lock)
+        lock = acquire_lock(self.workdir, self.round_arg, break_lock, log, PipelineOptions(self.beam))
         try:
             self.state = load_state(self.workdir)
             stages.remove_dead_temps(self.workdir)
@@ -202,6 +210,51 @@ class Round:
             return self._run_round(n)
         finally:
             release_lock(self.workdir, lock)
+
+    def plan(self) -> dict:
+        """What a run would do now, found without taking the lock or writing anything: the round, each stage
+        (done, to run, or skipped, and why), the ids to exclude (every labels file and earlier manifest is
+        read, so a damaged one shows now rather than in the night), and who holds the lock."""
+        self.state = load_state(self.workdir)
+        n = self._pick_round()
+        plan = {"round": n if n is not None else self.round_arg, "workdir": self.workdir,
+                "lock": read_holder(self.workdir) or None}
+        if n is None:
+            info = self.state["rounds"][str(self.round_arg)]
+            return {**plan, "already_complete": True, "manifest": info["manifest"]}
+        cfg = self.cfg
+        info = self.state["rounds"].get(str(n))
+        params = round_parameters(cfg)
+        if info is not None and info.get("status") == "completed":   # --force
+            info = None
+        if info is not None and info.get("parameters") != params and not self.force:
+            changed = sorted(k for k in params if info.get("parameters", {}).get(k) != params[k])
+            raise InputError(f"round {n} was started with different settings ({', '.join(changed)}); "
+                             f"restore them, or pass --force to restart round {n} with the new config")
+        resuming = info is not None and info.get("parameters") == params
+        done = {s for s in STAGES if resuming and info["stages"].get(s, {}).get("status") == "done"}
+        info = info if resuming else {"stages": {}}
+        need_cluster = cfg["strategy"] == "cluster-margin" and stages.must_cluster(cfg, self.state, info,
+                                                                                   self.recluster)
+        todo = {}
+        todo["score"] = "done" if "score" in done else (
+            "skipped: no model" if cfg["model"] is None else f"run {cfg['model']}"
+            + (" with embeddings" if need_cluster and not separate_embedding_model(cfg) else ""))
+        todo["cluster"] = "done" if "cluster" in done else (
+            f"skipped: strategy {cfg['strategy']}" if cfg["strategy"] != "cluster-margin" else
+            "run" if need_cluster else f"reuse the clusters of round {self.state['clustering']['round']}")
+        if "exclude" in done:
+            todo["exclude"] = "done"
+        else:
+            found = stages.read_excluded(cfg, self.state, n, self.skip_unreadable_labels)
+            todo["exclude"] = (f"{len(found['labeled'])} labeled ids, {len(np.unique(found['sent']))} sent in "
+                               f"earlier manifests")
+            if found["skipped_labels"]:
+                todo["exclude"] += f", {len(found['skipped_labels'])} unreadable labels files skipped"
+                plan["skipped_labels"] = found["skipped_labels"]
+        todo["select"] = "done" if "select" in done else (
+            f"{cfg['strategy']}, k_t {cfg['batch_size']} -> {self.manifest_dir(n)}")
+        return {**plan, "resuming": resuming, "stages": todo}
 
     def _run_round(self, n: int) -> dict:
         key = str(n)
@@ -219,7 +272,7 @@ class Round:
         resumable = info is not None and info.get("parameters") == params
         found = None
         if not (resumable and info["stages"].get("exclude", {}).get("status") == "done"):
-            found = stages.read_excluded(self.cfg, self.state, n)
+            found = stages.read_excluded(self.cfg, self.state, n, self.skip_unreadable_labels)
         if info is None or info.get("parameters") != params:
             info = {"round": n, "status": "running", "started_at": now(), "parameters": params,
                     "model": self.cfg["model"], "pool": self.cfg["pool"], "stages": {},
@@ -258,6 +311,9 @@ class Round:
                         s.get("elapsed_s", 0) for s in info["stages"].values()), 1))
         self._save()
         print(f"clusmar round: round {n} complete: {sel['selected']} selected -> {info['manifest']}")
+        for skipped in info["stages"]["exclude"].get("skipped_labels", []):
+            print(f"clusmar round: round {n} warning: labels file skipped as unreadable: {skipped['file']} "
+                  f"({skipped['error']})")
         for warning in sel.get("warnings", []):
             print(f"clusmar round: round {n} warning: {warning}")
         return info
@@ -270,6 +326,9 @@ class Round:
             return
         LOG.info("[round %d] %s: start", n, name)
         t0 = time.time()
+        if name in ("score", "cluster", "select"):   # the pipelines: `clusmar status` shows which one is running
+            info["stages"][name] = {"status": "running", "started_at": now()}
+            self._save()
         ticker = _Ticker(f"[round {n}] {name}")
         try:
             _fault(name, "before")
@@ -295,6 +354,14 @@ class Round:
 
 
 def run_round(config_path: str, round_arg: int | None = None, force: bool = False, recluster: bool = False,
-              break_lock: bool = False, extra_beam=()) -> dict:
+              break_lock: bool = False, extra_beam=(), skip_unreadable_labels: bool = False,
+              log: str | None = None) -> dict:
     cfg = load_config(config_path)
-    return Round(cfg, round_arg, force, recluster, list(extra_beam)).run(break_lock)
+    return Round(cfg, round_arg, force, recluster, list(extra_beam), skip_unreadable_labels).run(break_lock, log)
+
+
+def plan_round(config_path: str, round_arg: int | None = None, force: bool = False, recluster: bool = False,
+               extra_beam=(), skip_unreadable_labels: bool = False) -> dict:
+    """Round.plan for a config: what `clusmar round --dry-run` prints."""
+    cfg = load_config(config_path)
+    return Round(cfg, round_arg, force, recluster, list(extra_beam), skip_unreadable_labels).plan()

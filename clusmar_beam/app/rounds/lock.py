@@ -6,15 +6,25 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from clusmar_beam.app.rounds import conditional
 from clusmar_beam.app.rounds.state import now
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.transforms import storage
 
 LOG = logging.getLogger("clusmar")
+
+
+# The holder renews lock.json every RENEW_SECONDS while it runs; a lock not renewed for LEASE_SECONDS is stale
+# on any host, since a killed pod or a preempted VM never comes back to release it (and a new pod has a new
+# host name, so "same host, process gone" cannot tell).
+LEASE_SECONDS = 900
+RENEW_SECONDS = 60
 
 
 class LockHeld(InputError):
@@ -31,24 +41,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def acquire_lock(workdir: str, round_index, break_lock: bool) -> dict:
+def acquire_lock(workdir: str, round_index, break_lock: bool, log: str | None = None, options=None) -> dict:
     """Our lock record; a holder on this host whose process is gone is stale and taken over.
 
     On a local (or mounted) work directory the run also holds an OS lock on
     WORKDIR/.lock for its whole life: the kernel drops it when the process dies,
     and only its holder may judge lock.json stale and replace it, so two
-    recoveries cannot both take over. On object stores lock.json alone is a
-    best-effort lock (write, then check that ours stuck).
+    recoveries cannot both take over. On S3 and GCS lock.json is written with the
+    store's conditional writes (create only if absent; replace a stale holder only
+    if it is still the one judged stale), so there too one of two runs wins. On
+    other object stores it is a best-effort lock (write, then check that ours stuck).
+    `options` (Beam's) configure the S3 client.
     """
     path = FileSystems.join(workdir, "lock.json")
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now(), "round": round_index,
-            "token": uuid.uuid4().hex}
+            "token": uuid.uuid4().hex, "renewed_at": time.time(), **({"log": log} if log else {})}
+    payload = _payload(mine)
     local = "://" not in path
+    if not local and path.split("://")[0] in conditional.SCHEMES:
+        version = conditional.version(path, options)
+        if version is not None:
+            _judge_holder(workdir, path, mine, break_lock)
+        if not conditional.put_if(path, payload, version, options):
+            raise LockHeld(f"{workdir} was locked by another run just now ({_describe(_read_holder(path))})")
+        mine["os_lock"] = None
+        mine["lease"] = _Lease(path, mine, options)
+        return mine
     os_lock = _os_lock(workdir, path) if local else None
     try:
         if FileSystems.exists(path):
             _judge_holder(workdir, path, mine, break_lock)
-        payload = (json.dumps(mine, indent=2) + "\n").encode()
         storage.write_bytes_atomic(path, payload)
         if not local and storage.read_json(path).get("token") != mine["token"]:
             raise LockHeld(f"{workdir} was locked by another run just now ({path})")
@@ -57,7 +79,49 @@ def acquire_lock(workdir: str, round_index, break_lock: bool) -> dict:
             os.close(os_lock)
         raise
     mine["os_lock"] = os_lock
+    mine["lease"] = _Lease(path, mine, options)
     return mine
+
+
+def _payload(mine: dict) -> bytes:
+    return (json.dumps({k: v for k, v in mine.items() if k not in ("os_lock", "lease")}, indent=2) + "\n").encode()
+
+
+class _Lease:
+    """Renews our lock.json from a daemon thread every RENEW_SECONDS until stopped; a renewal that finds the
+    lock taken (broken, or judged stale) logs it and stops."""
+
+    def __init__(self, path: str, mine: dict, options, every: float = RENEW_SECONDS):
+        self.path, self.mine, self.options, self.every = path, mine, options, every
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="clusmar-lock-lease", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stopped.wait(self.every):
+            try:
+                if not self.renew():
+                    LOG.error("round: the lock on %s was taken by another run (%s); this run no longer holds it",
+                              self.path, _describe(_read_holder(self.path)))
+                    return
+            except Exception as exc:   # a store hiccup: try again at the next renewal
+                LOG.warning("round: could not renew %s: %s", self.path, exc)
+
+    def renew(self) -> bool:
+        """Write a new renewed_at if the lock is still ours; False if it is not."""
+        conditional_store = self.path.split("://")[0] in conditional.SCHEMES and "://" in self.path
+        version = conditional.version(self.path, self.options) if conditional_store else None
+        if _read_holder(self.path).get("token") != self.mine["token"]:
+            return False
+        self.mine["renewed_at"] = time.time()
+        if conditional_store:
+            return conditional.put_if(self.path, _payload(self.mine), version, self.options)
+        storage.write_bytes_atomic(self.path, _payload(self.mine))
+        return True
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join()
 
 
 def _os_lock(workdir: str, path: str) -> int:
@@ -79,6 +143,19 @@ def _read_holder(path: str) -> dict:
         return {}
 
 
+def read_holder(workdir: str) -> dict:
+    """lock.json's holder ({} when free), with `alive`: whether its process runs, when that can be told (it ran
+    on this host, or its lease ran out), else None."""
+    holder = _read_holder(FileSystems.join(workdir, "lock.json"))
+    if holder:
+        same_host = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+        holder = {key: value for key, value in holder.items() if key != "token"}
+        renewed = holder.get("renewed_at")
+        expired = isinstance(renewed, (int, float)) and time.time() - renewed > LEASE_SECONDS
+        holder["alive"] = _pid_alive(holder["pid"]) if same_host else (False if expired else None)
+    return holder
+
+
 def _describe(holder: dict) -> str:
     return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}"
             f", round {holder.get('round', '?')}")
@@ -88,12 +165,17 @@ def _judge_holder(workdir: str, path: str, mine: dict, break_lock: bool) -> None
     """Return when lock.json's holder may be replaced; otherwise LockHeld."""
     holder = _read_holder(path)
     desc = _describe(holder)
-    stale = holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) \
+    gone = holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) \
         and not _pid_alive(holder["pid"])
+    renewed = holder.get("renewed_at")
+    silent = time.time() - renewed if isinstance(renewed, (int, float)) else None
     if break_lock:
         LOG.warning("round: breaking the lock held by %s", desc)
-    elif stale:
+    elif gone:
         LOG.warning("round: the lock's holder (%s) is no longer running on this host; taking over", desc)
+    elif silent is not None and silent > LEASE_SECONDS:
+        LOG.warning("round: the lock's holder (%s) has not renewed it for %.0f s (lease %d s); taking over",
+                    desc, silent, LEASE_SECONDS)
     else:
         raise LockHeld(f"{workdir} is locked by another run ({desc}); if that run is dead, pass --break-lock "
                        f"(or delete {path})")
@@ -101,6 +183,8 @@ def _judge_holder(workdir: str, path: str, mine: dict, break_lock: bool) -> None
 
 def release_lock(workdir: str, mine: dict) -> None:
     path = FileSystems.join(workdir, "lock.json")
+    if mine.get("lease") is not None:
+        mine["lease"].stop()
     try:
         if FileSystems.exists(path) and storage.read_json(path).get("token") == mine["token"]:
             FileSystems.delete([path])

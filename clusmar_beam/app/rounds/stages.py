@@ -169,14 +169,19 @@ def remove_dead_temps(workdir: str) -> int:
 
 # ---------------------------------------------------------------- exclude
 
-def read_excluded(cfg: dict, state: dict, n: int) -> dict:
+def read_excluded(cfg: dict, state: dict, n: int, skip_unreadable_labels: bool = False) -> dict:
     """The labeled ids and the ids sent out before round n (but not those due for re-sending).
 
     The round reads them before it records anything in state.json, so an
     unreadable labels or manifest file stops the run with the state as it was.
+    With `skip_unreadable_labels` an unreadable labels file is left out with a
+    warning instead (its ids were sent in a manifest, so they stay excluded
+    unless re-sending is configured); an unreadable manifest always stops the
+    round, since its ids would be sent again.
     """
     kind = _id_kind(cfg["pool"], "pool")
-    labeled = read_ids(cfg["labels"], "labels", kind, missing_ok=True)
+    skipped = [] if skip_unreadable_labels else None
+    labeled = read_ids(cfg["labels"], "labels", kind, missing_ok=True, skipped=skipped)
     resend = cfg["resend_after"]
     sent_parts, resendable = [], 0
     for r in completed_rounds(state):
@@ -190,7 +195,8 @@ def read_excluded(cfg: dict, state: dict, n: int) -> dict:
             continue
         sent_parts.append(ids)
     sent = np.concatenate(sent_parts) if sent_parts else _empty(kind)
-    return {"kind": kind, "labeled": labeled, "sent": sent, "resendable": resendable}
+    return {"kind": kind, "labeled": labeled, "sent": sent, "resendable": resendable,
+            "skipped_labels": skipped or []}
 
 
 def exclude(cfg: dict, n: int, found: dict) -> dict:
@@ -207,8 +213,11 @@ def exclude(cfg: dict, n: int, found: dict) -> dict:
     if resendable:
         LOG.info("[round %d] %d ids sent more than %d rounds ago without a label may be selected again",
                  n, resendable, cfg["resend_after"])
-    return {"labeled": int(len(labeled)), "sent_earlier": int(len(np.unique(sent))) if len(sent) else 0,
-            "resendable": resendable, "excluded": int(len(excluded)), "path": path if len(excluded) else None}
+    out = {"labeled": int(len(labeled)), "sent_earlier": int(len(np.unique(sent))) if len(sent) else 0,
+           "resendable": resendable, "excluded": int(len(excluded)), "path": path if len(excluded) else None}
+    if found.get("skipped_labels"):
+        out["skipped_labels"] = found["skipped_labels"]
+    return out
 
 
 # ---------------------------------------------------------------- select
@@ -279,8 +288,13 @@ def _parquet_ids(files: list[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def read_ids(glob_: str, flag: str, pool_kind: str, missing_ok: bool = False) -> np.ndarray:
-    """Unique ids in the files of a glob (Parquet or TFRecord), as the pool's id type."""
+def read_ids(glob_: str, flag: str, pool_kind: str, missing_ok: bool = False,
+             skipped: list | None = None) -> np.ndarray:
+    """Unique ids in the files of a glob (Parquet or TFRecord), as the pool's id type.
+
+    A file that cannot be read is an InputError naming it; with a `skipped` list, it
+    is logged, added there ({"file", "error"}) and left out instead.
+    """
     try:
         files = storage.match_files(glob_, flag)
     except InputError:
@@ -288,19 +302,30 @@ def read_ids(glob_: str, flag: str, pool_kind: str, missing_ok: bool = False) ->
             return _empty(pool_kind)
         raise
     fmt = storage.detect_format(files, flag)
-    if fmt == "parquet":
-        for path in files:
-            if "id" not in storage.parquet_schema(path):
-                raise InputError(f"{path}: missing column 'id'")
-        ids = _parquet_ids(files)
-    else:
-        kind = storage.tfrecord_schema(files[0]).get("id")
-        ids = _tfrecord_ids(files, kind.kind if kind else pool_kind)
+    parts = []
+    for path in files:
+        try:
+            parts.append(_file_ids(path, fmt, pool_kind))
+        except InputError as exc:
+            if skipped is None:
+                raise
+            LOG.warning("%s: skipped, unreadable: %s", path, exc)
+            skipped.append({"file": path, "error": str(exc)[:300]})
+    ids = np.concatenate(parts) if parts else _empty(pool_kind)
     want_int = pool_kind == "int64"
     if len(ids) and (ids.dtype == np.int64) != want_int:
         raise InputError(f"{flag} {glob_!r}: ids are {'integers' if ids.dtype == np.int64 else 'strings'} "
                          f"but the pool's ids are {'integers' if want_int else 'strings'}")
     return np.unique(ids) if len(ids) else _empty(pool_kind)
+
+
+def _file_ids(path: str, fmt: str, pool_kind: str) -> np.ndarray:
+    if fmt == "parquet":
+        if "id" not in storage.parquet_schema(path):
+            raise InputError(f"{path}: missing column 'id'")
+        return _parquet_ids([path])
+    kind = storage.tfrecord_schema(path).get("id")
+    return _tfrecord_ids([path], kind.kind if kind else pool_kind)
 
 
 def _empty(kind: str) -> np.ndarray:
