@@ -512,9 +512,11 @@ def test_state_lost_mid_replace_recovers_from_the_previous_one_without_resending
     # a kill between the delete and the rename of state.json: only state.previous.json is left
     os.remove(os.path.join(wd, "state.json"))
     assert json.load(open(os.path.join(wd, "state.previous.json")))["rounds"]["2"]["status"] == "running"
+    # the scheduler asks for the next round: round 2's selection is recorded done, so it is round 3
+    assert rounds.next_round(wd) == 3
     with caplog.at_level(logging.WARNING, logger="clusmar"):
-        assert cli.main(["round", "--config", config]) == 0        # finishes round 2 from its outputs
-    assert "recovering from" in caplog.text
+        assert cli.main(["round", "--config", config, "--round", "2"]) == 0   # recorded complete, nothing re-run
+    assert "recovering from" in caplog.text and "recorded now" in caplog.text
     assert open(os.path.join(wd, "rounds", "round-0002", "manifest", "manifest-00000-of-00001.tfrecord"),
                 "rb").read() == manifest_2
     assert _state(wd)["rounds"]["2"]["status"] == "completed"

@@ -85,7 +85,8 @@ from clusmar_beam.app.rounds import stages
 from clusmar_beam.app.rounds.config import beam_flags, load_config, round_parameters, separate_embedding_model
 from clusmar_beam.app.rounds.lock import acquire_lock, read_holder, release_lock
 from clusmar_beam.app.rounds.stages import STAGES, _tfrecord_ids, read_ids, write_ids
-from clusmar_beam.app.rounds.state import STATE_FORMAT, STATE_VERSION, completed_rounds, load_state, now, save_state
+from clusmar_beam.app.rounds.state import (STATE_FORMAT, STATE_VERSION, complete_selected_rounds, completed_rounds,
+                                           load_state, mark_complete, now, save_state)
 from clusmar_beam.app.rounds.status import format_status, next_round, status_rows
 from clusmar_beam.core import progress
 from clusmar_beam.core.errors import InputError
@@ -199,6 +200,11 @@ class Round:
         lock = acquire_lock(self.workdir, self.round_arg, break_lock, log, PipelineOptions(self.beam))
         try:
             self.state = load_state(self.workdir)
+            finished = complete_selected_rounds(self.state)
+            if finished:
+                LOG.warning("round %s: the selection was done but the round not recorded complete (a run stopped "
+                            "before its last save); recorded now", ", ".join(map(str, finished)))
+                self._save()
             stages.remove_dead_temps(self.workdir)
             n = self._pick_round()
             if n is None:
@@ -216,6 +222,7 @@ class Round:
         (done, to run, or skipped, and why), the ids to exclude (every labels file and earlier manifest is
         read, so a damaged one shows now rather than in the night), and who holds the lock."""
         self.state = load_state(self.workdir)
+        complete_selected_rounds(self.state)   # as a run would record them (this copy is not saved)
         n = self._pick_round()
         plan = {"round": n if n is not None else self.round_arg, "workdir": self.workdir,
                 "lock": read_holder(self.workdir) or None}
@@ -306,9 +313,7 @@ class Round:
         self._stage(n, info, "select", lambda: stages.select(cfg, beam, n, info["stages"]["exclude"].get("path"),
                                                              force_outputs))
         sel = info["stages"]["select"]
-        info.update(status="completed", completed_at=now(), selected=sel["selected"],
-                    manifest_files=sel["files"], elapsed_s=round(sum(
-                        s.get("elapsed_s", 0) for s in info["stages"].values()), 1))
+        mark_complete(info)
         self._save()
         print(f"clusmar round: round {n} complete: {sel['selected']} selected -> {info['manifest']}")
         for skipped in info["stages"]["exclude"].get("skipped_labels", []):

@@ -86,5 +86,25 @@ def save_state(workdir: str, state: dict) -> None:
     storage.write_json_atomic(path, state)
 
 
+def mark_complete(info: dict) -> None:
+    """Record a round whose selection is done as complete: its manifest and counts."""
+    sel = info["stages"]["select"]
+    info.update(status="completed", completed_at=sel.get("finished_at") or now(), selected=sel["selected"],
+                manifest_files=sel["files"], elapsed_s=round(sum(
+                    s.get("elapsed_s", 0) for s in info["stages"].values()), 1))
+
+
+def complete_selected_rounds(state: dict) -> list[int]:
+    """Mark complete the rounds whose select stage is recorded done but the round is not: a run stopped
+    between the two saves, or the state was recovered from state.previous.json, one save behind.
+    Returns their numbers."""
+    found = []
+    for key, info in state["rounds"].items():
+        if info.get("status") != "completed" and info.get("stages", {}).get("select", {}).get("status") == "done":
+            mark_complete(info)
+            found.append(int(key))
+    return sorted(found)
+
+
 def completed_rounds(state: dict) -> list[int]:
     return sorted(int(r) for r, info in state["rounds"].items() if info.get("status") == "completed")
