@@ -75,6 +75,8 @@ def main():
     parser.add_argument("--num-examples", type=int, default=20000)
     parser.add_argument("--dim", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=300)
+    parser.add_argument("--faults", default="none,kill,kill,kill,corrupt-labels,lose-state,concurrent",
+                        help="the faults drawn from, with repeats as weights")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     root = os.path.abspath(args.workdir)
@@ -94,9 +96,10 @@ def main():
         n = int(clusmar("status", "--workdir", workdir, "--next-round").stdout.strip())
         if n > args.rounds:
             break
-        fault = rng.choice(["none", "kill", "kill", "kill", "corrupt-labels", "lose-state", "concurrent"])
+        fault = rng.choice(args.faults.split(","))
         if fault == "kill":
-            stage = rng.choice(["cluster", "select"] if n == 1 else ["select"])
+            clustered = state(workdir).get("clustering") is not None
+            stage = "select" if clustered else rng.choice(["cluster", "select"])
             faults.append((n, kill_during(config, n, workdir, stage, rng)))
         elif fault == "corrupt-labels" and os.path.isdir(labels) and "exclude" not in [   # read by this run
                 s for s, v in state(workdir).get("rounds", {}).get(str(n), {}).get("stages", {}).items()
