@@ -766,3 +766,19 @@ def test_the_holder_renews_its_lock_while_it_runs(tmp_path):
     mine["lease"] = lease
     lock.release_lock(str(wd), mine)
     assert not (wd / "lock.json").exists() and not lease.thread.is_alive()
+
+
+def test_a_reused_pid_does_not_keep_a_dead_holders_lock(tmp_path, pool):
+    """A container restarted in the same pod has the same host name, and its new process may get the dead
+    holder's pid (here: our own); the process's start time tells them apart."""
+    import time
+    from clusmar_beam.app.rounds import lock
+    config = _config(tmp_path, pool, strategy="margin")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": "x",
+                                              "round": 1, "token": "t", "renewed_at": time.time(),
+                                              "process_start": "another-boot:12345"}))
+    assert lock.read_holder(str(wd))["alive"] is False
+    assert cli.main(["round", "--config", config]) == 0
+    assert _state(str(wd))["rounds"]["1"]["status"] == "completed"

@@ -31,6 +31,25 @@ class LockHeld(InputError):
     pass
 
 
+def _process_start(pid: int) -> str | None:
+    """When the process started (boot id and start time in clock ticks): a pid reused by another process, as
+    in a container restarted in the same pod, has another. None where /proc cannot tell."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot, open(f"/proc/{pid}/stat") as stat:
+            return f"{boot.read().strip()}:{stat.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_gone(holder: dict) -> bool | None:
+    """Whether lock.json's holder process is gone: None when it ran on another host."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return None
+    if not _pid_alive(holder["pid"]):
+        return True
+    return holder.get("process_start") is not None and _process_start(holder["pid"]) != holder["process_start"]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -55,7 +74,8 @@ def acquire_lock(workdir: str, round_index, break_lock: bool, log: str | None = 
     """
     path = FileSystems.join(workdir, "lock.json")
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": now(), "round": round_index,
-            "token": uuid.uuid4().hex, "renewed_at": time.time(), **({"log": log} if log else {})}
+            "token": uuid.uuid4().hex, "renewed_at": time.time(), "process_start": _process_start(os.getpid()),
+            **({"log": log} if log else {})}
     payload = _payload(mine)
     local = "://" not in path
     if not local and path.split("://")[0] in conditional.SCHEMES:
@@ -148,11 +168,11 @@ def read_holder(workdir: str) -> dict:
     on this host, or its lease ran out), else None."""
     holder = _read_holder(FileSystems.join(workdir, "lock.json"))
     if holder:
-        same_host = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+        gone = _holder_gone(holder)
         holder = {key: value for key, value in holder.items() if key != "token"}
         renewed = holder.get("renewed_at")
         expired = isinstance(renewed, (int, float)) and time.time() - renewed > LEASE_SECONDS
-        holder["alive"] = _pid_alive(holder["pid"]) if same_host else (False if expired else None)
+        holder["alive"] = (not gone) if gone is not None else (False if expired else None)
     return holder
 
 
@@ -165,8 +185,7 @@ def _judge_holder(workdir: str, path: str, mine: dict, break_lock: bool) -> None
     """Return when lock.json's holder may be replaced; otherwise LockHeld."""
     holder = _read_holder(path)
     desc = _describe(holder)
-    gone = holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) \
-        and not _pid_alive(holder["pid"])
+    gone = _holder_gone(holder)
     renewed = holder.get("renewed_at")
     silent = time.time() - renewed if isinstance(renewed, (int, float)) else None
     if break_lock:
