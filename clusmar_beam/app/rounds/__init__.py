@@ -217,6 +217,19 @@ class Round:
         finally:
             release_lock(self.workdir, lock)
 
+    def _recorded(self, n: int) -> tuple[dict | None, dict, bool]:
+        """(round n's record, or None when it is new or --force re-runs it; this config's round parameters;
+        whether the record resumes with them). A record started with other settings is refused unless --force."""
+        params = round_parameters(self.cfg)
+        info = self.state["rounds"].get(str(n))
+        if info is not None and info.get("status") == "completed":   # --force
+            info = None
+        if info is not None and info.get("parameters") != params and not self.force:
+            changed = sorted(k for k in params if info.get("parameters", {}).get(k) != params[k])
+            raise InputError(f"round {n} was started with different settings ({', '.join(changed)}); "
+                             f"restore them, or pass --force to restart round {n} with the new config")
+        return info, params, info is not None and info.get("parameters") == params
+
     def plan(self) -> dict:
         """What a run would do now, found without taking the lock or writing anything: the round, each stage
         (done, to run, or skipped, and why), the ids to exclude (every labels file and earlier manifest is
@@ -230,15 +243,7 @@ class Round:
             info = self.state["rounds"][str(self.round_arg)]
             return {**plan, "already_complete": True, "manifest": info["manifest"]}
         cfg = self.cfg
-        info = self.state["rounds"].get(str(n))
-        params = round_parameters(cfg)
-        if info is not None and info.get("status") == "completed":   # --force
-            info = None
-        if info is not None and info.get("parameters") != params and not self.force:
-            changed = sorted(k for k in params if info.get("parameters", {}).get(k) != params[k])
-            raise InputError(f"round {n} was started with different settings ({', '.join(changed)}); "
-                             f"restore them, or pass --force to restart round {n} with the new config")
-        resuming = info is not None and info.get("parameters") == params
+        info, _, resuming = self._recorded(n)
         done = {s for s in STAGES if resuming and info["stages"].get(s, {}).get("status") == "done"}
         info = info if resuming else {"stages": {}}
         need_cluster = cfg["strategy"] == "cluster-margin" and stages.must_cluster(cfg, self.state, info,
@@ -265,18 +270,11 @@ class Round:
 
     def _run_round(self, n: int) -> dict:
         key = str(n)
-        params = round_parameters(self.cfg)
-        info = self.state["rounds"].get(key)
-        if info is not None and info.get("status") == "completed":   # --force
+        info, params, resumable = self._recorded(n)
+        if self.force and key in self.state["rounds"] and info is None:
             LOG.info("[round %d] --force: re-running the completed round", n)
-            info = None
-        if info is not None and info.get("parameters") != params and not self.force:
-            changed = sorted(k for k in params if info.get("parameters", {}).get(k) != params[k])
-            raise InputError(f"round {n} was started with different settings ({', '.join(changed)}); "
-                             f"restore them, or pass --force to restart round {n} with the new config")
         # Labels and earlier manifests are read before anything changes (state.json, --force's markers): a
         # damaged file is one error naming it, and the next run is the same run.
-        resumable = info is not None and info.get("parameters") == params
         found = None
         if not (resumable and info["stages"].get("exclude", {}).get("status") == "done"):
             found = stages.read_excluded(self.cfg, self.state, n, self.skip_unreadable_labels)
