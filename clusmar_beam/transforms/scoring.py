@@ -87,13 +87,13 @@ def model_kind(path: str) -> str:
     path = path.rstrip("/")
     if FileSystems.exists(FileSystems.join(path, "saved_model.pb")):
         return "savedmodel"
-    if FileSystems.exists(path) and not storage.files_under(path):
-        if path.endswith((".keras", ".h5", ".hdf5")):
-            return "keras"
-        raise InputError(f"--model {path!r}: expected a Keras .keras (or .h5) file or a SavedModel directory")
     if storage.files_under(path):
         raise InputError(f"--model {path!r}: a directory without saved_model.pb is not a TensorFlow SavedModel")
-    raise InputError(f"--model {path!r}: no such file or directory")
+    if not FileSystems.exists(path):
+        raise InputError(f"--model {path!r}: no such file or directory")
+    if path.endswith((".keras", ".h5", ".hdf5")):
+        return "keras"
+    raise InputError(f"--model {path!r}: expected a Keras .keras (or .h5) file or a SavedModel directory")
 
 
 _LOCAL_COPIES: dict[str, str] = {}

@@ -61,7 +61,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def acquire_lock(workdir: str, round_index, break_lock: bool, log: str | None = None, options=None) -> dict:
-    """Our lock record; a holder on this host whose process is gone is stale and taken over.
+    """Our lock record, renewed from a thread until release_lock. A holder is stale, and taken over, when it
+    ran on this host and its process is gone, or when nobody renewed it for LEASE_SECONDS.
 
     On a local (or mounted) work directory the run also holds an OS lock on
     WORKDIR/.lock for its whole life: the kernel drops it when the process dies,
