@@ -10,6 +10,10 @@ from __future__ import annotations
 SCHEMES = ("s3", "gs")
 
 
+class Unavailable(Exception):
+    """The store's client cannot be made here (not installed, or no credentials or project)."""
+
+
 def _split(path: str) -> tuple[str, str, str]:
     scheme, rest = path.split("://", 1)
     bucket, _, key = rest.partition("/")
@@ -17,8 +21,11 @@ def _split(path: str) -> tuple[str, str, str]:
 
 
 def _s3_client(options):
-    import boto3
     from apache_beam.options.pipeline_options import PipelineOptions, S3Options
+    try:
+        import boto3
+    except ImportError as exc:
+        raise Unavailable(f"boto3 is not installed ({exc})") from exc
     s3 = (options or PipelineOptions([])).view_as(S3Options)
     return boto3.session.Session().client(
         "s3", region_name=s3.s3_region_name, endpoint_url=s3.s3_endpoint_url, use_ssl=not s3.s3_disable_ssl,
@@ -26,9 +33,14 @@ def _s3_client(options):
         aws_session_token=s3.s3_session_token)
 
 
-def _gcs_bucket(bucket: str):
-    from google.cloud import storage
-    return storage.Client().bucket(bucket)
+def _gcs_bucket(bucket: str, options):
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+    try:
+        from google.cloud import storage
+        project = (options or PipelineOptions([])).view_as(GoogleCloudOptions).project
+        return storage.Client(project=project).bucket(bucket)
+    except Exception as exc:   # not installed, no credentials, no project
+        raise Unavailable(f"no Cloud Storage client ({exc})") from exc
 
 
 def version(path: str, options=None):
@@ -42,7 +54,7 @@ def version(path: str, options=None):
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return None
             raise
-    blob = _gcs_bucket(bucket).get_blob(key)
+    blob = _gcs_bucket(bucket, options).get_blob(key)
     return None if blob is None else blob.generation
 
 
@@ -62,7 +74,7 @@ def put_if(path: str, payload: bytes, expected, options=None) -> bool:
         return True
     from google.api_core.exceptions import PreconditionFailed
     try:
-        _gcs_bucket(bucket).blob(key).upload_from_string(payload,
+        _gcs_bucket(bucket, options).blob(key).upload_from_string(payload,
                                                          if_generation_match=0 if expected is None else expected)
     except PreconditionFailed:
         return False

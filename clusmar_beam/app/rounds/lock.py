@@ -80,14 +80,18 @@ def acquire_lock(workdir: str, round_index, break_lock: bool, log: str | None = 
     payload = _payload(mine)
     local = "://" not in path
     if not local and path.split("://")[0] in conditional.SCHEMES:
-        version = conditional.version(path, options)
-        if version is not None:
-            _judge_holder(workdir, path, mine, break_lock)
-        if not conditional.put_if(path, payload, version, options):
-            raise LockHeld(f"{workdir} was locked by another run just now ({_describe(_read_holder(path))})")
-        mine["os_lock"] = None
-        mine["lease"] = _Lease(path, mine, options)
-        return mine
+        try:
+            version = conditional.version(path, options)
+        except conditional.Unavailable as exc:
+            LOG.warning("round: %s; the lock on %s is best effort", exc, workdir)
+        else:
+            if version is not None:
+                _judge_holder(workdir, path, mine, break_lock)
+            if not conditional.put_if(path, payload, version, options):
+                raise LockHeld(f"{workdir} was locked by another run just now ({_describe(_read_holder(path))})")
+            mine.update(os_lock=None, conditional=True)
+            mine["lease"] = _Lease(path, mine, options)
+            return mine
     os_lock = _os_lock(workdir, path) if local else None
     try:
         if FileSystems.exists(path):
@@ -105,7 +109,8 @@ def acquire_lock(workdir: str, round_index, break_lock: bool, log: str | None = 
 
 
 def _payload(mine: dict) -> bytes:
-    return (json.dumps({k: v for k, v in mine.items() if k not in ("os_lock", "lease")}, indent=2) + "\n").encode()
+    return (json.dumps({k: v for k, v in mine.items() if k not in ("os_lock", "lease", "conditional")}, indent=2)
+            + "\n").encode()
 
 
 class _Lease:
@@ -130,7 +135,7 @@ class _Lease:
 
     def renew(self) -> bool:
         """Write a new renewed_at if the lock is still ours; False if it is not."""
-        conditional_store = self.path.split("://")[0] in conditional.SCHEMES and "://" in self.path
+        conditional_store = bool(self.mine.get("conditional"))
         version = conditional.version(self.path, self.options) if conditional_store else None
         if _read_holder(self.path).get("token") != self.mine["token"]:
             return False
