@@ -70,7 +70,8 @@ def acquire_lock(workdir: str, round_index, break_lock: bool, log: str | None = 
     recoveries cannot both take over. On S3 and GCS lock.json is written with the
     store's conditional writes (create only if absent; replace a stale holder only
     if it is still the one judged stale), so there too one of two runs wins. On
-    other object stores it is a best-effort lock (write, then check that ours stuck).
+    other object stores, or without the store's client, it is a best-effort lock
+    (write, then check that ours stuck).
     `options` (Beam's) configure the S3 client.
     """
     path = FileSystems.join(workdir, "lock.json")
