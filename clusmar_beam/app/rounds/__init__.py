@@ -85,8 +85,8 @@ from clusmar_beam.app.rounds import stages
 from clusmar_beam.app.rounds.config import beam_flags, load_config, round_parameters, separate_embedding_model
 from clusmar_beam.app.rounds.lock import acquire_lock, read_holder, release_lock
 from clusmar_beam.app.rounds.stages import STAGES, _tfrecord_ids, read_ids, write_ids
-from clusmar_beam.app.rounds.state import (STATE_FORMAT, STATE_VERSION, complete_selected_rounds, completed_rounds,
-                                           load_state, mark_complete, now, save_state)
+from clusmar_beam.app.rounds.state import (STATE_FORMAT, STATE_VERSION, completed_rounds, load_state, mark_complete,
+                                           now, save_state)
 from clusmar_beam.app.rounds.status import format_status, next_round, status_rows
 from clusmar_beam.core import progress
 from clusmar_beam.core.errors import InputError
@@ -199,11 +199,9 @@ class Round:
         load_state(self.workdir)   # an incompatible work directory is refused before anything is written
         lock = acquire_lock(self.workdir, self.round_arg, break_lock, log, PipelineOptions(self.beam))
         try:
-            self.state = load_state(self.workdir)
-            finished = complete_selected_rounds(self.state)
-            if finished:
-                LOG.warning("round %s: the selection was done but the round not recorded complete (a run stopped "
-                            "before its last save); recorded now", ", ".join(map(str, finished)))
+            repairs = []
+            self.state = load_state(self.workdir, repairs)
+            if repairs:   # recovered, or rounds recorded complete: written back now, under the lock
                 self._save()
             stages.remove_dead_temps(self.workdir)
             n = self._pick_round()
@@ -235,7 +233,6 @@ class Round:
         (done, to run, or skipped, and why), the ids to exclude (every labels file and earlier manifest is
         read, so a damaged one shows now rather than in the night), and who holds the lock."""
         self.state = load_state(self.workdir)
-        complete_selected_rounds(self.state)   # as a run would record them (this copy is not saved)
         n = self._pick_round()
         plan = {"round": n if n is not None else self.round_arg, "workdir": self.workdir,
                 "lock": read_holder(self.workdir) or None}

@@ -34,15 +34,22 @@ def previous_state_path(workdir: str) -> str:
     return FileSystems.join(workdir, "state.previous.json")
 
 
-def load_state(workdir: str) -> dict:
-    """The state, or a fresh one; a file that is not ours (or of another version) is refused, never rewritten."""
+def load_state(workdir: str, repairs: list | None = None) -> dict:
+    """The state, or a fresh one; a file that is not ours (or of another version) is refused, never rewritten.
+
+    Rounds whose selection is recorded done are returned complete (complete_selected_rounds), so every
+    reader (a run, its dry run, status, report) sees the same rounds. What differs from state.json (that
+    and a recovery from state.previous.json) is added to `repairs`, for a run to save.
+    """
+    repairs = [] if repairs is None else repairs
     path = state_path(workdir)
     if not FileSystems.exists(path):
         previous = previous_state_path(workdir)
         if FileSystems.exists(previous):
             LOG.warning("%s is missing (a run stopped while replacing it); recovering from %s, one save behind: "
                         "the round it records resumes and reuses its finished outputs", path, previous)
-            return _read_state(previous)
+            repairs.append("recovered from state.previous.json")
+            return _completed(_read_state(previous), repairs)
         sent = _sent_manifests(workdir)
         if sent:
             raise InputError(f"{workdir}: {len(sent)} round manifests were sent out (e.g. {sent[0]}) but there is no "
@@ -51,7 +58,16 @@ def load_state(workdir: str) -> dict:
                              "list the sent manifests' ids in the labels glob and use a new work directory")
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "created_at": now(), "clustering": None,
                 "rounds": {}}
-    return _read_state(path)
+    return _completed(_read_state(path), repairs)
+
+
+def _completed(state: dict, repairs: list) -> dict:
+    finished = complete_selected_rounds(state)
+    if finished:
+        LOG.warning("round %s: the selection was done but the round not recorded complete (a run stopped before "
+                    "its last save); recorded now", ", ".join(map(str, finished)))
+        repairs.append(f"rounds {finished} recorded complete")
+    return state
 
 
 def _read_state(path: str) -> dict:

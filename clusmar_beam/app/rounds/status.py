@@ -7,14 +7,13 @@ from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.app.rounds.lock import read_holder
 from clusmar_beam.app.rounds.stages import STAGES
-from clusmar_beam.app.rounds.state import complete_selected_rounds, load_state, previous_state_path, state_path
+from clusmar_beam.app.rounds.state import load_state, previous_state_path, state_path
 from clusmar_beam.core.errors import InputError
 
 
 def next_round(workdir: str) -> int:
     """The round `clusmar round` without --round would run: the first unfinished one, else the next."""
     state = load_state(workdir.rstrip("/"))   # a fresh state in a new directory; refuses one that lost its state
-    complete_selected_rounds(state)            # as the run will record them
     rounds = {int(k): info for k, info in state["rounds"].items()}
     unfinished = sorted(n for n, info in rounds.items() if info.get("status") != "completed")
     return unfinished[0] if unfinished else max(rounds, default=0) + 1
