@@ -412,7 +412,7 @@ class ShardedHac(beam.PTransform):
         n = side(batches | "CountPoints" >> beam.Map(lambda batch: len(batch[0]))
                  | "SumPoints" >> beam.CombineGlobally(sum))
         clusters = batches | "Init" >> beam.Map(_to_clusters, self.metric)
-        plan, waiting, merges, stats = None, None, [], []
+        plan, waiting, merges, stats, finished = None, None, [], [], []
         for rnd in range(self.max_rounds):
             name = f"Round{rnd + 1}"
             seed = self.seed + rnd
@@ -446,8 +446,10 @@ class ShardedHac(beam.PTransform):
                            | f"{name}Tag" >> beam.Map(_tagged, side(plan), rnd))
             stats.append(round_stats)
             waiting = round_stats | f"{name}Waiting" >> beam.Map(lambda s: s["waiting"])
-            clusters = ((result.clusters, routed[_RouteClusters.PASSED])
-                        | f"{name}Next" >> beam.Flatten())
+            # Clusters of a round with nothing left to merge leave the loop: the rounds after it run empty.
+            finished.append(routed[_RouteClusters.PASSED])
+            clusters = result.clusters
+        clusters = (*finished, clusters) | "Finished" >> beam.Flatten()
 
         heights = (tuple(merges) | "AllMerges" >> beam.Flatten(pipeline=batches.pipeline)
                    | "Heights" >> beam.Map(lambda m: m[2]))
