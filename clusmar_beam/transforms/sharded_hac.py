@@ -9,6 +9,7 @@ core.hac.choose_threshold.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import typing
@@ -62,12 +63,14 @@ class _RouteClusters(beam.DoFn):
     def process(self, clusters, centroids, plan):
         if not len(clusters):
             return
+        partitioned = plan["parts"] and centroids is not None
+        home, halo = route(clusters, centroids, self.halo_cells) if partitioned else (None, None)
+        clusters = dataclasses.replace(clusters, route=None)  # a route only serves this routing: it travels no further
         if plan["parts"] == 0:
             yield beam.pvalue.TaggedOutput(self.PASSED, clusters)
-        elif centroids is None:
+        elif not partitioned:
             yield 0, ("m", clusters)
         else:
-            home, halo = route(clusters, centroids, self.halo_cells)
             for c, rows in split_by_key(home):
                 yield c, ("m", clusters.take(rows))
             for c, rows in halo_rows(halo).items():
