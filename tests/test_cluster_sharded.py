@@ -162,6 +162,24 @@ def test_beam_transform_without_halo_and_on_one_point(tmp_path):
     assert _beam_labels(tmp_path, X[:1], 0.25, "cosine", shards=8, batch_rows=1).tolist() == [0]
 
 
+def test_clusters_leave_the_rounds_once_nothing_is_left_to_merge():
+    """The round that finds nothing left to merge passes its clusters to the result; the rounds after it
+    (there are always max_rounds in the graph) see none."""
+    X = _diffuse_and_bursts(600, seed=7).astype(np.float32)
+    p = beam.Pipeline()
+    _ = (p | beam.Create([(np.arange(300), X[:300]), (np.arange(300, 600), X[300:])], reshuffle=False)
+         | sharded_hac.ShardedHac(0.25, "cosine", shards=8, max_rounds=8))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed
+                for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("hac"))["counters"]}
+    merging = [r for r in range(1, 9) if counters.get(f"partitions_round_{r}", 0)]
+    assert merging == list(range(1, len(merging) + 1)) and len(merging) < 7
+    routed = [counters.get(f"clusters_round_{r}", 0) for r in range(1, 9)]
+    assert routed[0] == 600 and all(routed[:len(merging) + 1])
+    assert routed[len(merging) + 1:] == [0] * (7 - len(merging))
+
+
 @pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"max_rounds": 0}, {"max_rounds": 1.5}])
 def test_bad_parameters(kwargs):
     with pytest.raises(HacError):
@@ -358,10 +376,10 @@ def test_no_element_grows_with_the_pool(tmp_path, monkeypatch):
         assert largest[12000][step] <= max(1.5 * largest[3000][step], 16 << 10), (step, largest)
     # What a partition gets depends on how k-means cuts the pool (cells up to about twice the mean) and on
     # whether its clusters are still points (float32) or statistics: these are held to their bounds, with
-    # a cluster's statistics and routing point 12 d + 24 bytes.  A piece: a range's rows or a partition's
-    # clusters; a partition: its members and two halo cells' worth of frozen neighbours; the last round:
-    # FINISH_ON_ONE_WORKER clusters.
-    cluster_bytes, partition = 12 * 16 + 24, 2 * 500
+    # a cluster's statistics 8 d + 24 bytes (its routing point stays where it was routed).  A piece: a
+    # range's rows or a partition's clusters; a partition: its members and two halo cells' worth of frozen
+    # neighbours; the last round: FINISH_ON_ONE_WORKER clusters.
+    cluster_bytes, partition = 8 * 16 + 24, 2 * 500
     assert largest[12000]["partition_pieces"] <= max(1024, partition) * cluster_bytes
     assert largest[12000]["partition_state"] <= 3 * partition * cluster_bytes
     assert largest[12000].get("finish_state", 0) <= 500 * cluster_bytes

@@ -57,12 +57,13 @@ def _train(sample, plan, seed):
 class _RouteClusters(beam.DoFn):
     PASSED = "passed"
 
-    def __init__(self, halo_cells):
-        self.halo_cells = halo_cells
+    def __init__(self, halo_cells, round_index):
+        self.halo_cells, self.round_index = halo_cells, round_index
 
     def process(self, clusters, centroids, plan):
         if not len(clusters):
             return
+        beam.metrics.Metrics.counter("hac", f"clusters_round_{self.round_index + 1}").inc(len(clusters))
         partitioned = plan["parts"] and centroids is not None
         home, halo = route(clusters, centroids, self.halo_cells) if partitioned else (None, None)
         clusters = dataclasses.replace(clusters, route=None)  # a route only serves this routing: it travels no further
@@ -434,7 +435,7 @@ class ShardedHac(beam.PTransform):
                          | f"{name}Train" >> beam.Map(_train, side(plan), seed)
                          | f"{name}MeasureCentroids" >> measured("partition_centroids"))
             routed = (clusters
-                      | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells),
+                      | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells, rnd),
                                                      side(centroids, default_value=None), side(plan))
                       .with_outputs(_RouteClusters.PASSED, main="routed"))
             result = (routed.routed
