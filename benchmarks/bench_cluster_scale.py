@@ -62,7 +62,8 @@ def main(argv=None):
         row = {"size": size, "region_sizes": args.region_sizes, "dim": args.dim, "hac_shards": shards,
                "seconds": wall, "peak_rss_gb": rss, "clusters": info["num_clusters"],
                "rounds": info["rounds"], "waiting": info.get("waiting"),
-               "sharded_rounds": [(r["parts"], r["merges"], r["waiting"]) for r in info.get("sharded_rounds", [])],
+               "sharded_rounds": [(r["clusters"], r["parts"], r["merges"], r["waiting"])
+                                  for r in info.get("sharded_rounds", [])],
                "largest_element_bytes": info["largest_element_bytes"]}
         if size in one_worker:
             wall1, rss1, info1 = cluster(glob_, os.path.join(base, "one"), flags, beam_args)

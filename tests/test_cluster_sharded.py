@@ -74,16 +74,18 @@ def test_same_clusters_with_1_and_64_shards(metric, eps):
 
 
 def test_rounds_follow_the_clusters_left(monkeypatch):
-    """A partition holds about n / shards clusters; rounds repeat while members wait across a border;
-    once the clusters left are few (FINISH_ON_ONE_WORKER) a repeat is one exact RAC on all of them."""
+    """A partition holds about n / shards clusters; rounds repeat while members wait across a border, with
+    only those members and the clusters they wait on; once those are few (FINISH_ON_ONE_WORKER) a repeat is
+    one exact RAC on all of them."""
     X = _diffuse_and_bursts(2000, seed=4)
     exact = hac.average_linkage(X, 0.3, "cosine").labels
     monkeypatch.setattr(sharded, "FINISH_ON_ONE_WORKER", 0)   # partitions to the end
     labels, info = sharded.sharded_average_linkage(X, 0.3, "cosine", shards=16, max_rounds=30)
-    size, clusters = -(-len(X) // 16), len(X)
+    size, left, waiting = -(-len(X) // 16), len(X), None
     for r in info["rounds"]:
-        assert r["parts"] == -(-clusters // size)
-        clusters = r["clusters"]
+        assert r["parts"] == -(-r["clusters"] // size)
+        assert r["clusters"] == left if waiting is None else waiting <= r["clusters"] <= min(2 * waiting, left)
+        left, waiting = r["clusters_left"], r["waiting"]
     assert len(info["rounds"]) > 2 and info["waiting"] == 0
     assert adjusted_rand_score(labels, exact) >= 0.99
     monkeypatch.undo()
@@ -99,10 +101,24 @@ def test_frozen_neighbours_block_merges():
     X = np.array([[0.0, 0.0], [1.0, 0.0], [-0.5, 0.0]])
     members = sharded.initial_clusters(X[:2])
     frozen = sharded.initial_clusters(X[2:], np.array([2]))
-    out, edges, _, _, waiting = sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
-    assert len(out) == 2 and len(edges) == 0 and waiting == 2
-    out, edges, _, _, waiting = sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
-    assert len(out) == 1 and edges.tolist() == [[0, 1]] and waiting == 0
+    out, edges, _, _, waiting, targets = sharded.rac_on_clusters(members, 5.0, "sqeuclidean", frozen)
+    assert len(out) == 2 and len(edges) == 0 and waiting == 2 and targets.tolist() == [2]
+    out, edges, _, _, waiting, targets = sharded.rac_on_clusters(members, 5.0, "sqeuclidean", None)
+    assert len(out) == 1 and edges.tolist() == [[0, 1]] and waiting == 0 and targets.size == 0
+
+
+def test_clusters_waited_on_are_marked_under_their_id_after_the_round():
+    """A member of another partition waited on cluster 3, which merged into cluster 0 in its own partition:
+    cluster 0 takes part in the next repeat, routed by its own mean; a route already set stays."""
+    out = sharded.Clusters(np.array([0, 5, 9]), np.array([2.0, 2.0, 1.0]), np.array([[2.0, 4.0], [6.0, 0.0], [1.0, 1.0]]),
+                           np.zeros(3))
+    out.route = np.array([[np.nan, np.nan], [7.0, 7.0], [np.nan, np.nan]], np.float32)
+    marked = sharded.mark_waited_on(out, np.array([[0, 3], [5, 7]]), np.array([3, 7]))
+    assert marked.routed().tolist() == [True, True, False]
+    assert marked.route[:2].tolist() == [[1.0, 2.0], [7.0, 7.0]]
+    plan = {"repeat": True}
+    assert sharded.taking_part(marked, plan).tolist() == [True, True, False]
+    assert sharded.taking_part(marked, {"repeat": False}).all()
 
 
 def _beam_result(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
@@ -128,12 +144,23 @@ def _beam_labels(tmp_path, X, eps, metric, shards, batch_rows, **kwargs):
     return _beam_result(tmp_path, X, eps, metric, shards, batch_rows, **kwargs)["labels"]
 
 
-def test_beam_transform_matches_in_process_rounds(tmp_path):
+def test_beam_transform_matches_in_process_rounds(tmp_path, monkeypatch):
     X = _diffuse_and_bursts(3000, seed=2).astype(np.float32)
     labels = _beam_labels(tmp_path, X, 0.25, "cosine", shards=32, batch_rows=700)
     expected, _ = sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
     assert np.array_equal(labels, expected)
-    assert adjusted_rand_score(labels, hac.average_linkage(X, 0.25, "cosine").labels) >= 0.99
+    exact = hac.average_linkage(X, 0.25, "cosine").labels
+    assert adjusted_rand_score(labels, exact) >= 0.99
+    # partitions to the end: repeats take only the members that waited and the clusters they waited on
+    monkeypatch.setattr(sharded, "FINISH_ON_ONE_WORKER", 0)
+    result = _beam_result(tmp_path, X, 0.25, "cosine", shards=32, batch_rows=700)
+    expected, info = sharded.sharded_average_linkage(X, 0.25, "cosine", shards=32)
+    assert np.array_equal(result["labels"], expected)
+    keys = ("clusters", "parts", "merges", "waiting")
+    assert [[r[k] for k in keys] for r in result["sharded_rounds"]] == [[r[k] for k in keys] for r in info["rounds"]]
+    repeats = [(r["clusters"], before["clusters_left"]) for before, r in zip(info["rounds"], info["rounds"][1:])]
+    assert len(repeats) >= 2 and all(taking < left for taking, left in repeats)
+    assert adjusted_rand_score(result["labels"], exact) >= 0.99
 
 
 @pytest.mark.parametrize("metric,eps", [("cosine", 0.3), ("sqeuclidean", 0.6)])
@@ -162,9 +189,10 @@ def test_beam_transform_without_halo_and_on_one_point(tmp_path):
     assert _beam_labels(tmp_path, X[:1], 0.25, "cosine", shards=8, batch_rows=1).tolist() == [0]
 
 
-def test_clusters_leave_the_rounds_once_nothing_is_left_to_merge():
+def test_clusters_leave_the_rounds_once_nothing_is_left_to_merge(monkeypatch):
     """The round that finds nothing left to merge passes its clusters to the result; the rounds after it
     (there are always max_rounds in the graph) see none."""
+    monkeypatch.setattr(sharded, "FINISH_ON_ONE_WORKER", 0)   # partitions to the end
     X = _diffuse_and_bursts(600, seed=7).astype(np.float32)
     p = beam.Pipeline()
     _ = (p | beam.Create([(np.arange(300), X[:300]), (np.arange(300, 600), X[300:])], reshuffle=False)
@@ -175,9 +203,14 @@ def test_clusters_leave_the_rounds_once_nothing_is_left_to_merge():
                 for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("hac"))["counters"]}
     merging = [r for r in range(1, 9) if counters.get(f"partitions_round_{r}", 0)]
     assert merging == list(range(1, len(merging) + 1)) and len(merging) < 7
-    routed = [counters.get(f"clusters_round_{r}", 0) for r in range(1, 9)]
-    assert routed[0] == 600 and all(routed[:len(merging) + 1])
-    assert routed[len(merging) + 1:] == [0] * (7 - len(merging))
+    reached = [counters.get(f"clusters_round_{r}", 0) for r in range(1, 9)]
+    assert reached[0] == 600 and all(reached[:len(merging) + 1])
+    assert reached[len(merging) + 1:] == [0] * (7 - len(merging))
+    # a round that repeats the threshold routes only the members that waited and the clusters they waited on
+    routed = [counters.get(f"routed_round_{r}", 0) for r in range(1, 9)]
+    assert routed[0] == 600 and len(merging) >= 2
+    assert all(0 < routed[r] < reached[r] for r in range(1, len(merging)))
+    assert routed[len(merging):] == [0] * (8 - len(merging))
 
 
 @pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"max_rounds": 0}, {"max_rounds": 1.5}])
@@ -367,11 +400,12 @@ def test_no_element_grows_with_the_pool(tmp_path, monkeypatch):
         assert info["num_points"] == n and info["waiting"] == 0
         largest[n] = info["largest_element_bytes"]
     steps = {"rank_pieces", "rank_bounds", "rank_first_rows", "partition_sample", "partition_centroids",
-             "partition_pieces", "partition_state", "partition_merges", "follow_parents", "follow_children",
+             "partition_pieces", "partition_state", "partition_merges", "partition_out", "partition_targets",
+             "follow_parents", "follow_children",
              "number_roots", "number_members", "shard_ids", "shard_labels"}
     assert steps <= set(largest[3000]) and steps <= set(largest[12000])
     assert set(largest[12000]) <= steps | {"finish_state"}   # a finishing round: at most 500 clusters here
-    held_to_bounds = {"partition_pieces", "partition_state", "finish_state"}
+    held_to_bounds = {"partition_pieces", "partition_state", "finish_state", "partition_out", "partition_targets"}
     for step in set(largest[3000]) & set(largest[12000]) - held_to_bounds:
         assert largest[12000][step] <= max(1.5 * largest[3000][step], 16 << 10), (step, largest)
     # What a partition gets depends on how k-means cuts the pool (cells up to about twice the mean) and on
@@ -383,6 +417,9 @@ def test_no_element_grows_with_the_pool(tmp_path, monkeypatch):
     assert largest[12000]["partition_pieces"] <= max(1024, partition) * cluster_bytes
     assert largest[12000]["partition_state"] <= 3 * partition * cluster_bytes
     assert largest[12000].get("finish_state", 0) <= 500 * cluster_bytes
+    # a partition's merged clusters with their merge edges; the ids its members waited on in one other partition
+    assert largest[12000]["partition_out"] <= partition * (cluster_bytes + 16)
+    assert largest[12000]["partition_targets"] <= 2 * partition * 8
     assert max(largest[12000].values()) <= 1 << 20   # a small cap at this size
 
 

@@ -21,8 +21,8 @@ from clusmar_beam.core import hac, hashing
 from clusmar_beam.core.batch import Batch
 from clusmar_beam.core.cells import split_by_key, train_centroids
 from clusmar_beam.core.hac.sharded import (DEFAULT_MAX_ROUNDS, PARTITION_KMEANS_ITERATIONS, Clusters,
-                                           check_shard_params, halo_rows, images, merge_partition, next_round,
-                                           partition_sample_size, route)
+                                           check_shard_params, halo_rows, images, mark_waited_on, merge_partition,
+                                           next_round, partition_sample_size, route, taking_part)
 from clusmar_beam.core.hac.sizes import add_size_counts, size_counts, size_histogram
 from clusmar_beam.transforms import element_sizes, ranks
 from clusmar_beam.transforms.samples import BottomKByHash
@@ -54,43 +54,79 @@ def _train(sample, plan, seed):
                                niter=PARTITION_KMEANS_ITERATIONS)
 
 
+def _counts(clusters: Clusters):
+    """(clusters, those with a route of their own): what a round's plan counts."""
+    return np.array([len(clusters), np.count_nonzero(clusters.routed())], np.int64)
+
+
+def _sum_arrays(parts):
+    return sum(parts, np.zeros(2, np.int64))
+
+
+class _TakePart(beam.DoFn):
+    """A round's clusters -> those it takes (main), those a round that repeats its threshold leaves alone
+    (IDLE: they go on to the next round) and, once nothing is left to merge, all of them (FINISHED)."""
+    IDLE, FINISHED = "idle", "finished"
+
+    def __init__(self, round_index):
+        self.round_index = round_index
+
+    def process(self, clusters, plan):
+        if not len(clusters):
+            return
+        beam.metrics.Metrics.counter("hac", f"clusters_round_{self.round_index + 1}").inc(len(clusters))
+        if plan["parts"] == 0:
+            yield beam.pvalue.TaggedOutput(self.FINISHED, clusters)
+            return
+        taking = taking_part(clusters, plan)
+        if taking.all():
+            yield clusters
+            return
+        if taking.any():
+            yield clusters.take(np.flatnonzero(taking))
+        yield beam.pvalue.TaggedOutput(self.IDLE, dataclasses.replace(clusters.take(np.flatnonzero(~taking)),
+                                                                      route=None))
+
+
 class _RouteClusters(beam.DoFn):
-    PASSED = "passed"
+    """Clusters taking part -> (cell, ("m", members, None)) and (cell, ("f", frozen neighbours, their home
+    cells)) pieces: a partition tells the home of a cluster its members waited on."""
 
     def __init__(self, halo_cells, round_index):
         self.halo_cells, self.round_index = halo_cells, round_index
 
     def process(self, clusters, centroids, plan):
-        if not len(clusters):
+        beam.metrics.Metrics.counter("hac", f"routed_round_{self.round_index + 1}").inc(len(clusters))
+        if centroids is None:  # one partition
+            yield 0, ("m", dataclasses.replace(clusters, route=None), None)
             return
-        beam.metrics.Metrics.counter("hac", f"clusters_round_{self.round_index + 1}").inc(len(clusters))
-        partitioned = plan["parts"] and centroids is not None
-        home, halo = route(clusters, centroids, self.halo_cells) if partitioned else (None, None)
+        home, halo = route(clusters, centroids, self.halo_cells)
         clusters = dataclasses.replace(clusters, route=None)  # a route only serves this routing: it travels no further
-        if plan["parts"] == 0:
-            yield beam.pvalue.TaggedOutput(self.PASSED, clusters)
-        elif not partitioned:
-            yield 0, ("m", clusters)
-        else:
-            for c, rows in split_by_key(home):
-                yield c, ("m", clusters.take(rows))
-            for c, rows in halo_rows(halo).items():
-                yield c, ("f", clusters.take(rows))
+        for c, rows in split_by_key(home):
+            yield c, ("m", clusters.take(rows), None)
+        for c, rows in halo_rows(halo).items():
+            yield c, ("f", clusters.take(rows), home[rows])
 
 
 # Declared, so that Beam does not infer it from the bytecode of everything `process` calls (seconds per round).
 @beam.typehints.with_output_types(typing.Any)
 class _LocalRac(beam.DoFn):
-    MERGES, STATS = "merges", "stats"
+    """A partition's pieces -> (cell, ("out", merged clusters, merge edges)), and (home cell, ("t", ids)) for
+    the frozen clusters its members waited on (MERGES and STATS: the round's merges and statistics)."""
+    MERGES, STATS, TARGETS = "merges", "stats", "targets"
 
     def __init__(self, metric, seed, round_index, delta, target):
         self.metric, self.seed, self.round_index, self.delta, self.target = metric, seed, round_index, delta, target
 
     def process(self, element, plan, n):
-        _, parts = element
-        mem, fro = [], []
-        for kind, clusters in parts:
-            (mem if kind == "m" else fro).append(clusters)
+        cell, parts = element
+        mem, fro, homes = [], [], []
+        for kind, clusters, home in parts:
+            if kind == "m":
+                mem.append(clusters)
+            else:
+                fro.append(clusters)
+                homes.append(home)
         if not mem:
             return
         members = Clusters.concat(mem)  # rac_on_clusters puts them in id order: delivery order does not matter
@@ -98,9 +134,10 @@ class _LocalRac(beam.DoFn):
         frozen = Clusters.concat(fro) if fro else None
         del fro
         if frozen is not None:
-            frozen = frozen.take(np.argsort(frozen.ids, kind="stable"))
-        out, edges, heights, rounds, waiting, reached = merge_partition(members, frozen, plan, self.metric,
-                                                                        self.seed, self.delta, n, self.target)
+            order = np.argsort(frozen.ids, kind="stable")
+            frozen, homes = frozen.take(order), np.concatenate(homes)[order]
+        out, edges, heights, rounds, waiting, reached, targets = merge_partition(
+            members, frozen, plan, self.metric, self.seed, self.delta, n, self.target)
         beam.metrics.Metrics.counter("hac", f"merges_round_{self.round_index + 1}").inc(len(edges))
         beam.metrics.Metrics.counter("hac", f"partitions_round_{self.round_index + 1}").inc(1)
         beam.metrics.Metrics.distribution("hac", "partition_members").update(len(members))
@@ -110,12 +147,31 @@ class _LocalRac(beam.DoFn):
         state = "finish_state" if plan["parts"] == 1 else "partition_state"
         beam.metrics.Metrics.distribution(element_sizes.NAMESPACE, state).update(
             element_sizes.element_bytes(members) + (element_sizes.element_bytes(frozen) if frozen else 0))
-        yield out
+        for start in range(0, len(out), ROWS_PER_BUCKET):  # pieces of a bucket's size: a partition can be large
+            yield cell, ("out", out.take(slice(start, start + ROWS_PER_BUCKET)), edges)
+        if targets.size:
+            for home, pos in split_by_key(homes[np.searchsorted(frozen.ids, targets)]):
+                yield beam.pvalue.TaggedOutput(self.TARGETS, (home, ("t", targets[pos], None)))
         if len(edges):
             absorbed = np.setdiff1d(edges.reshape(-1), out.ids)
             yield beam.pvalue.TaggedOutput(self.MERGES, (absorbed, edges, heights))
         yield beam.pvalue.TaggedOutput(self.STATS, {"merges": len(edges), "rounds": rounds, "waiting": waiting,
                                                     "partitions": 1, "reached": reached})
+
+
+def _mark_waited_on(element):
+    """A partition's merged clusters (in pieces, each with the partition's edges) and the ids waited on in it
+    -> the pieces, marked (core.hac.sharded.mark_waited_on)."""
+    _, parts = element
+    pieces, targets = [], []
+    for kind, value, edges in parts:
+        if kind == "out":
+            pieces.append((value, edges))
+        else:
+            targets.append(value)
+    targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+    for out, edges in pieces:
+        yield mark_waited_on(out, edges, targets)
 
 
 def _add_stats(parts):
@@ -352,8 +408,9 @@ def _threshold_argument(value):
     return value if isinstance(value, beam.pvalue.PCollection) else hac.check_threshold(value)
 
 
-def _plan(count, prev, waiting, n, eps, merge_eps, shards, target):
-    return next_round(prev, count, waiting, n, shards, eps, merge_eps, target)
+def _plan(counts, prev, waiting, n, eps, merge_eps, shards, target):
+    clusters, routed = (int(c) for c in counts)
+    return next_round(prev, clusters, waiting, n, shards, eps, merge_eps, target, routed)
 
 
 def _tagged(stats, plan, round_index):
@@ -368,7 +425,8 @@ def _summary(stats, cut, sizes, n):
     return {"distance_threshold": cut, "merged_up_to": (active or rounds)[-1]["eps"] if rounds else None,
             "merges": int(n - sizes["num_clusters"]), "rounds": sum(r["rounds"] for r in active),
             "waiting": active[-1]["waiting"] if active else 0,
-            "sharded_rounds": [{k: r[k] for k in ("round", "parts", "eps", "merges", "waiting")} for r in active],
+            "sharded_rounds": [{k: r[k] for k in ("round", "clusters", "parts", "eps", "merges", "waiting")}
+                               for r in active],
             **sizes}
 
 
@@ -421,12 +479,15 @@ class ShardedHac(beam.PTransform):
             name = f"Round{rnd + 1}"
             seed = self.seed + rnd
             plan = (clusters
-                    | f"{name}Count" >> beam.Map(len)
-                    | f"{name}Clusters" >> beam.CombineGlobally(sum)
+                    | f"{name}Count" >> beam.Map(_counts)
+                    | f"{name}Clusters" >> beam.CombineGlobally(_sum_arrays)
                     | f"{name}Plan" >> beam.Map(_plan, side(plan) if plan is not None else None,
                                                 side(waiting) if waiting is not None else 0, n, eps, merge_eps,
                                                 self.shards, self.target))
-            centroids = (clusters
+            split = (clusters
+                     | f"{name}TakePart" >> beam.ParDo(_TakePart(rnd), side(plan))
+                     .with_outputs(_TakePart.IDLE, _TakePart.FINISHED, main="taking"))
+            centroids = (split.taking
                          | f"{name}Sample" >> beam.CombineGlobally(
                              BottomKByHash(partition_sample_size(self.shards), functools.partial(hashing.row_hash, seed=seed),
                                            _ids_and_means))
@@ -434,25 +495,29 @@ class ShardedHac(beam.PTransform):
                          | f"{name}MeasureSample" >> measured("partition_sample")
                          | f"{name}Train" >> beam.Map(_train, side(plan), seed)
                          | f"{name}MeasureCentroids" >> measured("partition_centroids"))
-            routed = (clusters
+            result = (split.taking
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells, rnd),
                                                      side(centroids, default_value=None), side(plan))
-                      .with_outputs(_RouteClusters.PASSED, main="routed"))
-            result = (routed.routed
                       | f"{name}MeasureRouted" >> measured("partition_pieces")
                       | f"{name}Group" >> beam.GroupByKey()
                       | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, rnd, self.delta, self.target),
                                                    side(plan), n)
-                      .with_outputs(_LocalRac.MERGES, _LocalRac.STATS, main="clusters"))
+                      .with_outputs(_LocalRac.MERGES, _LocalRac.STATS, _LocalRac.TARGETS, main="clusters"))
             merges.append(result[_LocalRac.MERGES] | f"{name}MeasureMerges" >> measured("partition_merges"))
             round_stats = (result[_LocalRac.STATS]
                            | f"{name}Stats" >> beam.CombineGlobally(_add_stats)
                            | f"{name}Tag" >> beam.Map(_tagged, side(plan), rnd))
             stats.append(round_stats)
             waiting = round_stats | f"{name}Waiting" >> beam.Map(lambda s: s["waiting"])
+            # A partition's clusters meet the ids its neighbours' members waited on: those take part in a repeat.
+            marked = ((result.clusters | f"{name}MeasureOut" >> measured("partition_out"),
+                       result[_LocalRac.TARGETS] | f"{name}MeasureTargets" >> measured("partition_targets"))
+                      | f"{name}WithTargets" >> beam.Flatten()
+                      | f"{name}GroupTargets" >> beam.GroupByKey()
+                      | f"{name}Mark" >> beam.FlatMap(_mark_waited_on))
             # Clusters of a round with nothing left to merge leave the loop: the rounds after it run empty.
-            finished.append(routed[_RouteClusters.PASSED])
-            clusters = result.clusters
+            finished.append(split[_TakePart.FINISHED])
+            clusters = (marked, split[_TakePart.IDLE]) | f"{name}Next" >> beam.Flatten()
         clusters = (*finished, clusters) | "Finished" >> beam.Flatten()
 
         heights = (tuple(merges) | "AllMerges" >> beam.Flatten(pipeline=batches.pipeline)

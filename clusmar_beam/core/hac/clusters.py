@@ -55,6 +55,13 @@ class Clusters:
     def means(self):
         return self.sums() / self.cnt[:, None]
 
+    def routed(self) -> np.ndarray:
+        """Mask of the clusters with a route of their own (see core.hac.sharded.next_round: the ones a round
+        that repeats its threshold takes)."""
+        if self.route is None:
+            return np.zeros(len(self), bool)
+        return ~np.isnan(self.route[:, 0])
+
     def routing_points(self) -> np.ndarray:
         points = np.ascontiguousarray(self.means(), np.float32)
         if self.route is not None:

@@ -15,16 +15,24 @@ is exact (see clusmar_beam.core.hac).  One sharded round:
    clusters are searched as neighbours but never merge, so a member whose
    nearest cluster lies in another partition waits;
 4. the merged statistics are the next round's clusters, and each partition's
-   merges (a forest over its members' ids) go on as one element.
+   merges (a forest over its members' ids) go on as one element; the
+   clusters its members waited on are told so in their own partition (a
+   join keyed by partition), and get a route too.
 
 Rounds go on until no member waited (nothing within the threshold was left
-across a border), with as many partitions as the clusters left need; once
-those fit one partition the round is exact RAC on one worker, bounded by the
-partition size.  With a target mean cluster size, the rounds then go on up to
-the merge threshold and raise it while short of the target, and the merges
-are cut at the target.  A point's cluster is found by following its merges
-back from the last round (a join per round keyed by row range), never by
-gathering them.
+across a border).  A round that repeats the threshold takes only the
+clusters with a route, the members that waited and the clusters they waited
+on: any other cluster found nothing within the threshold among the clusters
+it saw, and by reducibility merges elsewhere cannot bring those nearer, so
+it sits the repeats out.  (It gives up the chance that a repeat's other
+partitions gave it to meet a neighbour its halo hid; once all the clusters
+left fit one worker, FINISH_ON_ONE_WORKER, the round takes them all, exact
+RAC, and that chance comes back.)  Each round has as many partitions as the
+clusters taking part need, or one once they are that few.  With a target
+mean cluster size, the rounds then go on up to the merge threshold and
+raise it while short of the target, and the merges are cut at the target.
+A point's cluster is found by following its merges back from the last
+round (a join per round keyed by row range), never by gathering them.
 
 `sharded_average_linkage` runs the rounds in one process (the reference of
 the tests); clusmar_beam.transforms.sharded_hac.ShardedHac runs the same
@@ -56,14 +64,15 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     """RAC among `members` with `frozen` clusters visible but never merged.
 
     Returns (merged member clusters, merge edges, their heights, merge rounds,
-    members left waiting on a frozen neighbour within eps).  An edge joins
+    members left waiting on a frozen neighbour within eps, the ids of the
+    frozen clusters they wait on).  An edge joins
     the ids of two clusters that merged (one of which the merged cluster
     keeps); the clusters are the connected components of the edges of all
     rounds (hac.labels_from_edges).  `delta` is hac.average_linkage's.
     """
     m = len(members)
     if m == 0:
-        return members, np.zeros((0, 2), np.int64), np.zeros(0), 0, 0
+        return members, np.zeros((0, 2), np.int64), np.zeros(0), 0, 0, np.zeros(0, np.int64)
     members = members.take(np.argsort(members.ids, kind="stable"))  # lower row = lower id
     both = members if frozen is None or not len(frozen) else Clusters.concat([members, frozen])
     is_frozen = np.zeros(len(both), bool)
@@ -83,6 +92,7 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     ids = smallest_connected(edges, members.ids[left.ids[alive]]) if len(edges) else members.ids[left.ids[alive]]
     out = Clusters(ids, left.cnt[alive], left.S[alive],
                    left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
+    targets = np.zeros(0, np.int64)
     if rac.waiting:
         # A member waiting on a cluster across the border goes, next round, where the lower-id one of the
         # two is routed: a pair split by a border is not split the same way again.
@@ -95,7 +105,8 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
         at = np.searchsorted(left.ids[alive], member)  # members' rows in `out` (left.ids ascending)
         route[at] = (left.S[lead_row] / left.cnt[lead_row][:, None]).astype(np.float32)
         out.route = route
-    return out, edges, heights, len(merges_per_round), rac.waiting
+        targets = np.unique(both.ids[other[is_frozen[other]]])
+    return out, edges, heights, len(merges_per_round), rac.waiting, targets
 
 
 PARTITION_KMEANS_ITERATIONS = 15
@@ -143,70 +154,112 @@ def check_shard_params(shards, halo_cells, max_rounds):
 
 
 def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: int, eps: float,
-               merge_eps: float | None = None, target: float | None = None) -> dict:
+               merge_eps: float | None = None, target: float | None = None, routed: int | None = None) -> dict:
     """The plan of a sharded round: {"parts": partitions (0: nothing is left to merge), "eps": merge up to,
-    "finish": raise eps on one worker until the target is reached}.
+    "finish": raise eps on one worker until the target is reached, "repeat": only the clusters with a route
+    take part, "clusters": how many take part}.
 
     Partitions hold at most about n / shards clusters, the first round's
     size.  A round repeats its threshold while members waited on a
-    neighbour across a border; once none did, the rounds go on up to
-    `merge_eps` (a target's threshold), then, while the clusters average
-    fewer than `target`, with the threshold raised by hac.TARGET_RAISE.
-    Once at most FINISH_ON_ONE_WORKER clusters are left, a round that would
-    repeat or go higher does all that is left on one worker instead.
+    neighbour across a border, with only those members and the clusters
+    they waited on (`routed` of the `clusters`: the others found nothing
+    within the threshold, and merges elsewhere cannot bring anything nearer,
+    by reducibility); once none waited, the rounds go on, with every
+    cluster, up to `merge_eps` (a target's threshold), then, while the
+    clusters average fewer than `target`, with the threshold raised by
+    hac.TARGET_RAISE.  Once at most FINISH_ON_ONE_WORKER clusters are
+    left, a round that would repeat or go higher takes them all on one
+    worker (exact RAC, which also merges what a halo hid, and, going higher,
+    up to the target); a repeat with at most that many taking part runs them
+    on one worker too.
     """
     size = max(1, math.ceil(n / shards))
     if clusters <= 1 or (prev is not None and prev["parts"] == 0):
-        return {"parts": 0, "eps": eps if prev is None else prev["eps"], "finish": False}
+        return {"parts": 0, "eps": eps if prev is None else prev["eps"], "finish": False, "repeat": False,
+                "clusters": 0}
     if prev is None:
-        step = eps
-    else:
-        higher = None
-        if merge_eps is not None and prev["eps"] < merge_eps:
-            higher = merge_eps
-        elif target is not None and n / clusters < target:
-            higher = prev["eps"] * hac.TARGET_RAISE
-        if higher is None and not waiting:
-            return {"parts": 0, "eps": prev["eps"], "finish": False}
-        if clusters <= FINISH_ON_ONE_WORKER:
-            return {"parts": 1, "eps": max(prev["eps"], merge_eps or 0.0), "finish": target is not None}
-        # the few waiting pairs are within the higher threshold too
-        step = higher if higher is not None and waiting <= WAITING_TO_MOVE_ON * clusters else prev["eps"]
-    return {"parts": max(1, math.ceil(clusters / size)), "eps": step, "finish": False}
+        return {"parts": max(1, math.ceil(clusters / size)), "eps": eps, "finish": False, "repeat": False,
+                "clusters": clusters}
+    higher = None
+    if merge_eps is not None and prev["eps"] < merge_eps:
+        higher = merge_eps
+    elif target is not None and n / clusters < target:
+        higher = prev["eps"] * hac.TARGET_RAISE
+    if higher is None and not waiting:
+        return {"parts": 0, "eps": prev["eps"], "finish": False, "repeat": False, "clusters": 0}
+    if higher is not None and clusters <= FINISH_ON_ONE_WORKER:
+        return {"parts": 1, "eps": max(prev["eps"], merge_eps or 0.0), "finish": target is not None,
+                "repeat": False, "clusters": clusters}
+    if higher is not None and waiting <= WAITING_TO_MOVE_ON * clusters:  # the few waiting pairs are within it too
+        return {"parts": max(1, math.ceil(clusters / size)), "eps": higher, "finish": False, "repeat": False,
+                "clusters": clusters}
+    if clusters <= FINISH_ON_ONE_WORKER:  # all of them on one worker: that also finds what halos hid
+        return {"parts": 1, "eps": prev["eps"], "finish": False, "repeat": False, "clusters": clusters}
+    routed = clusters if routed is None else routed
+    parts = 1 if routed <= FINISH_ON_ONE_WORKER else max(1, math.ceil(routed / size))
+    return {"parts": parts, "eps": prev["eps"], "finish": False, "repeat": True, "clusters": routed}
 
 
 def merge_partition(members: Clusters, frozen: Clusters | None, plan: dict, metric: str, seed: int, delta: float,
                     n: int, target: float | None):
-    """RAC of one partition as the round's plan says: (clusters, edges, heights, rounds, waiting, eps reached).
+    """RAC of one partition as the round's plan says: (clusters, edges, heights, rounds, waiting, eps reached,
+    ids of the frozen clusters waited on).
 
     A finishing round holds every cluster left: it raises the threshold
     until they average the target size, as hac.average_linkage does.
     """
     eps = plan["eps"]
-    out, edges, heights, rounds, waiting = rac_on_clusters(members, eps, metric, frozen, seed, delta=delta)
+    out, edges, heights, rounds, waiting, targets = rac_on_clusters(members, eps, metric, frozen, seed, delta=delta)
     if not plan.get("finish"):
-        return out, edges, heights, rounds, waiting, eps
+        return out, edges, heights, rounds, waiting, eps, targets
     edges, heights = [edges], [heights]
     while len(out) > 1 and n / len(out) < target:
         eps *= hac.TARGET_RAISE
-        out, e, h, r, _ = rac_on_clusters(out, eps, metric, None, seed, delta=delta)
+        out, e, h, r, *_ = rac_on_clusters(out, eps, metric, None, seed, delta=delta)
         edges.append(e)
         heights.append(h)
         rounds += r
-    return out, np.concatenate(edges), np.concatenate(heights), rounds, 0, eps
+    return out, np.concatenate(edges), np.concatenate(heights), rounds, 0, eps, targets
+
+
+def mark_waited_on(out: Clusters, edges: np.ndarray, targets: np.ndarray) -> Clusters:
+    """A partition's merged clusters with a route (their own mean) also on the clusters that members of
+    other partitions waited on (`targets`, ids of this partition's members at the start of the round):
+    they take part in the next round that repeats the threshold, with those members."""
+    if not targets.size:
+        return out
+    now = smallest_connected(edges, targets) if len(edges) else targets  # the clusters they are part of now
+    rows = np.flatnonzero(np.isin(out.ids, now))
+    route = out.route if out.route is not None else np.full(out.S.shape, np.nan, np.float32)
+    unset = rows[np.isnan(route[rows, 0])]
+    route[unset] = out.take(unset).means()
+    out.route = route
+    return out
+
+
+def taking_part(clusters: Clusters, plan: dict) -> np.ndarray:
+    """Mask of the clusters a round takes: all, or in a round that repeats the threshold those with a route."""
+    return clusters.routed() if plan["repeat"] else np.ones(len(clusters), bool)
 
 
 def partition_round(clusters: Clusters, plan: dict, metric: str, halo_cells: int, seed: int, delta: float,
                     sample_size: int, n: int, target: float | None):
-    """One sharded round in one process: merge_partition's result for each partition."""
+    """One sharded round in one process, on the clusters taking part: the merged clusters of every partition,
+    marked as mark_waited_on marks them, and merge_partition's other results."""
     if plan["parts"] == 1:
         return [merge_partition(clusters, None, plan, metric, seed, delta, n, target)]
     centroids = _partition_centroids(clusters, plan["parts"], seed, sample_size)
     home, halo = route(clusters, centroids, halo_cells)
     frozen_rows = halo_rows(halo)
-    return [merge_partition(clusters.take(mem), clusters.take(frozen_rows.get(c, np.zeros(0, np.int64))), plan,
-                            metric, seed, delta, n, target)
-            for c, mem in split_by_key(home)]
+    parts = {c: merge_partition(clusters.take(mem), clusters.take(frozen_rows.get(c, np.zeros(0, np.int64))), plan,
+                                metric, seed, delta, n, target)
+             for c, mem in split_by_key(home)}
+    targets = np.concatenate([p[6] for p in parts.values()])
+    by_id = np.argsort(clusters.ids)
+    home_of = home[by_id[np.searchsorted(clusters.ids, targets, sorter=by_id)]]
+    waited_on = dict(split_by_key(home_of))
+    return [(mark_waited_on(p[0], p[1], targets[waited_on.get(c, np.zeros(0, np.int64))]), *p[1:])
+            for c, p in parts.items()]
 
 
 def smallest_connected(edges: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -254,23 +307,29 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     info = {"rounds": []}
     plan, waiting, merge_rounds = None, 0, 0
     for rnd in range(max_rounds):
-        plan = next_round(plan, len(clusters), waiting, n, shards, eps, merge_eps, target)
+        plan = next_round(plan, len(clusters), waiting, n, shards, eps, merge_eps, target,
+                          int(np.count_nonzero(clusters.routed())))
         if plan["parts"] == 0:
             break
         t = time.perf_counter()
+        taking = taking_part(clusters, plan)
+        idle = clusters.take(np.flatnonzero(~taking))
+        clusters = clusters.take(np.flatnonzero(taking))
         parts = partition_round(clusters, plan, metric, halo_cells, seed + rnd, delta,
                                 partition_sample_size(shards), n, target)
-        clusters = Clusters.concat([p[0] for p in parts])
+        idle.route = None  # found nothing within the threshold: it waits for a higher one
+        clusters = Clusters.concat([p[0] for p in parts] + [idle])
         edges += [p[1] for p in parts]
         heights += [p[2] for p in parts]
         merge_rounds += max(p[3] for p in parts)  # partitions merge side by side
         waiting = sum(p[4] for p in parts)
         merged = sum(len(p[1]) for p in parts)
         plan = {**plan, "eps": max(p[5] for p in parts)}  # a finishing round raises it
-        info["rounds"].append({**plan, "merges": merged, "clusters": len(clusters), "waiting": waiting})
+        info["rounds"].append({**plan, "merges": merged, "clusters_left": len(clusters), "waiting": waiting})
         if log:
-            log(f"sharded hac round {rnd + 1}: {plan['parts']} partitions up to {plan['eps']:.6g}, {merged} merges, "
-                f"{len(clusters)} clusters, {waiting} waiting ({time.perf_counter() - t:.1f}s)")
+            log(f"sharded hac round {rnd + 1}: {plan['clusters']} clusters in {plan['parts']} partitions up to "
+                f"{plan['eps']:.6g}, {merged} merges, {len(clusters)} clusters left, {waiting} waiting "
+                f"({time.perf_counter() - t:.1f}s)")
     edges, heights = np.concatenate(edges), np.concatenate(heights)
     cut = eps if target is None else hac.threshold_from_heights(heights, n, target)
     labels = hac.labels_from_edges(n, edges[heights <= cut])
