@@ -178,7 +178,9 @@ def test_target_mean_cluster_size(tmp_path, metric):
     (["--distance-threshold", "0.1", "--knn", "-2"], "--knn"),
     (["--distance-threshold", "0.1", "--approximation", "-0.1"], "--approximation"),
     (["--distance-threshold", "0.1", "--approximation", "nan"], "--approximation"),
-    (["--distance-threshold", "0.1", "--warn-largest-share", "0"], "--warn-largest-share")])
+    (["--distance-threshold", "0.1", "--warn-largest-share", "0"], "--warn-largest-share"),
+    (["--distance-threshold", "0.1", "--hac-shards", "4", "--hac-one-worker-clusters", "0"],
+     "--hac-one-worker-clusters")])
 def test_bad_target_parameters(tmp_path, capsys, flags, fragment):
     pool = _pool(tmp_path, n=50, dim=4)
     code = cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "c"), *flags])

@@ -213,7 +213,8 @@ def test_clusters_leave_the_rounds_once_nothing_is_left_to_merge(monkeypatch):
     assert routed[len(merging):] == [0] * (8 - len(merging))
 
 
-@pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"max_rounds": 0}, {"max_rounds": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"shards": 0}, {"halo_cells": -1}, {"max_rounds": 0}, {"max_rounds": 1.5},
+                                    {"one_worker_clusters": 0}])
 def test_bad_parameters(kwargs):
     with pytest.raises(HacError):
         sharded.sharded_average_linkage(np.eye(4), 0.5, "cosine", **kwargs)

@@ -5,6 +5,7 @@ them is what a Flink or Dataflow worker gets: pickled DoFns, coders, files throu
 FileSystems.  Their output must be the DirectRunner's, byte for byte.
 """
 import glob
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from clusmar_beam.app import cli
@@ -58,7 +60,8 @@ def _files(directory):
             for p in sorted(glob.glob(os.path.join(directory, "clusters-*.parquet")))}
 
 
-@pytest.mark.parametrize("extra", [[], ["--hac-shards", "3"]], ids=["one-worker", "sharded"])
+@pytest.mark.parametrize("extra", [[], ["--hac-shards", "3"], ["--hac-shards", "8", "--hac-one-worker-clusters", "60"]],
+                         ids=["one-worker", "sharded", "sharded-repeats"])
 def test_cluster_on_external_workers_matches_direct_runner(tmp_path, worker_pool, extra):
     assert cli.main(["generate-pool", "--output", str(tmp_path / "pool"), "--num-examples", "3000", "--dim", "12",
                      "--num-classes", "5", "--seed", "21", "--region-sizes", "heavy-tailed",
@@ -68,6 +71,11 @@ def test_cluster_on_external_workers_matches_direct_runner(tmp_path, worker_pool
     assert cli.main([*args, "--output", str(tmp_path / "portable"), *_portable(worker_pool)]) == 0
     direct, portable = _files(tmp_path / "direct"), _files(tmp_path / "portable")
     assert direct and portable == direct
+    if "--hac-one-worker-clusters" in extra:  # partitioned repeats took only the members that waited and their targets
+        rounds = json.load(open(tmp_path / "portable" / "clustering.json"))["sharded_rounds"]
+        left = 3000 - np.cumsum([r["merges"] for r in rounds])
+        assert any(r["clusters"] < before for r, before in zip(rounds[1:], left))
+        assert any(r["parts"] > 1 for r in rounds[1:])
 
 
 def test_select_on_external_workers_matches_direct_runner(tmp_path, worker_pool):

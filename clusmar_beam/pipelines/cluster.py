@@ -92,6 +92,11 @@ class ClusterOptions(CommonOptions):
         parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
                             help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
                                  "next nearest cells, this many")
+        parser.add_argument("--hac-one-worker-clusters", dest="hac_one_worker_clusters", type=int,
+                            default=sharded.FINISH_ON_ONE_WORKER,
+                            help="sharded HAC: once at most this many clusters are left (or take part in a "
+                                 "round that repeats the threshold), the round runs on one worker, which holds "
+                                 "about this many x (8 dim + 24) bytes of cluster statistics")
         parser.add_argument("--max-rounds", dest="max_rounds", type=int,
                             help="sharded HAC: at most this many rounds (they stop earlier once no merge is left "
                                  f"across a partition border; default {sharded.DEFAULT_MAX_ROUNDS}, or 2 for a "
@@ -130,6 +135,8 @@ def _check(opts) -> None:
         raise InputError(f"--hac-shards must be at least 1 or auto (got {opts.hac_shards})")
     if opts.hac_halo_cells < 0:
         raise InputError(f"--hac-halo-cells must be >= 0 (got {opts.hac_halo_cells})")
+    if opts.hac_one_worker_clusters < 1:
+        raise InputError(f"--hac-one-worker-clusters must be at least 1 (got {opts.hac_one_worker_clusters})")
     if opts.max_rounds is not None and opts.max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1 (got {opts.max_rounds})")
     if not (math.isfinite(opts.approximation) and opts.approximation >= 0):
@@ -191,13 +198,14 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
     if opts.hac_shards > 1:
         if opts.max_rounds is None:
             # Each round is a fixed part of the pipeline, run even when nothing is left to merge; a pool of at
-            # most FINISH_ON_ONE_WORKER points needs two (the second finishes on one worker).
-            small = pool_rows is not None and pool_rows <= sharded.FINISH_ON_ONE_WORKER
+            # most --hac-one-worker-clusters points needs two (the second finishes on one worker).
+            small = pool_rows is not None and pool_rows <= opts.hac_one_worker_clusters
             opts.max_rounds = 2 if small else sharded.DEFAULT_MAX_ROUNDS
-        params.update(hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds)
+        params.update(hac_halo_cells=opts.hac_halo_cells, max_rounds=opts.max_rounds,
+                      hac_one_worker_clusters=opts.hac_one_worker_clusters)
         clustered = pipeline | reader | "Cluster" >> ClusterSharded(
             pool_glob, eps, target, opts.metric, opts.hac_shards, opts.hac_halo_cells, opts.max_rounds, opts.seed,
-            opts.approximation, opts.threshold_sample_size, opts.num_shards)
+            opts.approximation, opts.threshold_sample_size, opts.num_shards, opts.hac_one_worker_clusters)
     else:
         clustered = pipeline | reader | "Cluster" >> ClusterOnOneWorker(params, pool_glob, output.temp,
                                                                          opts.num_shards, embedding_bytes)

@@ -286,8 +286,9 @@ class ClusterSharded(beam.PTransform):
 
     def __init__(self, pool_glob: str, eps: float | None, target: float | None, metric: str, shards: int,
                  halo_cells: int, max_rounds: int, seed: int, delta: float, threshold_sample_size: int,
-                 num_shards: int | None):
+                 num_shards: int | None, one_worker_clusters: int | None = None):
         super().__init__()
+        self.one_worker_clusters = one_worker_clusters
         self.pool_glob, self.eps, self.target, self.metric = pool_glob, eps, target, metric
         self.shards, self.halo_cells, self.max_rounds, self.seed = shards, halo_cells, max_rounds, seed
         self.delta, self.threshold_sample_size, self.num_shards = delta, threshold_sample_size, num_shards
@@ -324,7 +325,8 @@ class ClusterSharded(beam.PTransform):
                                                                 max_rounds=self.max_rounds, seed=self.seed,
                                                                 target_mean_cluster_size=self.target,
                                                                 merge_threshold=merge_threshold,
-                                                                delta=self.delta)
+                                                                delta=self.delta,
+                                                                one_worker_clusters=self.one_worker_clusters)
         result = merged["summary"] | "Result" >> beam.Map(_sharded_summary, side(dim), side(id_type),
                                                           side(choice) if choice is not None else None)
         ids = ranked["ranked"] | "IdsByShard" >> beam.FlatMap(

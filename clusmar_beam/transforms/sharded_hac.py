@@ -408,9 +408,9 @@ def _threshold_argument(value):
     return value if isinstance(value, beam.pvalue.PCollection) else hac.check_threshold(value)
 
 
-def _plan(counts, prev, waiting, n, eps, merge_eps, shards, target):
+def _plan(counts, prev, waiting, n, eps, merge_eps, shards, target, one_worker):
     clusters, routed = (int(c) for c in counts)
-    return next_round(prev, clusters, waiting, n, shards, eps, merge_eps, target, routed)
+    return next_round(prev, clusters, waiting, n, shards, eps, merge_eps, target, routed, one_worker)
 
 
 def _tagged(stats, plan, round_index):
@@ -445,18 +445,20 @@ class ShardedHac(beam.PTransform):
     are then cut at the target (as hac.average_linkage does).  Every element,
     side input and partition is bounded by the partition size (about n /
     `shards` clusters plus their halo), ROWS_PER_BUCKET, SAMPLE_MAX or
-    FINISH_ON_ONE_WORKER, not by n.
+    `one_worker_clusters` (default FINISH_ON_ONE_WORKER: the rounds finish
+    on one worker once that few are left), not by n.
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, max_rounds=DEFAULT_MAX_ROUNDS,
-                 seed=0, target_mean_cluster_size=None, merge_threshold=None, delta=0.0):
+                 seed=0, target_mean_cluster_size=None, merge_threshold=None, delta=0.0, one_worker_clusters=None):
         super().__init__()
         self.delta = hac.check_delta(delta)
         self.eps = _threshold_argument(distance_threshold)
         self.merge_eps = None if merge_threshold is None else _threshold_argument(merge_threshold)
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
-        check_shard_params(shards, halo_cells, max_rounds)
+        check_shard_params(shards, halo_cells, max_rounds, one_worker_clusters)
+        self.one_worker = one_worker_clusters
         self.target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
         self.metric, self.shards, self.halo_cells = metric, shards, halo_cells
         self.max_rounds, self.seed = max_rounds, seed
@@ -483,7 +485,7 @@ class ShardedHac(beam.PTransform):
                     | f"{name}Clusters" >> beam.CombineGlobally(_sum_arrays)
                     | f"{name}Plan" >> beam.Map(_plan, side(plan) if plan is not None else None,
                                                 side(waiting) if waiting is not None else 0, n, eps, merge_eps,
-                                                self.shards, self.target))
+                                                self.shards, self.target, self.one_worker))
             split = (clusters
                      | f"{name}TakePart" >> beam.ParDo(_TakePart(rnd), side(plan))
                      .with_outputs(_TakePart.IDLE, _TakePart.FINISHED, main="taking"))

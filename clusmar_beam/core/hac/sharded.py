@@ -147,14 +147,17 @@ def halo_rows(halo: np.ndarray) -> dict:
     return {c: pos // halo.shape[1] for c, pos in split_by_key(halo.reshape(-1))}
 
 
-def check_shard_params(shards, halo_cells, max_rounds):
+def check_shard_params(shards, halo_cells, max_rounds, one_worker=None):
+    if one_worker is not None:
+        check_int("one_worker_clusters", one_worker, 1, error=hac.HacError)
     check_int("shards", shards, 1, error=hac.HacError)
     check_int("halo_cells", halo_cells, 0, error=hac.HacError)
     check_int("max_rounds", max_rounds, 1, error=hac.HacError)
 
 
 def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: int, eps: float,
-               merge_eps: float | None = None, target: float | None = None, routed: int | None = None) -> dict:
+               merge_eps: float | None = None, target: float | None = None, routed: int | None = None,
+               one_worker: int | None = None) -> dict:
     """The plan of a sharded round: {"parts": partitions (0: nothing is left to merge), "eps": merge up to,
     "finish": raise eps on one worker until the target is reached, "repeat": only the clusters with a route
     take part, "clusters": how many take part}.
@@ -167,12 +170,13 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
     by reducibility); once none waited, the rounds go on, with every
     cluster, up to `merge_eps` (a target's threshold), then, while the
     clusters average fewer than `target`, with the threshold raised by
-    hac.TARGET_RAISE.  Once at most FINISH_ON_ONE_WORKER clusters are
-    left, a round that would repeat or go higher takes them all on one
-    worker (exact RAC, which also merges what a halo hid, and, going higher,
-    up to the target); a repeat with at most that many taking part runs them
-    on one worker too.
+    hac.TARGET_RAISE.  Once at most `one_worker` (default
+    FINISH_ON_ONE_WORKER) clusters are left, a round that would repeat or go
+    higher takes them all on one worker (exact RAC, which also merges what a
+    halo hid, and, going higher, up to the target); a repeat with at most
+    that many taking part runs them on one worker too.
     """
+    one_worker = FINISH_ON_ONE_WORKER if one_worker is None else one_worker
     size = max(1, math.ceil(n / shards))
     if clusters <= 1 or (prev is not None and prev["parts"] == 0):
         return {"parts": 0, "eps": eps if prev is None else prev["eps"], "finish": False, "repeat": False,
@@ -187,16 +191,16 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
         higher = prev["eps"] * hac.TARGET_RAISE
     if higher is None and not waiting:
         return {"parts": 0, "eps": prev["eps"], "finish": False, "repeat": False, "clusters": 0}
-    if higher is not None and clusters <= FINISH_ON_ONE_WORKER:
+    if higher is not None and clusters <= one_worker:
         return {"parts": 1, "eps": max(prev["eps"], merge_eps or 0.0), "finish": target is not None,
                 "repeat": False, "clusters": clusters}
     if higher is not None and waiting <= WAITING_TO_MOVE_ON * clusters:  # the few waiting pairs are within it too
         return {"parts": max(1, math.ceil(clusters / size)), "eps": higher, "finish": False, "repeat": False,
                 "clusters": clusters}
-    if clusters <= FINISH_ON_ONE_WORKER:  # all of them on one worker: that also finds what halos hid
+    if clusters <= one_worker:  # all of them on one worker: that also finds what halos hid
         return {"parts": 1, "eps": prev["eps"], "finish": False, "repeat": False, "clusters": clusters}
     routed = clusters if routed is None else routed
-    parts = 1 if routed <= FINISH_ON_ONE_WORKER else max(1, math.ceil(routed / size))
+    parts = 1 if routed <= one_worker else max(1, math.ceil(routed / size))
     return {"parts": parts, "eps": prev["eps"], "finish": False, "repeat": True, "clusters": routed}
 
 
@@ -283,22 +287,23 @@ def images(absorbed: np.ndarray, edges: np.ndarray, heights: np.ndarray, cut: fl
 
 def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, target_mean_cluster_size=None,
                             merge_threshold=None, shards=64, halo_cells=2, max_rounds=DEFAULT_MAX_ROUNDS, seed=0,
-                            log=None, delta=0.0):
+                            log=None, delta=0.0, one_worker_clusters=None):
     """Flat average-linkage clusters by partitioned RAC rounds (see the module docstring).
 
     With `target_mean_cluster_size`, the rounds merge up to
     `distance_threshold`, then `merge_threshold` (default: the same), raised
     while short of the target, and the result is cut at the target as in
-    hac.average_linkage.  Labels numbered by first appearance.  Returns
-    (labels, info dict with the cut, the rounds and the members still
-    waiting after the last one).
+    hac.average_linkage.  `one_worker_clusters` is next_round's
+    `one_worker`.  Labels numbered by first appearance.  Returns (labels,
+    info dict with the cut, the rounds and the members still waiting after
+    the last one).
     """
     eps = hac.check_threshold(distance_threshold)
     merge_eps = None if merge_threshold is None else hac.check_threshold(merge_threshold)
     target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
-    check_shard_params(shards, halo_cells, max_rounds)
+    check_shard_params(shards, halo_cells, max_rounds, one_worker_clusters)
     delta = hac.check_delta(delta)
     X = hac.prepare(embeddings, metric)
     n = X.shape[0]
@@ -308,7 +313,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     plan, waiting, merge_rounds = None, 0, 0
     for rnd in range(max_rounds):
         plan = next_round(plan, len(clusters), waiting, n, shards, eps, merge_eps, target,
-                          int(np.count_nonzero(clusters.routed())))
+                          int(np.count_nonzero(clusters.routed())), one_worker_clusters)
         if plan["parts"] == 0:
             break
         t = time.perf_counter()
