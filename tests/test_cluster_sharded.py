@@ -96,6 +96,25 @@ def test_rounds_follow_the_clusters_left(monkeypatch):
     assert len(short["rounds"]) == 1 and short["waiting"] > 0   # reported, not hidden
 
 
+def test_repeats_take_the_few_while_they_converge():
+    """A repeat takes the members that waited and the clusters they waited on while the waiting members at
+    least halve a round; once they do not, every cluster takes part, from then on."""
+    first = sharded.next_round(None, 100_000, 0, 100_000, 16, 0.3, one_worker=1000)
+    assert first["parts"] == 16 and not first["repeat"] and first["clusters"] == 100_000
+    second = sharded.next_round(first, 60_000, 30_000, 100_000, 16, 0.3, routed=31_000, one_worker=1000)
+    assert second["repeat"] and second["clusters"] == 31_000 and second["parts"] == 5
+    third = sharded.next_round(second, 50_000, 14_000, 100_000, 16, 0.3, routed=14_500, one_worker=1000)
+    assert third["repeat"] and third["clusters"] == 14_500 and not third["stalled"]
+    fourth = sharded.next_round(third, 45_000, 9_000, 100_000, 16, 0.3, routed=9_300, one_worker=1000)
+    assert not fourth["repeat"] and fourth["clusters"] == 45_000 and fourth["stalled"] and fourth["parts"] == 8
+    fifth = sharded.next_round(fourth, 44_000, 1_000, 100_000, 16, 0.3, routed=1_100, one_worker=1000)
+    assert not fifth["repeat"] and fifth["clusters"] == 44_000
+    # few enough clusters left: all of them on one worker; none waiting: done
+    last = sharded.next_round(fifth, 900, 10, 100_000, 16, 0.3, routed=20, one_worker=1000)
+    assert last["parts"] == 1 and not last["repeat"] and last["clusters"] == 900
+    assert sharded.next_round(last, 890, 0, 100_000, 16, 0.3, one_worker=1000)["parts"] == 0
+
+
 def test_frozen_neighbours_block_merges():
     # a - b are close, c is frozen and nearer to a than b is: a must not merge with b
     X = np.array([[0.0, 0.0], [1.0, 0.0], [-0.5, 0.0]])

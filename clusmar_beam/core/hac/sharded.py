@@ -160,17 +160,21 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
                one_worker: int | None = None) -> dict:
     """The plan of a sharded round: {"parts": partitions (0: nothing is left to merge), "eps": merge up to,
     "finish": raise eps on one worker until the target is reached, "repeat": only the clusters with a route
-    take part, "clusters": how many take part}.
+    take part, "clusters": how many take part, "waited": the members that waited before it}.
 
     Partitions hold at most about n / shards clusters, the first round's
     size.  A round repeats its threshold while members waited on a
     neighbour across a border, with only those members and the clusters
     they waited on (`routed` of the `clusters`: the others found nothing
     within the threshold, and merges elsewhere cannot bring anything nearer,
-    by reducibility); once none waited, the rounds go on, with every
-    cluster, up to `merge_eps` (a target's threshold), then, while the
-    clusters average fewer than `target`, with the threshold raised by
-    hac.TARGET_RAISE.  Once at most `one_worker` (default
+    by reducibility) as long as that converges: the waiting members at
+    least halve from one round to the next.  Otherwise the repeat takes
+    every cluster: partitions of the few left kept cutting one dense region
+    in the same places (a near-duplicate flood), where partitions of all
+    the clusters move their borders.  Once none waited, the rounds go on,
+    with every cluster, up to `merge_eps` (a target's threshold), then,
+    while the clusters average fewer than `target`, with the threshold
+    raised by hac.TARGET_RAISE.  Once at most `one_worker` (default
     FINISH_ON_ONE_WORKER) clusters are left, a round that would repeat or go
     higher takes them all on one worker (exact RAC, which also merges what a
     halo hid, and, going higher, up to the target); a repeat with at most
@@ -178,30 +182,35 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
     """
     one_worker = FINISH_ON_ONE_WORKER if one_worker is None else one_worker
     size = max(1, math.ceil(n / shards))
+
+    stalled = prev is not None and prev.get("stalled", False)
+
+    def plan(parts, step, taking, finish=False, repeat=False):
+        return {"parts": parts, "eps": step, "finish": finish, "repeat": repeat, "clusters": taking,
+                "waited": waiting, "stalled": stalled}
+
     if clusters <= 1 or (prev is not None and prev["parts"] == 0):
-        return {"parts": 0, "eps": eps if prev is None else prev["eps"], "finish": False, "repeat": False,
-                "clusters": 0}
+        return plan(0, eps if prev is None else prev["eps"], 0)
     if prev is None:
-        return {"parts": max(1, math.ceil(clusters / size)), "eps": eps, "finish": False, "repeat": False,
-                "clusters": clusters}
+        return plan(max(1, math.ceil(clusters / size)), eps, clusters)
     higher = None
     if merge_eps is not None and prev["eps"] < merge_eps:
         higher = merge_eps
     elif target is not None and n / clusters < target:
         higher = prev["eps"] * hac.TARGET_RAISE
     if higher is None and not waiting:
-        return {"parts": 0, "eps": prev["eps"], "finish": False, "repeat": False, "clusters": 0}
+        return plan(0, prev["eps"], 0)
     if higher is not None and clusters <= one_worker:
-        return {"parts": 1, "eps": max(prev["eps"], merge_eps or 0.0), "finish": target is not None,
-                "repeat": False, "clusters": clusters}
+        return plan(1, max(prev["eps"], merge_eps or 0.0), clusters, finish=target is not None)
     if higher is not None and waiting <= WAITING_TO_MOVE_ON * clusters:  # the few waiting pairs are within it too
-        return {"parts": max(1, math.ceil(clusters / size)), "eps": higher, "finish": False, "repeat": False,
-                "clusters": clusters}
+        return plan(max(1, math.ceil(clusters / size)), higher, clusters)
     if clusters <= one_worker:  # all of them on one worker: that also finds what halos hid
-        return {"parts": 1, "eps": prev["eps"], "finish": False, "repeat": False, "clusters": clusters}
+        return plan(1, prev["eps"], clusters)
+    stalled = stalled or bool(prev.get("waited")) and 2 * waiting > prev["waited"]
+    if stalled:  # not converging on the few: all of them, from now on
+        return plan(max(1, math.ceil(clusters / size)), prev["eps"], clusters)
     routed = clusters if routed is None else routed
-    parts = 1 if routed <= one_worker else max(1, math.ceil(routed / size))
-    return {"parts": parts, "eps": prev["eps"], "finish": False, "repeat": True, "clusters": routed}
+    return plan(1 if routed <= one_worker else max(1, math.ceil(routed / size)), prev["eps"], routed, repeat=True)
 
 
 def merge_partition(members: Clusters, frozen: Clusters | None, plan: dict, metric: str, seed: int, delta: float,
