@@ -95,7 +95,7 @@ class _RouteClusters(beam.DoFn):
     def __init__(self, halo_cells, round_index):
         self.halo_cells, self.round_index = halo_cells, round_index
 
-    def process(self, clusters, centroids, plan):
+    def process(self, clusters, centroids):
         beam.metrics.Metrics.counter("hac", f"routed_round_{self.round_index + 1}").inc(len(clusters))
         if centroids is None:  # one partition
             yield 0, ("m", dataclasses.replace(clusters, route=None), None)
@@ -499,7 +499,7 @@ class ShardedHac(beam.PTransform):
                          | f"{name}MeasureCentroids" >> measured("partition_centroids"))
             result = (split.taking
                       | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells, rnd),
-                                                     side(centroids, default_value=None), side(plan))
+                                                     side(centroids, default_value=None))
                       | f"{name}MeasureRouted" >> measured("partition_pieces")
                       | f"{name}Group" >> beam.GroupByKey()
                       | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, rnd, self.delta, self.target),
