@@ -84,7 +84,8 @@ def test_rounds_follow_the_clusters_left(monkeypatch):
     size, left, waiting = -(-len(X) // 16), len(X), None
     for r in info["rounds"]:
         assert r["parts"] == -(-r["clusters"] // size)
-        assert r["clusters"] == left if waiting is None else waiting <= r["clusters"] <= min(2 * waiting, left)
+        # the first round and a stalled repeat take every cluster; a repeat otherwise the waiting and their targets
+        assert r["clusters"] == left or waiting <= r["clusters"] <= 2 * waiting
         left, waiting = r["clusters_left"], r["waiting"]
     assert len(info["rounds"]) > 2 and info["waiting"] == 0
     assert adjusted_rand_score(labels, exact) >= 0.99
