@@ -5,6 +5,7 @@
 - `generate_pool`: a pool on disk through `clusmar generate-pool`, kept and reused once complete;
 - `load_embeddings`: a Parquet pool's embeddings in id order, as `clusmar cluster` orders them;
 - `cluster_labels`: a `clusmar cluster` output's (ids, cluster ids) in id order;
+- `flood_embeddings`: a pool of Pareto-sized Gaussian regions and a near-duplicate flood, in memory;
 - `timed_command`: a command under /usr/bin/time -v: wall seconds and peak RSS.
 """
 from __future__ import annotations
@@ -77,3 +78,23 @@ def timed_command(cmd: list[str], time_file: str | None = None, cwd: str = ROOT)
     seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":"))))
     rss_kib = int(next(line for line in lines if "Maximum resident" in line).split()[-1])
     return round(seconds, 1), round(rss_kib / 1048576, 2)
+
+
+def flood_embeddings(n: int, dim: int = 20, seed: int = 0, regions: int = 200, flood_share: float = 0.1,
+                     flood_sources: int = 50) -> np.ndarray:
+    """float32 embeddings of a pool unlike the synthetic generator's: `regions` Gaussian regions of
+    Pareto-distributed sizes, each point with its own noise scale, and a near-duplicate flood —
+    `flood_share` of the pool are copies of `flood_sources` points with a tiny jitter (a scraped
+    page repeated, one image re-encoded)."""
+    rng = np.random.default_rng(seed)
+    flood = int(round(n * flood_share))
+    weights = rng.pareto(1.1, regions) + 1.0
+    sizes = rng.multinomial(n - flood, weights / weights.sum())
+    centres = rng.standard_normal((regions, dim)) * 2.0
+    region = np.repeat(np.arange(regions), sizes)
+    scale = rng.lognormal(-1.0, 0.5, len(region))[:, None]
+    points = centres[region] + rng.standard_normal((len(region), dim)) * scale
+    sources = points[rng.choice(len(points), flood_sources, replace=False)]
+    copies = sources[rng.integers(0, flood_sources, flood)] + rng.standard_normal((flood, dim)) * 1e-3
+    X = np.concatenate([points, copies]).astype(np.float32)
+    return X[rng.permutation(n)]

@@ -110,6 +110,9 @@ def test_repeats_take_the_few_while_they_converge():
     assert not fourth["repeat"] and fourth["clusters"] == 45_000 and fourth["stalled"] and fourth["parts"] == 8
     fifth = sharded.next_round(fourth, 44_000, 1_000, 100_000, 16, 0.3, routed=1_100, one_worker=1000)
     assert not fifth["repeat"] and fifth["clusters"] == 44_000
+    # stalled partitions grow to what one worker takes: fewer borders for a threshold that reaches across many
+    larger = sharded.next_round(third, 45_000, 9_000, 100_000, 16, 0.3, routed=9_300, one_worker=20_000)
+    assert larger["stalled"] and larger["parts"] == 3 and larger["clusters"] == 45_000
     # few enough clusters left: all of them on one worker; none waiting: done
     last = sharded.next_round(fifth, 900, 10, 100_000, 16, 0.3, routed=20, one_worker=1000)
     assert last["parts"] == 1 and not last["repeat"] and last["clusters"] == 900

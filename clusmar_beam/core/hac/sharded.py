@@ -168,11 +168,14 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
     they waited on (`routed` of the `clusters`: the others found nothing
     within the threshold, and merges elsewhere cannot bring anything nearer,
     by reducibility) as long as that converges: the waiting members at
-    least halve from one round to the next.  Otherwise the repeat takes
-    every cluster: partitions of the few left kept cutting one dense region
-    in the same places (a near-duplicate flood), where partitions of all
-    the clusters move their borders.  Once none waited, the rounds go on,
-    with every cluster, up to `merge_eps` (a target's threshold), then,
+    least halve from one round to the next.  Otherwise every repeat from
+    then on takes every cluster, in partitions as large as one worker takes
+    (`one_worker` clusters, or the first round's size if larger): where the
+    threshold reaches across many partitions (a coarse cut, a near-duplicate
+    flood), most members wait on a frozen neighbour round after round, and
+    fewer, larger partitions have fewer borders to wait across.  Once none
+    waited, the rounds go on, with every cluster, up to `merge_eps` (a
+    target's threshold), then,
     while the clusters average fewer than `target`, with the threshold
     raised by hac.TARGET_RAISE.  Once at most `one_worker` (default
     FINISH_ON_ONE_WORKER) clusters are left, a round that would repeat or go
@@ -207,8 +210,8 @@ def next_round(prev: dict | None, clusters: int, waiting: int, n: int, shards: i
     if clusters <= one_worker:  # all of them on one worker: that also finds what halos hid
         return plan(1, prev["eps"], clusters)
     stalled = stalled or bool(prev.get("waited")) and 2 * waiting > prev["waited"]
-    if stalled:  # not converging on the few: all of them, from now on
-        return plan(max(1, math.ceil(clusters / size)), prev["eps"], clusters)
+    if stalled:  # not converging on the few: all of them, from now on, in partitions as large as one worker takes
+        return plan(max(1, math.ceil(clusters / max(size, one_worker))), prev["eps"], clusters)
     routed = clusters if routed is None else routed
     return plan(1 if routed <= one_worker else max(1, math.ceil(routed / size)), prev["eps"], routed, repeat=True)
 

@@ -1,0 +1,79 @@
+"""The sharded rounds kept partitioned, against exact average linkage, on pools unlike the generator's.
+
+At test size a pool's clusters soon fall to `--hac-one-worker-clusters` and the last round
+is exact RAC on one worker; a 100M-example pool's never do, so its rounds stay partitioned
+to the end. This holds a small pool in that regime with a small `one_worker_clusters` and
+compares `sharded.sharded_average_linkage` (the rounds `clusmar cluster --hac-shards`
+runs) with fastcluster's exact average linkage cut at the same threshold, on two shapes:
+the generator's heavy-tailed regions (`--region-sizes heavy-tailed`, other seeds and
+dimensions) and a near-duplicate flood (`data.flood_embeddings`). Thresholds are quantiles
+of the exact merge heights, so every metric is cut as coarsely. One JSON line per run:
+ARI, clusters, rounds, members still waiting after the last, and whether the last round
+ran on one worker.
+
+    .venv/bin/python benchmarks/bench_sharded_exact.py --n 15000 --shards 16 32 --one-worker-clusters 1500
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+from clusmar_beam.core import hac
+from clusmar_beam.core.hac import sharded
+from data import flood_embeddings, synthetic_embeddings
+
+
+def pools(args):
+    for seed in args.seeds:
+        yield f"heavy-tailed {args.dim}-d seed {seed}", synthetic_embeddings(args.n, args.dim, 10, seed, "heavy-tailed")
+    for seed in args.flood_seeds:
+        yield f"flood 20-d seed {seed}", flood_embeddings(args.n, 20, seed)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=15_000)
+    parser.add_argument("--dim", type=int, default=24, help="of the heavy-tailed pools")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[13, 14, 15], help="heavy-tailed pools")
+    parser.add_argument("--flood-seeds", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--metrics", nargs="+", default=["cosine", "sqeuclidean"])
+    parser.add_argument("--quantiles", type=float, nargs="+", default=[0.9, 0.97],
+                        help="of the exact merge heights: the thresholds")
+    parser.add_argument("--shards", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--one-worker-clusters", type=int, default=1500)
+    parser.add_argument("--max-rounds", type=int, default=30)
+    parser.add_argument("--delta", type=float, default=hac.DEFAULT_DELTA)
+    args = parser.parse_args()
+
+    import fastcluster
+    from scipy.cluster.hierarchy import fcluster
+
+    for name, X in pools(args):
+        for metric in args.metrics:
+            tree = fastcluster.linkage(X.astype(np.float64), "average", metric=metric)
+            for quantile in args.quantiles:
+                eps = float(np.quantile(tree[:, 2], quantile))
+                reference = fcluster(tree, eps, "distance")
+                for shards in args.shards:
+                    start = time.perf_counter()
+                    labels, info = sharded.sharded_average_linkage(
+                        X, eps, metric, shards=shards, delta=args.delta, max_rounds=args.max_rounds,
+                        one_worker_clusters=args.one_worker_clusters)
+                    rounds = info["rounds"]
+                    print(json.dumps({
+                        "pool": name, "n": args.n, "metric": metric, "quantile": quantile, "eps": round(eps, 6),
+                        "shards": shards, "one_worker_clusters": args.one_worker_clusters,
+                        "ari": round(adjusted_rand_score(reference, labels), 5),
+                        "clusters": int(labels.max()) + 1, "reference_clusters": int(reference.max()),
+                        "rounds": len(rounds), "waiting": info["waiting"],
+                        "last_on_one_worker": bool(rounds) and rounds[-1]["parts"] == 1,
+                        "parts": [r["parts"] for r in rounds],
+                        "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
