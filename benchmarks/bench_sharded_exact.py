@@ -9,9 +9,14 @@ the generator's heavy-tailed regions (`--region-sizes heavy-tailed`, other seeds
 dimensions) and a near-duplicate flood (`data.flood_embeddings`). Thresholds are quantiles
 of the exact merge heights, so every metric is cut as coarsely. One JSON line per run:
 ARI, clusters, rounds, members still waiting after the last, and whether the last round
-ran on one worker.
+ran on one worker. With --one-worker, also `hac.average_linkage` (the one-worker path) at each
+cut; with --stability NOISE, also the exact clustering of the pool with Gaussian noise of
+NOISE × mean |x| added, against the exact clustering itself: how far the exact cut moves on
+its own, the scale against which an ARI below 1 reads.
 
     .venv/bin/python benchmarks/bench_sharded_exact.py --n 15000 --shards 16 32 --one-worker-clusters 1500
+    .venv/bin/python benchmarks/bench_sharded_exact.py --n 30000 --dim 32 --seeds 21 --flood-seeds 5 \
+        --shards 8 64 --one-worker-clusters 262144 --one-worker --stability 0.001
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ def main():
     parser.add_argument("--one-worker-clusters", type=int, default=1500)
     parser.add_argument("--max-rounds", type=int, default=30)
     parser.add_argument("--delta", type=float, default=hac.DEFAULT_DELTA)
+    parser.add_argument("--one-worker", action="store_true", help="also hac.average_linkage at each cut")
+    parser.add_argument("--stability", type=float, help="noise scale of the exact-vs-exact comparison")
     args = parser.parse_args()
 
     import fastcluster
@@ -55,9 +62,24 @@ def main():
     for name, X in pools(args):
         for metric in args.metrics:
             tree = fastcluster.linkage(X.astype(np.float64), "average", metric=metric)
+            noisy_tree = None
+            if args.stability:
+                rng = np.random.default_rng(1)
+                noisy = X + rng.standard_normal(X.shape) * (args.stability * float(np.abs(X).mean()))
+                noisy_tree = fastcluster.linkage(noisy.astype(np.float64), "average", metric=metric)
             for quantile in args.quantiles:
                 eps = float(np.quantile(tree[:, 2], quantile))
                 reference = fcluster(tree, eps, "distance")
+                row = {"pool": name, "n": args.n, "metric": metric, "quantile": quantile, "eps": round(eps, 6)}
+                if noisy_tree is not None:
+                    print(json.dumps({**row, "noise": args.stability, "exact_vs_exact_with_noise_ari": round(
+                        adjusted_rand_score(reference, fcluster(noisy_tree, eps, "distance")), 5)}), flush=True)
+                if args.one_worker:
+                    start = time.perf_counter()
+                    result = hac.average_linkage(X, eps, metric, delta=args.delta)
+                    print(json.dumps({**row, "path": "one worker", "ari": round(
+                        adjusted_rand_score(reference, result.labels), 5), "clusters": result.num_clusters,
+                        "seconds": round(time.perf_counter() - start, 1)}), flush=True)
                 for shards in args.shards:
                     start = time.perf_counter()
                     labels, info = sharded.sharded_average_linkage(
@@ -65,8 +87,7 @@ def main():
                         one_worker_clusters=args.one_worker_clusters)
                     rounds = info["rounds"]
                     print(json.dumps({
-                        "pool": name, "n": args.n, "metric": metric, "quantile": quantile, "eps": round(eps, 6),
-                        "shards": shards, "one_worker_clusters": args.one_worker_clusters,
+                        **row, "path": "sharded", "shards": shards, "one_worker_clusters": args.one_worker_clusters,
                         "ari": round(adjusted_rand_score(reference, labels), 5),
                         "clusters": int(labels.max()) + 1, "reference_clusters": int(reference.max()),
                         "rounds": len(rounds), "waiting": info["waiting"],
