@@ -37,7 +37,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam.core import hac
-from data import synthetic_embeddings
+from data import synthetic_embeddings, with_noise
 
 
 def pool(n: int, dim: int, seed: int, region_sizes: str = "heavy-tailed") -> np.ndarray:
@@ -60,9 +60,7 @@ def quality(args) -> None:
         reference_seconds = time.perf_counter() - start
         emit({"metric": metric, "n": args.n, "fastcluster_seconds": round(reference_seconds, 2)})
         if args.stability:
-            rng = np.random.default_rng(args.seed + 1)
-            noisy = X + rng.standard_normal(X.shape) * (args.stability * float(np.abs(X).mean()))
-            noisy_tree = fastcluster.linkage(noisy.astype(np.float64), "average", metric=metric)
+            noisy_tree = fastcluster.linkage(with_noise(X, args.stability, args.seed + 1), "average", metric=metric)
             for eps in thresholds:
                 emit({"metric": metric, "n": args.n, "dim": args.dim, "seed": args.seed, "eps": eps,
                       "noise": args.stability, "exact_vs_exact_with_noise_ari": round(adjusted_rand_score(

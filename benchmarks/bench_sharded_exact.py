@@ -29,7 +29,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam.core import hac
 from clusmar_beam.core.hac import sharded
-from data import flood_embeddings, synthetic_embeddings
+from data import flood_embeddings, synthetic_embeddings, with_noise
 
 
 def pools(args):
@@ -64,9 +64,7 @@ def main():
             tree = fastcluster.linkage(X.astype(np.float64), "average", metric=metric)
             noisy_tree = None
             if args.stability:
-                rng = np.random.default_rng(1)
-                noisy = X + rng.standard_normal(X.shape) * (args.stability * float(np.abs(X).mean()))
-                noisy_tree = fastcluster.linkage(noisy.astype(np.float64), "average", metric=metric)
+                noisy_tree = fastcluster.linkage(with_noise(X, args.stability, 1), "average", metric=metric)
             for quantile in args.quantiles:
                 eps = float(np.quantile(tree[:, 2], quantile))
                 reference = fcluster(tree, eps, "distance")

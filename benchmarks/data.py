@@ -6,6 +6,7 @@
 - `load_embeddings`: a Parquet pool's embeddings in id order, as `clusmar cluster` orders them;
 - `cluster_labels`: a `clusmar cluster` output's (ids, cluster ids) in id order;
 - `flood_embeddings`: a pool of Pareto-sized Gaussian regions and a near-duplicate flood, in memory;
+- `with_noise`: embeddings with Gaussian noise added, to see how far an exact clustering moves by itself;
 - `timed_command`: a command under /usr/bin/time -v: wall seconds and peak RSS.
 """
 from __future__ import annotations
@@ -98,3 +99,10 @@ def flood_embeddings(n: int, dim: int = 20, seed: int = 0, regions: int = 200, f
     copies = sources[rng.integers(0, flood_sources, flood)] + rng.standard_normal((flood, dim)) * 1e-3
     X = np.concatenate([points, copies]).astype(np.float32)
     return X[rng.permutation(n)]
+
+
+def with_noise(X: np.ndarray, scale: float, seed: int) -> np.ndarray:
+    """float64 `X` plus Gaussian noise of `scale` x mean |x|: the exact clustering of it against that of
+    `X` is how far an exact cut moves on its own, the scale an approximate cut's ARI reads against."""
+    rng = np.random.default_rng(seed)
+    return X.astype(np.float64) + rng.standard_normal(X.shape) * (scale * float(np.abs(X).mean()))
