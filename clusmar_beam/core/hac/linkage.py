@@ -11,8 +11,8 @@ cluster's nearest-neighbour distance never decreases; that is why only
 clusters touched by a merge are searched again, and why a cluster whose
 nearest neighbour is beyond the threshold can be dropped for good.  With an
 approximation delta > 0 a round also lets each merged pair absorb the clusters
-pointing at it whose linkage is within (1 + delta) of the pair's, which bounds
-the rounds that dense regions take (see average_linkage).
+pointing at it while each merge is (1 + delta)-good, which bounds the rounds
+that dense regions take (see average_linkage).
 """
 from __future__ import annotations
 
@@ -106,8 +106,9 @@ def average_linkage(
 
     With `delta` > 0 a round also grows each merged pair into a star:
     it absorbs, nearest first, the clusters whose nearest neighbour was
-    one of the pair while the exact linkage stays within (1 + delta) of the
-    pair's (TeraHAC's (1+delta)-good merges).  Merge heights stay exact; only
+    one of the pair while each merge's exact linkage stays within (1 +
+    delta) of the lowest either side could have to any cluster (TeraHAC's
+    (1+delta)-good merges; see Rac._absorb).  Merge heights stay exact; only
     the order of merges is approximate, by at most that factor.  A dense
     region whose growing cluster is everyone's nearest neighbour then takes
     tens of rounds instead of one round per member.  `delta` = 0 is exact.

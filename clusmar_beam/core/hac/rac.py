@@ -18,15 +18,23 @@ DEFAULT_K = 8
 # The clusters' default merge approximation (`clusmar cluster --approximation`):
 # a round also merges (1 + delta)-good stars, not only reciprocal nearest
 # pairs (see Rac._absorb); measured against exact average linkage in
-# benchmarks/bench_hac_heavy_tailed.py.  Smaller values follow exact more
-# closely on low-dimensional pools but let the rounds run away on large ones
-# (stars stop firing around pairs that merge far below their leaves).
-DEFAULT_DELTA = 0.05
+# benchmarks/bench_hac_heavy_tailed.py.  Each star merge uses all of the
+# slack, so larger values cost low-dimensional pools (where exact average
+# linkage itself moves under tiny noise) more than they save in rounds.
+DEFAULT_DELTA = 0.02
 # A merging pair grows into a star only when at least this many clusters
 # point at it: that crowding is what makes RAC's rounds grow with a dense
 # region, and everywhere else reciprocal pairs keep the merge order exact
 # (small stars cost the bundled data sets' cuts up to 0.19 of ARI at delta 0.1).
 MIN_STAR_LEAVES = 16
+# A star's reach is bounded by the lowest linkage its grown cluster could have
+# outside it (Rac._absorb).  Its pair's kept candidates are mostly its own
+# leaves, which keeps that bound near the pair's linkage; the merged pair of a
+# star with at least DEEP_STAR_LEAVES leaves is searched again, twice as deep
+# as its leaves and at most STAR_SEARCH_MAX (Rac._outside_star).  Smaller
+# stars gain few rounds from it for the search's cost.
+DEEP_STAR_LEAVES = 64
+STAR_SEARCH_MAX = 2048
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
 # flat), above it with the IVF index.  Switching to exact search re-searches
 # every active cluster (n^2 work), so it is kept small enough to be cheap
@@ -475,7 +483,7 @@ class Rac:
             self.now += 1
             self._merge(a, b)
             if self.delta > 0 and a.size:
-                leaf, centre = self._absorb(a, b, act, nn, nd)
+                leaf, centre = self._absorb(a, b, act, nn, nd, parent)
             else:
                 centre = leaf = a[:0]
             parent[b] = a
@@ -582,21 +590,28 @@ class Rac:
         self.index.renumber(new_id, functools.partial(self._vectors, database=True))
         return np.arange(m, dtype=np.int64), np.ones(m, bool), stale[keep], renumbered(nn[keep]), nd[keep]
 
-    def _absorb(self, a, b, act, nn, nd):
+    def _absorb(self, a, b, act, nn, nd, parent):
         """Grow each merged pair a (which absorbed b) into a star: (centre, leaf) of every leaf absorbed.
 
         A leaf is a cluster whose nearest neighbour is a or b.  Each centre
-        takes its leaves nearest first, while the exact linkage of the
-        grown cluster to the next leaf stays within (1 + delta) of the
-        pair's linkage (and eps): no cluster is nearer to either side than
-        that, since a merge never brings a cluster closer than the nearer
-        of its parts.  So every merge is (1 + delta)-good (TeraHAC), and a
-        dense region's growing cluster takes all its near-equal neighbours
-        in one round instead of one per round.  Only pairs that at least
-        MIN_STAR_LEAVES clusters point at grow.  The grown cluster's
-        statistics before each leaf are prefix sums over the leaves before
-        it, so a star of any size costs a few array operations.  Records the
-        merges.
+        takes its leaves nearest first while every merge is (1 + delta)-good
+        (TeraHAC): the exact linkage of the grown cluster to the next leaf
+        is within eps and within (1 + delta) of the lowest linkage either
+        side could have to any cluster.  For the leaf that is its nearest
+        linkage.  For the grown cluster it is a lower bound: never below the
+        pair's linkage; the leaves left are no nearer to it than to their
+        own nearest; and a cluster outside the star is no nearer than the
+        size-weighted mean of its parts' bounds (_outside_bound,
+        _outside_star), since an average linkage is that mean over the parts.
+        A merge elsewhere in the round never brings a cluster closer than
+        the nearer of its parts, so the bounds hold through the round.  A
+        dense region's growing cluster so takes, in one round, every leaf
+        that is about as near to it as to anything, not one leaf per round
+        (bounded by its pair's linkage alone, a star took only the leaves
+        as near as that pair, and the rounds grew with the pool).  Only pairs that at least MIN_STAR_LEAVES
+        clusters point at grow.  The grown cluster's statistics before each
+        leaf are prefix sums over the leaves before it, so a star of any
+        size costs a few array operations.  Records the merges.
         """
         centre_of = np.full(nn.size, -1, np.int64)
         centre_of[a] = a
@@ -605,13 +620,24 @@ class Rac:
         is_leaf = (target >= 0) & (centre_of[act] < 0) & (nn[act] >= 0)
         leaf, centre = act[is_leaf], target[is_leaf]
         star = np.searchsorted(a, centre)  # a is ascending
-        crowded = np.bincount(star, minlength=a.size) >= MIN_STAR_LEAVES
-        # A leaf's linkage to the grown cluster is at least its nearest one (reducibility), so
-        # leaves beyond reach already are dropped before any statistics are summed.
-        reach = crowded[star] & (nd[leaf] <= np.minimum((1.0 + self.delta) * nd[centre], self.eps))
-        leaf, centre = leaf[reach], centre[reach]
+        leaves = np.bincount(star, minlength=a.size)
+        crowded = leaves >= MIN_STAR_LEAVES
+        leaf, centre = leaf[crowded[star]], centre[crowded[star]]
+        # A leaf that pointed at b can be far from the merged pair: such a merge is not good, and the
+        # star would stop at it; it stays out of the star this round.
+        near = self._linkage(self._mu(centre), None if self.cos else self._var(centre), leaf) <= \
+            (1.0 + self.delta) * nd[leaf]
+        leaf, centre = leaf[near], centre[near]
         if leaf.size == 0:
             return leaf, centre
+        centre_of[leaf] = centre
+        pair_out = np.zeros(a.size)
+        pair_out[crowded] = np.minimum(self._outside_bound(a[crowded], a[crowded], centre_of, parent),
+                                       self._outside_bound(b[crowded], a[crowded], centre_of, parent))
+        deep = leaves >= DEEP_STAR_LEAVES
+        if deep.any():
+            pair_out[deep] = np.maximum(pair_out[deep], self._outside_star(
+                a[deep], centre_of, parent, int(min(STAR_SEARCH_MAX, 2 * leaves[deep].max()))))
         order = np.lexsort((leaf, nd[leaf], centre))
         leaf, centre = leaf[order], centre[order]
         first = np.r_[True, centre[1:] != centre[:-1]]
@@ -640,7 +666,12 @@ class Rac:
             w_excl = np.cumsum(inc) - inc
             w_excl -= w_excl[start][group]
             link = sq + (self.W[centre] + w_excl) / N + var_leaf
-        limit = np.minimum((1.0 + self.delta) * np.minimum(nd[centre], nd[leaf]), self.eps)
+        # The grown cluster's lowest possible linkage outside the star: its parts' bounds, weighted by size.
+        out = self._outside_bound(leaf, centre, centre_of, parent) * n_leaf
+        out_excl = np.cumsum(out) - out
+        out_excl -= out_excl[start][group]
+        outside = (pair_out[np.searchsorted(a, centre)] * self.cnt[centre] + out_excl) / N
+        limit = np.minimum((1.0 + self.delta) * np.minimum(np.maximum(nd[centre], outside), nd[leaf]), self.eps)
         bad = np.cumsum(link > limit)
         bad -= np.r_[0, bad][start][group]
         take = bad == 0  # stop at a centre's first leaf out of reach
@@ -657,6 +688,50 @@ class Rac:
         self._set_means32(grown)
         self.changed[grown] = self.now
         return leaf, centre
+
+    def _outside_star(self, centres, centre_of, parent, width):
+        """A lower bound, within [0, eps], on each merged pair's linkage to every cluster outside its star.
+
+        Its kept candidates are mostly its own leaves, so their bound is near
+        its nearest: the merged pair is searched `width` deep instead (the
+        index still holds the round's clusters before its merges), and the
+        bound is its nearest cluster found outside the star, or the farthest
+        found if that is nearer.
+        """
+        k = min(width, self.index.ntotal)
+        queries = functools.partial(self._vectors, database=False)
+        if self.index.per_query:
+            cand, score = self.index.search_own_lists(centres, queries, functools.partial(self._vectors, database=True),
+                                                      k)
+        else:
+            cand, score = self.index.search(centres, queries, k)
+        valid = cand >= 0
+        # FAISS's float32 values, within tol of the linkages (see _vectors)
+        if self.cos:
+            dist = 1.0 - score.astype(np.float64)
+        else:
+            dist = score.astype(np.float64) / self.scale ** 2 + self._var(centres)[:, None]
+        outside = valid & (centre_of[parent[np.maximum(cand, 0)]] != centres[:, None])
+        nearest = np.where(outside, dist, np.inf).min(axis=1) - self.tol
+        # Fewer than k found: the lists probed held no more, and an IVF search takes what it probed for all
+        # there is near (the bound is only as approximate as the search, as in _search).
+        farthest = np.where(valid.sum(axis=1) >= k, np.where(valid, dist, -np.inf).max(axis=1) - 2 * self.tol,
+                            np.inf)
+        return np.clip(np.minimum(nearest, farthest), 0.0, self.eps)
+
+    def _outside_bound(self, rows, centre, centre_of, parent):
+        """A lower bound, within [0, eps], on each row's linkage to every cluster outside its star (`centre`).
+
+        Its kept candidates outside the star at their kept linkage (float32
+        ones less tol), everything else at its bound: a candidate that
+        merged since is no nearer than the nearer of its parts.
+        """
+        c = self.cand[rows]
+        root = parent[np.maximum(c, 0)]
+        outside = (c >= 0) & (centre_of[root] != centre[:, None]) & (root != rows[:, None])
+        d = self.cand_d[rows] - np.where(self.cand_exact[rows], 0.0, self.tol)
+        d = np.where(outside, d, np.inf).min(axis=1)
+        return np.clip(np.minimum(d, self.bound[rows]), 0.0, self.eps)
 
     def _merge(self, a, b):
         if a.size == 0:
