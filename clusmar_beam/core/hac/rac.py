@@ -203,6 +203,13 @@ class Rac:
             if self.log is not None:
                 self.log(f"IVF probing: {self.probing}")
 
+    def _faiss_search(self, ids, k, own_lists=False):
+        """FAISS's (candidates, float32 scores) for ids; per query where asked or where the index chose it."""
+        queries = functools.partial(self._vectors, database=False)
+        if own_lists or self.index.per_query:
+            return self.index.search_own_lists(ids, queries, functools.partial(self._vectors, database=True), k)
+        return self.index.search(ids, queries, k)
+
     def _search(self, ids, own_lists=False):
         """Nearest active cluster of each id: FAISS candidates, exact re-ranking.
 
@@ -218,11 +225,7 @@ class Rac:
         if k == 0:
             return nn, nd
         everything = self.index.ntotal <= k  # every indexed cluster was returned
-        queries = functools.partial(self._vectors, database=False)
-        if own_lists or self.index.per_query:
-            cand, score = self.index.search_own_lists(ids, queries, functools.partial(self._vectors, database=True), k)
-        else:
-            cand, score = self.index.search(ids, queries, k)
+        cand, score = self._faiss_search(ids, k, own_lists)
         for s in range(0, ids.size, CHUNK):
             q = ids[s:s + CHUNK]
             c = cand[s:s + CHUNK]
@@ -608,10 +611,11 @@ class Rac:
         dense region's growing cluster so takes, in one round, every leaf
         that is about as near to it as to anything, not one leaf per round
         (bounded by its pair's linkage alone, a star took only the leaves
-        as near as that pair, and the rounds grew with the pool).  Only pairs that at least MIN_STAR_LEAVES
-        clusters point at grow.  The grown cluster's statistics before each
-        leaf are prefix sums over the leaves before it, so a star of any
-        size costs a few array operations.  Records the merges.
+        as near as that pair, and the rounds grew with the pool).  Only
+        pairs that at least MIN_STAR_LEAVES clusters point at grow.  The
+        grown cluster's statistics before each leaf are prefix sums over the
+        leaves before it, so a star of any size costs a few array
+        operations.  Records the merges.
         """
         centre_of = np.full(nn.size, -1, np.int64)
         centre_of[a] = a
@@ -699,12 +703,7 @@ class Rac:
         found if that is nearer.
         """
         k = min(width, self.index.ntotal)
-        queries = functools.partial(self._vectors, database=False)
-        if self.index.per_query:
-            cand, score = self.index.search_own_lists(centres, queries, functools.partial(self._vectors, database=True),
-                                                      k)
-        else:
-            cand, score = self.index.search(centres, queries, k)
+        cand, score = self._faiss_search(centres, k)
         valid = cand >= 0
         # FAISS's float32 values, within tol of the linkages (see _vectors)
         if self.cos:
