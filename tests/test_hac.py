@@ -636,6 +636,30 @@ def test_overwritten_input_gives_the_same_clusters(metric, duplicates):
     assert np.array_equal(single, kept)  # float32 rows cannot be the working copy: left alone
 
 
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_row_blocks_on_threads_change_no_merge(metric, monkeypatch):
+    """The rounds' bookkeeping runs in row blocks on the FAISS threads (rac.in_row_blocks):
+    every merge and height is that of one block on one thread, whatever the blocks."""
+    import faiss
+    X = _heavy_tailed(4000, dim=12, seed=5)
+
+    def run():
+        return average_linkage(X, 0.3 if metric == "cosine" else 0.6, metric, exact_search_max=300, delta=0.02)
+
+    monkeypatch.setattr(hac_rac, "ROW_BLOCK", 10**9)
+    threads = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        one = run()
+    finally:
+        faiss.omp_set_num_threads(threads)
+    monkeypatch.setattr(hac_rac, "ROW_BLOCK", 7)
+    blocks = run()
+    assert one.rounds > 10 and one.num_clusters < 0.5 * X.shape[0]
+    assert np.array_equal(one.labels, blocks.labels)
+    assert np.array_equal(one.pairs, blocks.pairs) and np.array_equal(one.heights, blocks.heights)
+
+
 def test_rows_kept_in_place_block_by_block(monkeypatch):
     from clusmar_beam.core import hac
     monkeypatch.setattr(hac_rac, "CHUNK", 3)

@@ -8,7 +8,7 @@ import numpy as np
 
 from clusmar_beam.core import progress
 from clusmar_beam.core.hac.index import (ADD_BLOCK, PROBE_SAMPLE_MAX, PROBE_SAMPLE_MIN, PROBE_SAMPLE_WORK, TRAIN_PER_LIST,
-                                    FlatIndex, IvfIndex, default_nlist)
+                                    FlatIndex, IvfIndex, default_nlist, on_all_cores)
 from clusmar_beam.core.hac.clusters import Clusters
 from clusmar_beam.core.hac.prepare import CHUNK
 
@@ -47,6 +47,9 @@ EXACT_SEARCH_MAX = 5_000
 # not to the pool, through the long tail of small rounds.
 _COMPACT_BELOW = 0.5
 _COMPACT_MIN = 1024
+# Rows per block of the rounds' bookkeeping run on all cores (in_row_blocks):
+# small enough that a round's few thousand stale clusters fill both cores.
+ROW_BLOCK = 2048
 
 
 class Rac:
@@ -84,8 +87,7 @@ class Rac:
         # The scaled means in float32: FAISS's rows, and (cosine) the
         # screening of candidates before their linkage is computed in float64.
         self.means32 = np.empty(S.shape, np.float32)
-        for s in range(0, S.shape[0], CHUNK):
-            self._set_means32(np.arange(s, min(s + CHUNK, S.shape[0])))
+        in_row_blocks(lambda rows: self._set_means32(np.arange(rows.start, rows.stop)), S.shape[0])
         self.eps = eps
         self.exact_search_max = int(exact_search_max)
         self.nlist = nlist
@@ -226,9 +228,10 @@ class Rac:
             return nn, nd
         everything = self.index.ntotal <= k  # every indexed cluster was returned
         cand, score = self._faiss_search(ids, k, own_lists)
-        for s in range(0, ids.size, CHUNK):
-            q = ids[s:s + CHUNK]
-            c = cand[s:s + CHUNK]
+
+        def ranked(rows):
+            q = ids[rows]
+            c = cand[rows]
             c[c == q[:, None]] = -1
             order = np.argsort(c, axis=1)
             c = np.take_along_axis(c, order, axis=1)
@@ -236,12 +239,12 @@ class Rac:
                 # FAISS's float32 inner products of unit-norm augmented rows
                 # are within tol of the linkage: only the near-nearest are
                 # recomputed in float64 (_nearest_of).
-                dist = 1.0 - np.take_along_axis(score[s:s + CHUNK], order, axis=1).astype(np.float64)
+                dist = 1.0 - np.take_along_axis(score[rows], order, axis=1).astype(np.float64)
                 none = np.zeros(c.shape, bool)  # none exact yet, none stale
-                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c, dist, none, none)
+                nn[rows], nd[rows], dist, exact = self._nearest_of(q, c, dist, none, none)
             else:
                 # float32 L2 errors grow with the squared norms: every candidate in float64.
-                nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c)
+                nn[rows], nd[rows], dist, exact = self._nearest_of(q, c)
             self._keep(q, c, dist, exact)
             valid = c >= 0
             # Whatever FAISS did not return ranked (in float32) after its k-th
@@ -251,6 +254,8 @@ class Rac:
             farthest = np.where(valid, dist, -np.inf).max(axis=1) - 2 * self.tol
             full = valid.sum(axis=1) >= k - 1
             self.bound[q] = np.inf if everything else np.where(full, farthest, -np.inf)
+
+        in_row_blocks(ranked, ids.size)
         return nn, nd
 
     def _widen(self, ids):
@@ -268,26 +273,29 @@ class Rac:
             k, searched=self.index.list_of[ids])
         nn = np.empty(ids.size, np.int64)
         nd = np.empty(ids.size)
-        for s in range(0, ids.size, CHUNK):
-            q = ids[s:s + CHUNK]
-            new = cand[s:s + CHUNK]  # never q itself: its own list is among those skipped
+
+        def merged(rows):
+            q = ids[rows]
+            new = cand[rows]  # never q itself: its own list is among those skipped
             valid = new >= 0
             c = np.concatenate([self.cand[q], new], axis=1)
             exact = np.concatenate([self.cand_exact[q], np.zeros(new.shape, bool)], axis=1)
             if self.cos:  # as in _search: FAISS's float32 values, the near-nearest redone in float64
-                new_d = 1.0 - score[s:s + CHUNK].astype(np.float64)
+                new_d = 1.0 - score[rows].astype(np.float64)
                 need = np.zeros(c.shape, bool)
             else:
                 new_d = np.full(new.shape, np.inf)
                 need = np.concatenate([np.zeros(new.shape, bool), valid], axis=1)
             dist = np.concatenate([self.cand_d[q], new_d], axis=1)
-            nn[s:s + q.size], nd[s:s + q.size], dist, exact = self._nearest_of(q, c, dist, exact, need)
+            nn[rows], nd[rows], dist, exact = self._nearest_of(q, c, dist, exact, need)
             # A search that returned fewer than k found everything in its lists.
             farthest = np.where(valid, dist[:, kk:], -np.inf).max(axis=1) - 2 * self.tol
             new_bound = np.where(valid.sum(axis=1) >= k - 1, farthest, np.inf)
             # A cluster is in one list only, so new and kept candidates never repeat.
             dropped = self._keep_nearest(q, c, dist, exact)
             self.bound[q] = np.minimum(np.minimum(self.bound[q], new_bound), dropped)
+
+        in_row_blocks(merged, ids.size)
         return nn, nd
 
     def _keep_nearest(self, q, c, dist, exact):
@@ -370,8 +378,9 @@ class Rac:
         done = np.zeros(ids.size, bool)
         nn = np.full(ids.size, -1, np.int64)
         nd = np.full(ids.size, np.inf)
-        for s in range(0, ids.size, CHUNK):
-            q = ids[s:s + CHUNK]
+
+        def resolve(rows):
+            q = ids[rows]
             bound = self.bound[q]
             c = self.cand[q]
             c = _live(q, c, parent, active)
@@ -387,28 +396,35 @@ class Rac:
             self._keep(q, c, dist, exact)
             found = near_d < bound
             gone = ~found & (bound > self.eps) & (near_d > self.eps)
-            done[s:s + q.size] = found | gone
-            nn[s:s + q.size] = np.where(found, near, -1)
-            nd[s:s + q.size] = np.where(found, near_d, np.inf)
+            done[rows] = found | gone
+            nn[rows] = np.where(found, near, -1)
+            nd[rows] = np.where(found, near_d, np.inf)
+
+        in_row_blocks(resolve, ids.size)
         return done, nn, nd
 
     def _combine(self, a, b, parent, active):
         """Candidates of merged cluster a (which absorbed b): the nearest of both lists.
 
-        The union bounds everything else by min(bound a, bound b), since a
-        linkage to the merged cluster is a weighted mean of the linkages to
-        its parts; candidates dropped to keep k lower the bound to their
+        A linkage to the merged cluster is the size-weighted mean of the
+        linkages to its parts (Lance-Williams), and a cluster in neither
+        list is at least each part's bound from it: the union bounds
+        everything else by the weighted mean of the two bounds, not only by
+        the lower.  Candidates dropped to keep k lower the bound to their
         distance.
         """
-        for s in range(0, a.size, CHUNK):
-            q, other = a[s:s + CHUNK], b[s:s + CHUNK]
+        def combine(rows):
+            q, other = a[rows], b[rows]
             c = np.concatenate([self.cand[q], self.cand[other]], axis=1)
             c = _live(q, c, parent, active)
             c.sort(axis=1)
             c[:, 1:][c[:, 1:] == c[:, :-1]] = -1
             _, _, dist, exact = self._nearest_of(q, c)
             dropped = self._keep_nearest(q, c, dist, exact)
-            self.bound[q] = np.minimum(np.minimum(self.bound[q], self.bound[other]), dropped)
+            self.bound[q] = np.minimum(_weighted_bound(self.bound[q], self.bound[other], self.cnt[q] - self.cnt[other],
+                                                       self.cnt[other]), dropped)
+
+        in_row_blocks(combine, a.size)
 
     # --- rounds
 
@@ -757,6 +773,36 @@ def keep_rows(a, keep):
         part = keep[s:s + CHUNK]
         a[s:s + part.size] = a[part]
     return a[:keep.size]
+
+
+def in_row_blocks(fn, n):
+    """fn(rows) for consecutive slices of range(n), on all cores.
+
+    The rounds' bookkeeping is row by row (each row's result depends on no
+    other row, so not on the blocks), and numpy releases the GIL in its
+    loops: blocks on the FAISS threads use the cores that a single-threaded
+    loop left idle between searches.  Each block writes only its own rows.
+    """
+    blocks = [slice(s, min(s + ROW_BLOCK, n)) for s in range(0, n, ROW_BLOCK)]
+
+    def run(part):
+        for rows in part:
+            fn(rows)
+
+    on_all_cores(run, blocks, per_task=1)
+
+
+def _weighted_bound(bound_a, bound_b, n_a, n_b):
+    """A lower bound on the linkage of the union of clusters a and b to any cluster outside both their lists.
+
+    Such a cluster is at least bound_a from a and bound_b from b.  An
+    unbounded side (-inf) leaves the union unbounded; a side whose bound is
+    +inf (its list held every cluster) leaves nothing outside both lists.
+    """
+    with np.errstate(invalid="ignore"):
+        out = (n_a * bound_a + n_b * bound_b) / (n_a + n_b)
+    out[(bound_a == np.inf) | (bound_b == np.inf)] = np.inf
+    return out
 
 
 def _live(q, c, parent, active):
