@@ -16,9 +16,10 @@ near-duplicate bursts.
   printed), then `hac.average_linkage` for every approximation delta at every threshold and
   at the target mean cluster size; the ARI of each against fastcluster cut at the same
   distance, ours' rounds and time.  One JSON line per run.
-- scale: `hac.average_linkage` at each pool size: rounds, time, peak memory of the run (the
-  process's peak RSS grows monotonically, so sizes run smallest first, each in a new
-  process), largest cluster's share.  One JSON line per size.
+- scale: `hac.average_linkage` at each pool size: rounds, time, clusters searched for their
+  nearest (round 1's included) and resolved from their kept candidates instead, peak memory
+  of the run (the process's peak RSS grows monotonically, so sizes run smallest first, each in
+  a new process), largest cluster's share.  One JSON line per size.
 - first-round: the first round's IVF index (build) and nearest-cluster search of every point,
   on a lognormal and a heavy-tailed pool of the same size, and how even the lists are
   (largest list, E[size^2] / E[size]^2, and the block search's work per point: the sum over
@@ -84,15 +85,24 @@ def quality(args) -> None:
                       "largest_share": round(float(np.bincount(result.labels).max()) / args.n, 4)})
 
 
+def logged_count(rounds_log: list, field: str) -> int:
+    """The sum over the rounds' log lines ("round N: searched X, resolved without search Y, ...") of one count."""
+    return sum(int(line.split(f"{field} ")[1].split(",")[0]) for line in rounds_log if line.startswith("round "))
+
+
 def scale(args) -> None:
     if args.one is not None:
         X = pool(args.one, args.dim, args.seed, args.region_sizes)
         hac.average_linkage(X[:2000], 0.1, "cosine")  # warm-up
         for delta in args.deltas:
+            rounds_log = []
             start = time.perf_counter()
-            result = hac.average_linkage(X, args.eps, "cosine", delta=delta)
+            result = hac.average_linkage(X, args.eps, "cosine", delta=delta, log=rounds_log.append)
+            seconds = time.perf_counter() - start
             emit({"n": args.one, "region_sizes": args.region_sizes, "eps": args.eps, "delta": delta,
-                  "rounds": result.rounds, "seconds": round(time.perf_counter() - start, 1),
+                  "rounds": result.rounds, "seconds": round(seconds, 1),
+                  "searched": logged_count(rounds_log, "searched"),
+                  "resolved_without_search": logged_count(rounds_log, "resolved without search"),
                   "clusters": result.num_clusters,
                   "largest_share": round(float(np.bincount(result.labels).max()) / args.one, 4),
                   "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
