@@ -226,11 +226,15 @@ class IvfIndex:
         """
         out = np.empty(old.size, np.int64)
         step = 1 << 12  # rows x nprobe x dim float32 gathered at a time
-        for s in range(0, old.size, step):
-            cand = self.probe[old[s:s + step]]
-            cross = np.einsum("rpd,rd->rp", self.quantiser.centroids[cand], vecs[s:s + step])
-            # |v - c|^2 = |v|^2 + |c|^2 - 2 v.c; |v|^2 is the same for every c of a row
-            out[s:s + step] = cand[np.arange(cand.shape[0]), (self.centroid_norms[cand] - 2 * cross).argmin(axis=1)]
+
+        def nearest(blocks):
+            for block in blocks:
+                cand = self.probe[old[block]]
+                cross = np.einsum("rpd,rd->rp", self.quantiser.centroids[cand], vecs[block])
+                # |v - c|^2 = |v|^2 + |c|^2 - 2 v.c; |v|^2 is the same for every c of a row
+                out[block] = cand[np.arange(cand.shape[0]), (self.centroid_norms[cand] - 2 * cross).argmin(axis=1)]
+
+        on_all_cores(nearest, [slice(s, s + step) for s in range(0, old.size, step)], per_task=1)
         return out
 
     def _scan(self, rows, queries, probe, k, score, cand):

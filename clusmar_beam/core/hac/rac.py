@@ -827,11 +827,13 @@ def _symmetrise(act, nn, nd, fresh):
     if src.size == 0:
         return
     dst, d = nn[src], nd[src]
+    # Only an edge better than its target's own can win: the best of a
+    # target's edges beats it exactly when one of them does.
+    better = (d < nd[dst]) | ((d == nd[dst]) & (src < nn[dst]))
+    src, dst, d = src[better], dst[better], d[better]
     order = np.lexsort((src, d, dst))
     dst, d, src = dst[order], d[order], src[order]
     head = np.ones(dst.size, bool)
     head[1:] = dst[1:] != dst[:-1]
-    dst, d, src = dst[head], d[head], src[head]
-    better = (d < nd[dst]) | ((d == nd[dst]) & (src < nn[dst]))
-    nn[dst[better]] = src[better]
-    nd[dst[better]] = d[better]
+    nn[dst[head]] = src[head]
+    nd[dst[head]] = d[head]
