@@ -13,8 +13,10 @@ from clusmar_beam.core.hac.clusters import Clusters
 from clusmar_beam.core.hac.prepare import CHUNK
 
 # Default neighbours asked from FAISS per query (self included).  More than the
-# one we need, so that the exact float64 re-ranking can repair float32 near-ties.
-DEFAULT_K = 8
+# one we need, so that the exact float64 re-ranking can repair float32 near-ties,
+# and kept: the wider the list, the more rounds a cluster's nearest is resolved
+# from it without a search (docs/perf-log.md, issue 19, third session).
+DEFAULT_K = 16
 # The clusters' default merge approximation (`clusmar cluster --approximation`):
 # a round also merges (1 + delta)-good stars, not only reciprocal nearest
 # pairs (see Rac._absorb); measured against exact average linkage in
@@ -106,7 +108,8 @@ class Rac:
         # Each cluster's last search results (cluster ids, sorted; -1 = none) and a
         # lower bound on its linkage to every cluster not in that list; see _resolve.
         u = S.shape[0]
-        self.cand = np.full((u, k), -1, np.int64)
+        # Row numbers fit 32 bits on one worker: half the memory of the widest array.
+        self.cand = np.full((u, k), -1, np.int32 if u < 2**31 else np.int64)
         self.bound = np.full(u, -np.inf)
         # The linkage of each kept candidate, when it was computed, and
         # when each cluster last changed (a merge), on one clock (self.now):
