@@ -71,7 +71,7 @@ class ClusterOptions(CommonOptions):
         parser.add_argument("--metric", default="cosine", help="cosine (1 - cosine similarity) | sqeuclidean")
         parser.add_argument("--knn", type=int, default=hac.DEFAULT_K,
                             help="neighbours fetched per nearest-cluster search (self included), re-ranked by "
-                                 "exact linkage")
+                                 "exact linkage and kept for the next rounds")
         parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=hac.EXACT_SEARCH_MAX,
                             help="exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")

@@ -49,6 +49,11 @@ _PER_LIST_MISSES = 0.01
 _PER_QUERY_RECOVERS = 0.6
 
 
+def row_dtype(n: int):
+    """The integer type for row numbers below n: 32 bits on one worker, which halves the candidate lists."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def default_nlist(n: int) -> int:
     """IVF lists for n clusters: 4*sqrt(n), or more to keep lists near _LIST_SIZE."""
     return max(int(round(4 * math.sqrt(n))), -(-n // _LIST_SIZE))
@@ -131,6 +136,7 @@ class IvfIndex:
         self.probe = probe
         self.centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
         self.list_of = np.full(size, -1, np.int64)
+        self.id_dtype = row_dtype(size)  # of the candidates a search returns
         self.index = index
         # Whether searches probe the lists nearest each query (see choose_probing).
         self.per_query = False
@@ -257,7 +263,7 @@ class IvfIndex:
         With `searched` (a list per query), the lists that list probes are
         skipped: the query's search from that list has been through them.
         """
-        cand = np.empty((ids.size, k), np.int64)
+        cand = np.empty((ids.size, k), self.id_dtype)
         score = np.empty((ids.size, k), np.float32)
         # Queries in list order: neighbouring queries probe mostly the same
         # lists, which then stay in cache between them.
@@ -275,7 +281,7 @@ class IvfIndex:
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest found; -1 where there are fewer."""
         n = ids.size
-        cand = np.full((n, k), -1, np.int64)
+        cand = np.full((n, k), -1, self.id_dtype)
         score = np.zeros((n, k), np.float32)
         lists = self.list_of[ids]
         order = np.argsort(lists, kind="stable")

@@ -8,7 +8,7 @@ import numpy as np
 
 from clusmar_beam.core import progress
 from clusmar_beam.core.hac.index import (ADD_BLOCK, PROBE_SAMPLE_MAX, PROBE_SAMPLE_MIN, PROBE_SAMPLE_WORK, TRAIN_PER_LIST,
-                                    FlatIndex, IvfIndex, default_nlist, on_all_cores)
+                                    FlatIndex, IvfIndex, default_nlist, on_all_cores, row_dtype)
 from clusmar_beam.core.hac.clusters import Clusters
 from clusmar_beam.core.hac.prepare import CHUNK
 
@@ -108,8 +108,7 @@ class Rac:
         # Each cluster's last search results (cluster ids, sorted; -1 = none) and a
         # lower bound on its linkage to every cluster not in that list; see _resolve.
         u = S.shape[0]
-        # Row numbers fit 32 bits on one worker: half the memory of the widest array.
-        self.cand = np.full((u, k), -1, np.int32 if u < 2**31 else np.int64)
+        self.cand = np.full((u, k), -1, row_dtype(u))
         self.bound = np.full(u, -np.inf)
         # The linkage of each kept candidate, when it was computed, and
         # when each cluster last changed (a merge), on one clock (self.now):
