@@ -5,7 +5,7 @@ Usage:
       [--deltas 0 0.05 0.1 0.2] [--cosine-eps 0.15 0.3] [--sqeuclidean-eps 0.3 0.6] [--target 10]
       [--stability 0.001]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py scale [--sizes 10000 100000 1000000] [--eps 0.3]
-      [--deltas 0.05] [--region-sizes heavy-tailed]
+      [--deltas 0.05] [--region-sizes heavy-tailed] [--knn 16]
   .venv/bin/python benchmarks/bench_hac_heavy_tailed.py first-round [--n 1000000]
 
 Data: `clusmar generate-pool --region-sizes heavy-tailed` rows (`data.synthetic_embeddings`, 10 classes): a
@@ -97,9 +97,9 @@ def scale(args) -> None:
         for delta in args.deltas:
             rounds_log = []
             start = time.perf_counter()
-            result = hac.average_linkage(X, args.eps, "cosine", delta=delta, log=rounds_log.append)
+            result = hac.average_linkage(X, args.eps, "cosine", delta=delta, k=args.knn, log=rounds_log.append)
             seconds = time.perf_counter() - start
-            emit({"n": args.one, "region_sizes": args.region_sizes, "eps": args.eps, "delta": delta,
+            emit({"n": args.one, "region_sizes": args.region_sizes, "eps": args.eps, "delta": delta, "knn": args.knn,
                   "rounds": result.rounds, "seconds": round(seconds, 1),
                   "searched": logged_count(rounds_log, "searched"),
                   "resolved_without_search": logged_count(rounds_log, "resolved without search"),
@@ -109,8 +109,8 @@ def scale(args) -> None:
         return
     for n in sorted(args.sizes):
         command = [sys.executable, __file__, "scale", "--one", str(n), "--eps", str(args.eps), "--dim",
-                   str(args.dim), "--seed", str(args.seed), "--region-sizes", args.region_sizes, "--deltas",
-                   *map(str, args.deltas)]
+                   str(args.dim), "--seed", str(args.seed), "--region-sizes", args.region_sizes, "--knn", str(args.knn),
+                   "--deltas", *map(str, args.deltas)]
         subprocess.run(command, check=True)
 
 
@@ -149,6 +149,7 @@ def main() -> None:
     s.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     s.add_argument("--eps", type=float, default=0.3)
     s.add_argument("--region-sizes", default="heavy-tailed")
+    s.add_argument("--knn", type=int, default=hac.DEFAULT_K, help="candidates kept per cluster (hac.average_linkage's k)")
     s.add_argument("--one", type=int, help=argparse.SUPPRESS)
     f = sub.add_parser("first-round")
     f.add_argument("--n", type=int, default=1_000_000)

@@ -136,7 +136,6 @@ class IvfIndex:
         self.probe = probe
         self.centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
         self.list_of = np.full(size, -1, np.int64)
-        self.id_dtype = row_dtype(size)  # of the candidates a search returns
         self.index = index
         # Whether searches probe the lists nearest each query (see choose_probing).
         self.per_query = False
@@ -263,7 +262,7 @@ class IvfIndex:
         With `searched` (a list per query), the lists that list probes are
         skipped: the query's search from that list has been through them.
         """
-        cand = np.empty((ids.size, k), self.id_dtype)
+        cand = np.empty((ids.size, k), row_dtype(self.list_of.size))
         score = np.empty((ids.size, k), np.float32)
         # Queries in list order: neighbouring queries probe mostly the same
         # lists, which then stay in cache between them.
@@ -281,7 +280,7 @@ class IvfIndex:
     def search(self, ids, query_vectors, k):
         """(ids, FAISS scores) of each query's k nearest found; -1 where there are fewer."""
         n = ids.size
-        cand = np.full((n, k), -1, self.id_dtype)
+        cand = np.full((n, k), -1, row_dtype(self.list_of.size))
         score = np.zeros((n, k), np.float32)
         lists = self.list_of[ids]
         order = np.argsort(lists, kind="stable")
