@@ -40,10 +40,14 @@ _CROWDED_SHARE = 3.0
 _SPLIT_PASSES = 2
 # How an IVF index is probed is chosen on a sample of queries whose nearest
 # neighbour is looked up exactly (IvfIndex.choose_probing): as many as cost
-# about PROBE_SAMPLE_WORK distances, within the bounds given; the share of
+# about PROBE_SAMPLE_WORK distances, and no more than searching a
+# PROBE_SAMPLE_SHARE of the rows (a small index, such as a sharded
+# partition's, is searched only a few times over), within the bounds given;
+# the share of
 # them the per-list search must miss, and the share of those misses the
 # per-query probes must recover, for the per-query probes to be chosen.
 PROBE_SAMPLE_WORK = 1 << 29
+PROBE_SAMPLE_SHARE = 0.25
 PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX = 512, 4096
 _PER_LIST_MISSES = 0.01
 _PER_QUERY_RECOVERS = 0.6
@@ -143,6 +147,12 @@ class IvfIndex:
     @property
     def ntotal(self):
         return self.index.ntotal
+
+    def probe_sample_size(self) -> int:
+        """How many queries choose_probing looks up exactly (see PROBE_SAMPLE_WORK)."""
+        rows_probed = self.nprobe * self.ntotal / self.quantiser.centroids.shape[0]  # by one search
+        work = PROBE_SAMPLE_WORK / max(1, self.ntotal)
+        return int(np.clip(min(work, PROBE_SAMPLE_SHARE * rows_probed), PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX))
 
     def choose_probing(self, sample, all_ids, query_vectors, database_vectors) -> dict:
         """Probe per query where the per-list block search misses what per-query probes find.

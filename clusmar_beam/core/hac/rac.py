@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from clusmar_beam.core import progress
-from clusmar_beam.core.hac.index import (ADD_BLOCK, PROBE_SAMPLE_MAX, PROBE_SAMPLE_MIN, PROBE_SAMPLE_WORK, TRAIN_PER_LIST,
+from clusmar_beam.core.hac.index import (ADD_BLOCK, TRAIN_PER_LIST,
                                     FlatIndex, IvfIndex, default_nlist, on_all_cores, row_dtype)
 from clusmar_beam.core.hac.clusters import Clusters
 from clusmar_beam.core.hac.prepare import CHUNK
@@ -200,8 +200,7 @@ class Rac:
             self.index.add(part, self._vectors(part, True))
         if not self.index.exact:
             rng = np.random.default_rng(self.seed + 1)
-            size = int(np.clip(PROBE_SAMPLE_WORK // ids.size, PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX))
-            sample = np.sort(rng.choice(ids, size=min(ids.size, size), replace=False))
+            sample = np.sort(rng.choice(ids, size=min(ids.size, self.index.probe_sample_size()), replace=False))
             self.probing = self.index.choose_probing(sample, ids, functools.partial(self._vectors, database=False),
                                                      functools.partial(self._vectors, database=True))
             if self.log is not None:
