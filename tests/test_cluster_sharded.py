@@ -448,20 +448,34 @@ def test_no_element_grows_with_the_pool(tmp_path, monkeypatch):
 
 
 def test_hac_shards_auto(tmp_path, rng, capsys):
-    """auto: one worker for a pool whose embeddings fit one worker comfortably, else a partition per
-    AUTO_EMBEDDING_BYTES_PER_SHARD; the embeddings' bytes come from the Parquet footers."""
-    from conftest import write_parquet
+    """auto: one worker while the one-worker HAC's modelled peak (points and dimension, from the Parquet footers)
+    fits AUTO_ONE_WORKER_BYTES, else a partition per AUTO_EMBEDDING_BYTES_PER_SHARD of float32 embeddings."""
+    from conftest import write_parquet, write_tfrecord
     from clusmar_beam.pipelines import cluster
+    from clusmar_beam.transforms import memory
     mib = 1 << 20
-    assert cluster.auto_shards(cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES) == 1
-    assert cluster.auto_shards(cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES + 1) == math.ceil(
-        (cluster.AUTO_ONE_WORKER_EMBEDDING_BYTES + 1) / cluster.AUTO_EMBEDDING_BYTES_PER_SHARD)
-    assert cluster.auto_shards(100 * 64 * mib) == 100
+    most_at_64d = max(n for n in range(4_000_000, 4_200_000, 64)
+                      if memory.one_worker_hac_bytes(n, 64) <= cluster.AUTO_ONE_WORKER_BYTES)
+    assert cluster.auto_shards(most_at_64d, 64) == 1
+    over = most_at_64d + 64
+    assert memory.one_worker_hac_bytes(over, 64) > cluster.AUTO_ONE_WORKER_BYTES
+    assert cluster.auto_shards(over, 64) == math.ceil(over * 64 * 4 / cluster.AUTO_EMBEDDING_BYTES_PER_SHARD)
+    # At 64-d the choice stays near the embeddings' 1 GiB that it was before the model counted points.
+    assert 0.9 * (1 << 30) <= most_at_64d * 64 * 4 <= 1 << 30
+    # 10M x 16-d is 640 MB of embeddings, which the embedding-bytes rule kept on one worker; the model says
+    # its per-point state does not fit, so it is sharded.
+    assert 10_000_000 * 16 * 4 < 1 << 30
+    assert memory.one_worker_hac_bytes(10_000_000, 16) > cluster.AUTO_ONE_WORKER_BYTES
+    assert cluster.auto_shards(10_000_000, 16) == math.ceil(10_000_000 * 16 * 4 / (64 * mib)) == 10
+    assert cluster.auto_shards(100 * 64 * mib // (64 * 4), 64) == 100
     x = rng.normal(size=(2000, 8)).astype(np.float32)
     write_parquet(str(tmp_path / "pool" / "p.parquet"), {"id": np.arange(2000), "embedding": x})
     pool = str(tmp_path / "pool" / "*")
-    rows, size = storage.footprint([str(tmp_path / "pool" / "p.parquet")], "parquet", "embedding")
-    assert rows == 2000 and 2000 * 8 * 4 <= size < 2000 * 8 * 4 * 1.5
+    rows, size, width = storage.footprint([str(tmp_path / "pool" / "p.parquet")], "parquet", "embedding")
+    assert rows == 2000 and width == 8 and 2000 * 8 * 4 <= size < 2000 * 8 * 4 * 1.5
+    tfrecord = write_tfrecord(str(tmp_path / "tf" / "p.tfrecord"), {"id": np.arange(20), "embedding": x[:20]})
+    rows, size, width = storage.footprint([tfrecord], "tfrecord", "embedding")
+    assert rows is None and width == 8 and size == os.path.getsize(tfrecord) >= 20 * 8 * 4
     assert cli.main(["cluster", "--pool", pool, "--output", str(tmp_path / "a"), "--distance-threshold", "0.3",
                      "--hac-shards", "auto"]) == 0
     params = json.load(open(tmp_path / "a" / "clustering.json"))["parameters"]

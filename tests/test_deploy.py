@@ -184,7 +184,29 @@ def _min_ram_by_step(pipeline):
     return hinted
 
 
-def test_the_steps_that_hold_more_than_a_batch_ask_for_memory(tmp_path, rng):
+# Peak RSS (bytes) of hac.average_linkage at 1M points, the process included, the larger of the heavy-tailed and
+# lognormal pools (benchmarks/RESULTS.md, "One-worker HAC memory by dimension"), by dimension.
+MEASURED_ONE_WORKER_HAC_PEAKS_AT_1M = {8: 816_463_872, 16: 992_481_280, 32: 1_350_991_872, 64: 1_998_290_944,
+                                       128: 3_558_625_280}
+
+
+def test_the_one_worker_hac_is_modelled_per_point_and_dimension():
+    """The HAC's per-cluster state does not shrink with the dimension: a 16-d pool needs more per embedding
+    byte than a 64-d one.  The model covers the measured peaks, and its per-point part is no looser than 25%."""
+    from clusmar_beam.transforms import memory
+    n = 10_000_000
+
+    def per_embedding_byte(dim):
+        return (memory.one_worker_hac_bytes(n, dim) - memory.WORKER_BASE_BYTES) / (n * dim * 4)
+    assert per_embedding_byte(8) > per_embedding_byte(16) > per_embedding_byte(64) > per_embedding_byte(128)
+    assert memory.one_worker_hac_bytes(n, 64) > memory.one_worker_hac_bytes(n, 16)
+    assert memory.one_worker_hac_bytes(0, 64) == memory.WORKER_BASE_BYTES
+    for dim, peak in MEASURED_ONE_WORKER_HAC_PEAKS_AT_1M.items():
+        modelled = memory.one_worker_hac_bytes(1_000_000, dim)
+        assert peak < modelled and modelled - memory.WORKER_BASE_BYTES < 1.25 * peak, dim
+
+
+def test_the_steps_that_hold_more_than_a_batch_ask_for_memory(tmp_path, rng, monkeypatch):
     """The one-worker HAC and the k_m candidates carry min_ram hints from the memory model; nothing else does."""
     from clusmar_beam.pipelines import cluster, select
     from clusmar_beam.pipelines.options import make_pipeline, parse_options
@@ -196,9 +218,13 @@ def test_the_steps_that_hold_more_than_a_batch_ask_for_memory(tmp_path, rng):
     argv = ["--pool", pool, "--distance-threshold", "0.3", "--output", str(tmp_path / "c"), *DATAFLOW_DRY_RUN]
     options, opts = parse_options(cluster.ClusterOptions, argv)
     pipeline = make_pipeline(options)
+    modelled, one_worker_hac_bytes = [], memory.one_worker_hac_bytes
+    monkeypatch.setattr(memory, "one_worker_hac_bytes", lambda *shape: modelled.append(shape) or
+                        one_worker_hac_bytes(*shape))
     cluster.build(pipeline, opts)
+    assert modelled == [(2000, 16)]   # the points and dimension, from the Parquet footer
     hinted = _min_ram_by_step(pipeline)
-    want = int(np.ceil(memory.one_worker_hac_bytes(2000 * 16 * 4) / memory.GiB)) * memory.GiB
+    want = int(np.ceil(one_worker_hac_bytes(2000, 16) / memory.GiB)) * memory.GiB
     assert set(hinted) == {"Cluster/Cluster"} and hinted["Cluster/Cluster"] == want
     assert want >= memory.WORKER_BASE_BYTES
 

@@ -29,16 +29,15 @@ from clusmar_beam.core import hac
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.hac import sharded
 from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
-from clusmar_beam.transforms import element_sizes, storage
+from clusmar_beam.transforms import element_sizes, memory, storage
 from clusmar_beam.transforms.cluster import (ROWS_PER_CLUSTER_SHARD, ClusterOnOneWorker, ClusterSharded,
                                              write_clusters_shard)
 
 LOG = logging.getLogger("clusmar")
-# `--hac-shards auto`: the one-worker HAC peaks at several times the embeddings' bytes (benchmarks/RESULTS.md,
-# "1M end to end"; deploy/README.md, "Sizing the cluster step"), so up to this many bytes of embeddings it runs
-# on one worker ...
-AUTO_ONE_WORKER_EMBEDDING_BYTES = 1 << 30
-# ... and above, sharded with a partition per this many bytes of them.
+# `--hac-shards auto`: one worker while its modelled peak (transforms.memory; deploy/README.md, "Sizing the
+# cluster step") is at most this ...
+AUTO_ONE_WORKER_BYTES = 9 * memory.GiB
+# ... and above, sharded with a partition per this many bytes of float32 embeddings.
 AUTO_EMBEDDING_BYTES_PER_SHARD = 64 << 20
 
 
@@ -47,12 +46,12 @@ def _shards_flag(value: str):
     return value if value == "auto" else int(value)
 
 
-def auto_shards(embedding_bytes: int) -> int:
-    """`--hac-shards auto`: 1 (one worker) for a pool whose embeddings fit one worker comfortably, else
-    a partition per AUTO_EMBEDDING_BYTES_PER_SHARD."""
-    if embedding_bytes <= AUTO_ONE_WORKER_EMBEDDING_BYTES:
+def auto_shards(num_points: int, dim: int) -> int:
+    """`--hac-shards auto`: 1 (one worker) for a pool whose one-worker HAC is modelled within
+    AUTO_ONE_WORKER_BYTES, else a partition per AUTO_EMBEDDING_BYTES_PER_SHARD of its embeddings."""
+    if memory.one_worker_hac_bytes(num_points, dim) <= AUTO_ONE_WORKER_BYTES:
         return 1
-    return max(2, math.ceil(embedding_bytes / AUTO_EMBEDDING_BYTES_PER_SHARD))
+    return max(2, math.ceil(num_points * dim * 4 / AUTO_EMBEDDING_BYTES_PER_SHARD))
 
 
 class ClusterOptions(CommonOptions):
@@ -86,9 +85,10 @@ class ClusterOptions(CommonOptions):
         parser.add_argument("--hac-shards", dest="hac_shards", type=_shards_flag, default=1,
                             help="partitions of the first sharded HAC round (1: the whole HAC on one worker; "
                                  ">1: merges inside partitions of about n / S clusters on many workers, round "
-                                 "after round, with nothing gathered on one worker; auto: one worker up to "
-                                 f"{AUTO_ONE_WORKER_EMBEDDING_BYTES >> 30} GiB of embeddings, else one partition "
-                                 f"per {AUTO_EMBEDDING_BYTES_PER_SHARD >> 20} MiB of them)")
+                                 "after round, with nothing gathered on one worker; auto: one worker while its memory, "
+                                 f"modelled from the points and dimension, is at most "
+                                 f"{AUTO_ONE_WORKER_BYTES / memory.GiB:g} GiB, else one partition per "
+                                 f"{AUTO_EMBEDDING_BYTES_PER_SHARD >> 20} MiB of float32 embeddings)")
         parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
                             help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
                                  "next nearest cells, this many")
@@ -155,10 +155,13 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
     reader = storage.ReadTable(pool_glob, required=["id", "embedding"], flag="--pool")
     shards_flag = opts.hac_shards
     # From the Parquet footers: the --hac-shards auto choice, the rounds built, the one-worker step's memory hint.
-    pool_rows, embedding_bytes = storage.footprint(reader.files, reader.format, "embedding")
+    pool_rows, embedding_bytes, dim = storage.footprint(reader.files, reader.format, "embedding")
+    # TFRecord files are not counted: at most their bytes over a row's float32 embedding.
+    num_points = pool_rows if pool_rows is not None else embedding_bytes // (4 * max(dim, 1))
     if shards_flag == "auto":
-        opts.hac_shards = auto_shards(embedding_bytes)
-        LOG.info("cluster: --hac-shards auto: %.1f MiB of embeddings -> %s", embedding_bytes / (1 << 20),
+        opts.hac_shards = auto_shards(num_points, dim)
+        LOG.info("cluster: --hac-shards auto: %d points x %d dimensions, one worker modelled at %.1f GiB -> %s",
+                 num_points, dim, memory.one_worker_hac_bytes(num_points, dim) / memory.GiB,
                  "one worker" if opts.hac_shards == 1 else f"{opts.hac_shards} partitions")
     output = storage.OutputDir(opts.output, "clusters", "clustering.json", None, opts.overwrite)
     params = {"distance_threshold": eps, "target_mean_cluster_size": target,
@@ -208,7 +211,7 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
             opts.approximation, opts.threshold_sample_size, opts.num_shards, opts.hac_one_worker_clusters)
     else:
         clustered = pipeline | reader | "Cluster" >> ClusterOnOneWorker(params, pool_glob, output.temp,
-                                                                         opts.num_shards, embedding_bytes)
+                                                                         opts.num_shards, num_points, dim)
     shards, result = clustered["shards"], clustered["result"]
     _ = shards | "Write" >> storage.WriteShards(output, ".parquet", write_clusters_shard, summary, result)
     return output

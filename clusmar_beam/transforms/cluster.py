@@ -264,10 +264,11 @@ def write_clusters_shard(path: str, payload) -> None:
 class ClusterOnOneWorker(beam.PTransform):
     """The pool gathered on one worker (as temporary files, not one element) and clustered by core.hac."""
 
-    def __init__(self, params: dict, pool_glob: str, temp_dir: str, num_shards: int | None, embedding_bytes: int):
+    def __init__(self, params: dict, pool_glob: str, temp_dir: str, num_shards: int | None, num_points: int,
+                 dim: int):
         super().__init__()
         self.params, self.pool_glob, self.temp_dir, self.num_shards = params, pool_glob, temp_dir, num_shards
-        self.embedding_bytes = embedding_bytes
+        self.num_points, self.dim = num_points, dim
 
     def expand(self, batches):
         result = (batches
@@ -275,7 +276,7 @@ class ClusterOnOneWorker(beam.PTransform):
                   | "Spill" >> beam.Map(spill, self.temp_dir)
                   | "Gather" >> beam.combiners.ToList()
                   | "Cluster" >> memory.with_min_ram(beam.Map(cluster_pool, self.params, self.pool_glob),
-                                                     memory.one_worker_hac_bytes(self.embedding_bytes)))
+                                                     memory.one_worker_hac_bytes(self.num_points, self.dim)))
         shards = result | "Shards" >> beam.FlatMap(_shards, self.num_shards)
         return {"shards": shards, "result": result | "Summary" >> beam.Map(_one_worker_summary)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import posixpath
 import uuid
 
@@ -108,40 +109,62 @@ def parquet_schema(path: str) -> dict[str, Column]:
     return {field.name: Column(field.name, *_arrow_kind(field.type)) for field in schema}
 
 
-def footprint(files: list[str], file_format: str, column: str) -> tuple[int | None, int]:
-    """(rows, bytes of `column` as a worker holds it) across a pool's files, from the Parquet footers
-    only; for TFRecord, (None, the files' sizes): an upper bound, since counting would read them."""
+def footprint(files: list[str], file_format: str, column: str) -> tuple[int | None, int, int]:
+    """(rows, bytes of `column` as a worker holds it, values per row of the list `column`) across a pool's
+    files, from the Parquet footers only; for TFRecord, (None, the files' sizes, the first record's values):
+    the size an upper bound, since counting would read them."""
     if file_format != "parquet":
-        return None, sum(m.size_in_bytes for match in FileSystems.match(files) for m in match.metadata_list)
-    rows = size = 0
+        size = sum(m.size_in_bytes for match in FileSystems.match(files) for m in match.metadata_list)
+        return None, size, _first_record_width(files, column)
+    rows = size = values = 0
     for path in files:
         footer = _parquet_footer(path)
         rows += footer.num_rows
         for group in range(footer.num_row_groups):
             row_group = footer.row_group(group)
-            size += sum(row_group.column(c).total_uncompressed_size for c in range(row_group.num_columns)
-                        if row_group.column(c).path_in_schema.split(".")[0] == column)
-    return rows, size
+            chunks = [row_group.column(c) for c in range(row_group.num_columns)
+                      if row_group.column(c).path_in_schema.split(".")[0] == column]
+            size += sum(chunk.total_uncompressed_size for chunk in chunks)
+            values += sum(chunk.num_values for chunk in chunks)
+    return rows, size, math.ceil(values / rows) if rows else 0
+
+
+def _first_record_width(files: list[str], column: str) -> int:
+    """Values of the list feature `column` in the first record of the TFRecord files; 0 when they are empty."""
+    for path in files:
+        example = _first_example(path)
+        if example is not None:
+            feature = example.features.feature[column]
+            kind = feature.WhichOneof("kind")
+            return len(getattr(feature, kind).value) if kind else 0
+    return 0
+
+
+def _first_example(path: str):
+    """The first record of a TFRecord file as a tf.train.Example; None for an empty file."""
+    import tensorflow as tf
+    for first in read_tfrecords(path, batch_size=1):
+        try:
+            return tf.train.Example.FromString(first[0])
+        except Exception as exc:   # protobuf's DecodeError
+            raise InputError(f"{path}: the first record is not a tf.train.Example ({exc})") from None
+    return None
 
 
 def tfrecord_schema(path: str) -> dict[str, Column]:
     """Feature kinds from the first record; an empty file gives an empty schema."""
-    import tensorflow as tf
-    for first in read_tfrecords(path, batch_size=1):
-        try:
-            example = tf.train.Example.FromString(first[0])
-        except Exception as exc:   # protobuf's DecodeError
-            raise InputError(f"{path}: the first record is not a tf.train.Example ({exc})") from None
-        columns = {}
-        for name, feature in example.features.feature.items():
-            kind = feature.WhichOneof("kind")
-            values = getattr(feature, kind).value if kind else []
-            columns[name] = Column(
-                name, {"int64_list": "int64", "float_list": "float", "bytes_list": "bytes"}.get(kind, "bytes"),
-                # Fixed-length list features (embedding, probs) are lists; a single id/label/margin is a scalar.
-                is_list=name in ("embedding", "probs") or len(values) != 1)
-        return columns
-    return {}
+    example = _first_example(path)
+    if example is None:
+        return {}
+    columns = {}
+    for name, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = getattr(feature, kind).value if kind else []
+        columns[name] = Column(
+            name, {"int64_list": "int64", "float_list": "float", "bytes_list": "bytes"}.get(kind, "bytes"),
+            # Fixed-length list features (embedding, probs) are lists; a single id/label/margin is a scalar.
+            is_list=name in ("embedding", "probs") or len(values) != 1)
+    return columns
 
 
 EXPECTED_KINDS = {
