@@ -199,8 +199,10 @@ class Rac:
             part = ids[s:s + ADD_BLOCK]
             self.index.add(part, self._vectors(part, True))
         if not self.index.exact:
+            searched = ids[~self.frozen[ids]]  # frozen clusters are never searched from
             rng = np.random.default_rng(self.seed + 1)
-            sample = np.sort(rng.choice(ids, size=min(ids.size, self.index.probe_sample_size()), replace=False))
+            sample = np.sort(rng.choice(searched, size=min(searched.size, self.index.probe_sample_size()),
+                                        replace=False))
             self.probing = self.index.choose_probing(sample, ids, functools.partial(self._vectors, database=False),
                                                      functools.partial(self._vectors, database=True))
             if self.log is not None:
