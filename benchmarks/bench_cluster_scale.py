@@ -60,14 +60,14 @@ def main(argv=None):
         wall, rss, info = cluster(glob_, os.path.join(base, "sharded"), flags + ["--hac-shards", str(shards)],
                                   beam_args)
         row = {"size": size, "region_sizes": args.region_sizes, "dim": args.dim, "hac_shards": shards,
-               "seconds": wall, "peak_rss_gb": rss, "clusters": info["num_clusters"],
+               "seconds": wall, "peak_rss_gib": rss, "clusters": info["num_clusters"],
                "rounds": info["rounds"], "waiting": info.get("waiting"),
                "sharded_rounds": [(r["clusters"], r["parts"], r["merges"], r["waiting"])
                                   for r in info.get("sharded_rounds", [])],
                "largest_element_bytes": info["largest_element_bytes"]}
         if size in one_worker:
             wall1, rss1, info1 = cluster(glob_, os.path.join(base, "one"), flags, beam_args)
-            row["one_worker"] = {"seconds": wall1, "peak_rss_gb": rss1, "clusters": info1["num_clusters"]}
+            row["one_worker"] = {"seconds": wall1, "peak_rss_gib": rss1, "clusters": info1["num_clusters"]}
             row["ari_vs_one_worker"] = round(float(adjusted_rand_score(
                 cluster_labels(os.path.join(base, "one"))[1], cluster_labels(os.path.join(base, "sharded"))[1])), 5)
         print(json.dumps(row), flush=True)

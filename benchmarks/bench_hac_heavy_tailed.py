@@ -105,7 +105,7 @@ def scale(args) -> None:
                   "resolved_without_search": logged_count(rounds_log, "resolved without search"),
                   "clusters": result.num_clusters,
                   "largest_share": round(float(np.bincount(result.labels).max()) / args.one, 4),
-                  "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
         return
     for n in sorted(args.sizes):
         command = [sys.executable, __file__, "scale", "--one", str(n), "--eps", str(args.eps), "--dim",
