@@ -43,9 +43,9 @@ _SPLIT_PASSES = 2
 # about PROBE_SAMPLE_WORK distances, and no more than searching a
 # PROBE_SAMPLE_SHARE of the rows (a small index, such as a sharded
 # partition's, is searched only a few times over), within the bounds given;
-# the share of
-# them the per-list search must miss, and the share of those misses the
-# per-query probes must recover, for the per-query probes to be chosen.
+# the share of them the per-list search must miss, and the share of those
+# misses the per-query probes must recover, for the per-query probes to be
+# chosen.
 PROBE_SAMPLE_WORK = 1 << 29
 PROBE_SAMPLE_SHARE = 0.25
 PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX = 512, 4096

@@ -7,8 +7,8 @@ import time
 import numpy as np
 
 from clusmar_beam.core import progress
-from clusmar_beam.core.hac.index import (ADD_BLOCK, TRAIN_PER_LIST,
-                                    FlatIndex, IvfIndex, default_nlist, on_all_cores, row_dtype)
+from clusmar_beam.core.hac.index import (ADD_BLOCK, TRAIN_PER_LIST, FlatIndex, IvfIndex, default_nlist, on_all_cores,
+                                         row_dtype)
 from clusmar_beam.core.hac.clusters import Clusters
 from clusmar_beam.core.hac.prepare import CHUNK
 
