@@ -130,6 +130,28 @@ def test_frozen_neighbours_block_merges():
     assert len(out) == 1 and edges.tolist() == [[0, 1]] and waiting == 0 and targets.size == 0
 
 
+def test_a_partition_waits_only_on_frozen_clusters_and_routes_to_a_cluster():
+    """Once the RAC has compacted its arrays (most members retired), the clusters reported as waited on are still
+    frozen ones, and each waiting member is routed by the mean of a cluster (the lower-id one of it and what it
+    waits on)."""
+    x = hac.prepare(_diffuse_and_bursts(3000, 16, seed=0), "cosine")
+    order = np.random.default_rng(0).permutation(3000)
+    members = sharded.initial_clusters(x[order[:2000]], order[:2000])
+    frozen_rows = np.sort(order[2000:])
+    frozen = sharded.initial_clusters(x[frozen_rows], frozen_rows)
+    out, edges, _, _, waiting, targets = sharded.rac_on_clusters(members, 0.05, "cosine", frozen, delta=0.02)
+    assert len(edges) > 100 and waiting > 100 and targets.size > 50
+    assert np.isin(targets, frozen.ids).all()
+    routed = np.flatnonzero(out.routed())
+    assert routed.size == waiting
+    # each goes where a merged member's mean is, or a frozen cluster waited on is
+    means_of = {m.tobytes(): i for i, m in enumerate(out.means().astype(np.float32))}
+    frozen_of = {x[r].astype(np.float32).tobytes(): r for r in frozen_rows}
+    to_member = np.array([out.route[i].tobytes() in means_of for i in routed])
+    to_frozen = np.array([frozen_of.get(out.route[i].tobytes(), -1) for i in routed[~to_member]])
+    assert np.isin(to_frozen, targets).all() and to_member.any() and to_frozen.size
+
+
 def test_clusters_waited_on_are_marked_under_their_id_after_the_round():
     """A member of another partition waited on cluster 3, which merged into cluster 0 in its own partition:
     cluster 0 takes part in the next repeat, routed by its own mean; a route already set stays."""

@@ -557,7 +557,8 @@ class Rac:
         self.waiting = int(waiting.size)
         # Each waiting member and the cluster it waits on, as input rows (a partitioned HAC routes them together).
         self.waiting_on = self.orig[np.stack([waiting, np.where(nn[waiting] >= 0, nn[waiting], waiting)], axis=1)]
-        self._set_aside(np.flatnonzero(parent == np.arange(u)))
+        # Frozen clusters never change: the caller has them already.
+        self._set_aside(np.flatnonzero((parent == np.arange(u)) & ~self.frozen))
         # The rounds' arrays are done with: free them before the result is joined.
         self.means32 = self.cand = self.cand_d = self.cand_exact = self.bound = self.computed = self.changed = None
         left, self._retired = self._retired, []

@@ -80,36 +80,45 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     S = both.sums()
     cnt = np.array(both.cnt, np.float64)
     W = np.array(both.W, np.float64)
-    rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=None, nprobe=32, seed=seed,
-                  log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen, delta=delta)
-    left, merges_per_round = rac.run(first_round_extra=0)
+    nlist = max(1, round(hac.default_nlist(len(both)) / PARTITION_LIST_GROWTH))
+    rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=nlist,
+                  nprobe=PARTITION_NPROBE, seed=seed, log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen,
+                  delta=delta)
+    # The Rac owns S, cnt, W and is_frozen from here (it compacts them in place).
+    left, merges_per_round = rac.run(first_round_extra=0)  # the members' clusters: frozen ones never merge
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
-    alive = left.ids < m  # the frozen rows come after the members, and only members merge
     edges = members.ids[pairs]
     # A star keeps its pair's id, which a leaf's can be below: name every cluster by its smallest row, so
     # that clusters are numbered by first appearance and a cut finds a cluster under its own id.
-    ids = smallest_connected(edges, members.ids[left.ids[alive]]) if len(edges) else members.ids[left.ids[alive]]
-    out = Clusters(ids, left.cnt[alive], left.S[alive],
-                   left.W[alive] if left.W is not None else np.zeros(np.count_nonzero(alive)))
+    ids = smallest_connected(edges, members.ids[left.ids]) if len(edges) else members.ids[left.ids]
+    out = Clusters(ids, left.cnt, left.S, left.W if left.W is not None else np.zeros(len(left)))
     targets = np.zeros(0, np.int64)
     if rac.waiting:
         # A member waiting on a cluster across the border goes, next round, where the lower-id one of the
         # two is routed: a pair split by a border is not split the same way again.
-        row_of = np.full(len(both), -1, np.int64)
-        row_of[left.ids] = np.arange(left.ids.size)
         member, other = rac.waiting_on[:, 0], rac.waiting_on[:, 1]
         lead = np.where(both.ids[other] < both.ids[member], other, member)
-        lead_row = row_of[lead]
+        at = np.searchsorted(left.ids, member)  # members' rows in `out` (left.ids ascending)
+        lead_row = np.minimum(np.searchsorted(left.ids, lead), len(left) - 1)
+        lead_sum, lead_cnt = left.S[lead_row], left.cnt[lead_row]
+        frozen_lead = lead >= m  # rows past the members are frozen (the Rac compacts is_frozen in place)
+        if frozen_lead.any():  # as it came: a frozen cluster never merges
+            as_given = frozen.take(lead[frozen_lead] - m)
+            lead_sum[frozen_lead], lead_cnt[frozen_lead] = as_given.sums(), as_given.cnt
         route = np.full(out.S.shape, np.nan, np.float32)
-        at = np.searchsorted(left.ids[alive], member)  # members' rows in `out` (left.ids ascending)
-        route[at] = (left.S[lead_row] / left.cnt[lead_row][:, None]).astype(np.float32)
+        route[at] = (lead_sum / lead_cnt[:, None]).astype(np.float32)
         out.route = route
-        targets = np.unique(both.ids[other[is_frozen[other]]])
+        targets = np.unique(both.ids[other[other >= m]])
     return out, edges, heights, len(merges_per_round), rac.waiting, targets
 
 
 PARTITION_KMEANS_ITERATIONS = 15
+# A partition's IVF index has this many times fewer, larger lists than one worker's, and probes that many times
+# fewer: a search scans as many rows, and the quantiser, trained and searched once per partition, costs a
+# fraction (its k-means grows with the square of the lists).
+PARTITION_LIST_GROWTH = 2
+PARTITION_NPROBE = 16
 SAMPLE_PER_PARTITION = 64  # clusters of lowest id hash per partition that train the partition centroids
 SAMPLE_MAX = 1 << 16  # ... but never more than this many: the sample is one element
 DEFAULT_MAX_ROUNDS = 20
