@@ -69,11 +69,13 @@ class ClusterOptions(CommonOptions):
                                  "--target-mean-cluster-size")
         parser.add_argument("--metric", default="cosine", help="cosine (1 - cosine similarity) | sqeuclidean")
         parser.add_argument("--knn", type=int, default=hac.DEFAULT_K,
-                            help="neighbours fetched per nearest-cluster search (self included), re-ranked by "
-                                 "exact linkage and kept for the next rounds")
+                            help="one worker: neighbours fetched per nearest-cluster search (self included), "
+                                 "re-ranked by exact linkage and kept for the next rounds")
         parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=hac.EXACT_SEARCH_MAX,
-                            help="exact (flat) FAISS search up to this many active clusters, IVF above")
-        parser.add_argument("--nprobe", type=int, default=32, help="IVF cells probed per search")
+                            help="one worker: exact (flat) FAISS search up to this many active clusters, IVF above")
+        parser.add_argument("--nprobe", type=int, default=32,
+                            help="one worker: IVF cells probed per search (a sharded partition probes "
+                                 f"{sharded.PARTITION_NPROBE} of half as many lists)")
         parser.add_argument("--approximation", type=float, default=hac.DEFAULT_DELTA,
                             help="delta >= 0: a merge round also lets each merging pair absorb the clusters "
                                  "whose nearest it was while each merge's exact linkage is within (1 + delta) of "
