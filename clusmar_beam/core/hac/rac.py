@@ -432,7 +432,7 @@ class Rac:
     # --- rounds
 
     def run(self, first_round_extra: int):
-        """Merge until nothing is within eps: (the clusters left, merges per round)."""
+        """Merge until nothing is within eps: (the clusters left, frozen ones not among them; merges per round)."""
         u = self.S.shape[0]
         eps = self.eps
         parent = np.arange(u, dtype=np.int64)
