@@ -327,6 +327,18 @@ def test_beam_transform_sqeuclidean_across_batches(tmp_path):
     assert adjusted_rand_score(labels, hac.average_linkage(X, 3.0, "sqeuclidean").labels) >= 0.99
 
 
+def test_beam_transform_sqeuclidean_far_from_the_origin(tmp_path):
+    """Pool rows arrive uncentred; a partition's FAISS search in float32 must not see the offset."""
+    rng = np.random.default_rng(12)
+    centres = 3 * rng.normal(size=(40, 5))
+    X = (centres[rng.integers(0, 40, 3000)] + 0.3 * rng.normal(size=(3000, 5)) + 1000.0).astype(np.float32)
+    exact = fastcluster.linkage(np.asarray(X, np.float64), "average", metric="sqeuclidean")
+    for quantile in (0.5, 0.9):
+        eps = _threshold(exact, quantile)
+        labels = _beam_labels(tmp_path, X, eps, "sqeuclidean", shards=8, batch_rows=500)
+        assert adjusted_rand_score(fcluster(exact, eps, "distance"), labels) >= 0.99, quantile
+
+
 def _beam_choice(tmp_path, X, target, metric, batch_rows, **kwargs):
     """The ThresholdChoice of the ThresholdFromTarget transform over batches of `batch_rows`, in reverse order."""
     rows = np.arange(len(X))

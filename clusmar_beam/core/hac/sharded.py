@@ -80,12 +80,20 @@ def rac_on_clusters(members: Clusters, eps: float, metric: str, frozen: Clusters
     S = both.sums()
     cnt = np.array(both.cnt, np.float64)
     W = np.array(both.W, np.float64)
+    # Pool rows reach a partition uncentred (a pool-wide mean would need a pass of its own): squared
+    # Euclidean linkages do not move with the origin, but FAISS's float32 distances lose all precision
+    # far from it.  The members' mean is the partition's origin; the clusters go back to the pool's after.
+    origin = members.means().mean(axis=0) if metric == "sqeuclidean" else None
+    if origin is not None:
+        S -= cnt[:, None] * origin
     nlist = max(1, round(hac.default_nlist(len(both)) / PARTITION_LIST_GROWTH))
     rac = hac.Rac(S, cnt, metric, eps, exact_search_max=hac.EXACT_SEARCH_MAX, nlist=nlist,
                   nprobe=PARTITION_NPROBE, seed=seed, log=None, t0=time.perf_counter(), k=k, W=W, frozen=is_frozen,
                   delta=delta)
     # The Rac owns S, cnt, W and is_frozen from here (it compacts them in place).
     left, merges_per_round = rac.run(first_round_extra=0)  # the members' clusters: frozen ones never merge
+    if origin is not None:
+        left.S += left.cnt[:, None] * origin
     heights = np.concatenate(rac.heights) if rac.heights else np.zeros(0)
     pairs = np.concatenate(rac.pairs) if rac.pairs else np.zeros((0, 2), np.int64)
     edges = members.ids[pairs]
