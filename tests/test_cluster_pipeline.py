@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam.app import cli
 from clusmar_beam.core import hac
-from conftest import write_tfrecord
+from conftest import random_probs, read_manifest, write_parquet, write_tfrecord
 
 
 def _read_clusters(directory):
@@ -100,6 +100,26 @@ def test_tfrecord_pool_with_text_ids(tmp_path, rng):
     assert set(clusters) == {i.decode() for i in ids} or set(clusters) == set(ids)
     ours = np.array([clusters.get(i, clusters.get(i.decode())) for i in ids])
     assert adjusted_rand_score(_exact(embeddings, "cosine", 0.1), ours) >= 0.99
+
+
+@pytest.mark.parametrize("shards", ["1", "4"])
+def test_empty_part_files_are_skipped(tmp_path, rng, shards):
+    """Writers leave part files without rows; they hold no list width, and nothing else."""
+    centers = rng.normal(size=(20, 12))
+    embeddings = (centers[rng.integers(0, 20, 1200)] + 0.3 * rng.normal(size=(1200, 12))).astype(np.float32)
+    columns = {"id": rng.permutation(1200).astype(np.int64), "probs": random_probs(rng, 1200, 3),
+               "embedding": embeddings}
+    for pool, parts in (("full", [(0, 700), (700, 1200)]), ("gaps", [(0, 0), (0, 700), (700, 700), (700, 1200)])):
+        for i, (start, stop) in enumerate(parts):
+            write_parquet(str(tmp_path / pool / f"part-{i}.parquet"), {k: v[start:stop] for k, v in columns.items()})
+        assert cli.main(["cluster", "--pool", str(tmp_path / pool / "*"), "--output", str(tmp_path / f"c-{pool}"),
+                         "--distance-threshold", "0.1", "--hac-shards", shards]) == 0
+        assert cli.main(["select", "--pool", str(tmp_path / pool / "*"), "--clusters", str(tmp_path / f"c-{pool}"),
+                         "--output", str(tmp_path / f"m-{pool}"), "--batch-size", "50"]) == 0
+    assert _read_clusters(tmp_path / "c-gaps") == _read_clusters(tmp_path / "c-full")
+    assert read_manifest(tmp_path / "m-gaps") == read_manifest(tmp_path / "m-full")
+    assert adjusted_rand_score(_exact(embeddings, "cosine", 0.1),
+                               [_read_clusters(tmp_path / "c-full")[i] for i in columns["id"]]) >= 0.99
 
 
 def test_refuses_to_overwrite_completed_clusters(tmp_path, rng, capsys):

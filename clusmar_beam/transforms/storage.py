@@ -340,6 +340,8 @@ class ReadTable(beam.PTransform):
         if self.format == "parquet":
             return (files
                     | "ReadParquet" >> beam.io.ReadAllFromParquetBatched(columns=self.columns, with_filename=True)
+                    # A file or row group without rows (writers leave empty part files) has no list width.
+                    | "SkipEmpty" >> beam.Filter(lambda path_and_table: path_and_table[1].num_rows > 0)
                     | "ToBatch" >> beam.MapTuple(lambda path, table: table_to_batch(table, path)))
         return (files
                 | "Spread" >> beam.Reshuffle()
