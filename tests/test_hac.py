@@ -872,4 +872,20 @@ def test_higher_dimensional_pools_keep_the_per_list_search():
     """At 64-d per-query probes recover a minority of the block search's misses: not worth their cost."""
     probing, _ = _probing(_heavy_tailed(20000, dim=64, seed=4), "cosine")
     assert not probing["per_query"], probing
-    assert probing["per_list_misses"] > 0.01 * probing["sample"], probing
+    nprobe, per_list, per_query = probing["levels"][0]   # at the default nprobe
+    assert nprobe == 32 and per_list > 0.01 * probing["sample"], probing
+    # ... which missed too many: the lists probed doubled, and the misses fell
+    assert probing["nprobe"] > 32 and probing["per_list_misses"] < per_list, probing
+    assert [level[0] for level in probing["levels"]] == [32 << i for i in range(len(probing["levels"]))]
+
+
+def test_probes_widen_only_while_a_search_stays_small(monkeypatch):
+    from clusmar_beam.core.hac import index
+    X = _heavy_tailed(20000, dim=64, seed=4)
+    monkeypatch.setattr(index, "WIDEN_ROWS_MAX", 1000)   # a search at nprobe 64 would scan more
+    probing, _ = _probing(X, "cosine")
+    assert probing["nprobe"] == 32 and len(probing["levels"]) == 1, probing
+    monkeypatch.setattr(index, "_WIDEN_MISSES", 1.0)     # nothing missed counts as too many
+    monkeypatch.setattr(index, "WIDEN_ROWS_MAX", 10**9)
+    probing, _ = _probing(X, "cosine")
+    assert probing["nprobe"] == 32 and len(probing["levels"]) == 1, probing

@@ -28,6 +28,7 @@ import apache_beam as beam
 from clusmar_beam.core import hac
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.hac import sharded
+from clusmar_beam.core.hac.index import WIDEN_ROWS_MAX
 from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
 from clusmar_beam.transforms import element_sizes, memory, storage
 from clusmar_beam.transforms.cluster import (ROWS_PER_CLUSTER_SHARD, ClusterOnOneWorker, ClusterSharded,
@@ -75,7 +76,9 @@ class ClusterOptions(CommonOptions):
                             help="one worker: exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32,
                             help="one worker: IVF cells probed per search (a sharded partition probes "
-                                 f"{sharded.PARTITION_NPROBE} of half as many lists)")
+                                 f"{sharded.PARTITION_NPROBE} of half as many lists); doubled while a sample's "
+                                 "nearest neighbours are missed and a search stays within "
+                                 f"{WIDEN_ROWS_MAX} rows")
         parser.add_argument("--approximation", type=float, default=hac.DEFAULT_DELTA,
                             help="delta >= 0: a merge round also lets each merging pair absorb the clusters "
                                  "whose nearest it was while each merge's exact linkage is within (1 + delta) of "

@@ -51,6 +51,12 @@ PROBE_SAMPLE_SHARE = 0.25
 PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX = 512, 4096
 _PER_LIST_MISSES = 0.01
 _PER_QUERY_RECOVERS = 0.6
+# Where the chosen probing still misses more than this share of the sample, the lists probed double, as long
+# as a search then scans at most WIDEN_ROWS_MAX rows: on small indexes (a small pool, a sharded partition) a
+# wider search is cheap, and on tightly packed data (all cosines near 1) a few missed neighbours moved whole
+# clusters (docs/perf-log.md, issue 19, 2026-12-06, sixth session).
+_WIDEN_MISSES = 0.01
+WIDEN_ROWS_MAX = 4096
 
 
 def row_dtype(n: int):
@@ -131,16 +137,10 @@ class IvfIndex:
         self.flat.add(centroids)
         index = faiss.IndexIVFFlat(self.flat, dim, nlist, self.metric)
         assert index.is_trained  # a quantiser holding nlist centroids
-        self.nprobe = min(nprobe, nlist)
-        index.nprobe = self.nprobe
-        probe = faiss.knn(centroids, centroids, self.nprobe)[1]
-        own = np.arange(nlist)
-        missing = ~(probe == own[:, None]).any(axis=1)  # only with duplicate centroids
-        probe[missing, -1] = own[missing]
-        self.probe = probe
+        self.index = index
+        self._set_nprobe(min(nprobe, nlist))
         self.centroid_norms = np.einsum("ij,ij->i", centroids, centroids)
         self.list_of = np.full(size, -1, np.int64)
-        self.index = index
         # Whether searches probe the lists nearest each query (see choose_probing).
         self.per_query = False
 
@@ -167,6 +167,8 @@ class IvfIndex:
         other rows among `all_ids` are found exactly, and per-query probing is
         kept when the block search misses at least _PER_LIST_MISSES of them
         and the per-query probes recover at least _PER_QUERY_RECOVERS of those.
+        Where the chosen way still misses more than _WIDEN_MISSES, nprobe
+        doubles while a search stays within WIDEN_ROWS_MAX rows.
         """
         queries = query_vectors(sample)
         inner = self.metric == faiss.METRIC_INNER_PRODUCT
@@ -183,12 +185,29 @@ class IvfIndex:
                 return int(np.count_nonzero(score.max(axis=1) < best - 1e-6))
             return int(np.count_nonzero(score.min(axis=1) > best + 1e-6 * np.maximum(1.0, np.abs(best))))
 
-        per_list = misses(*self.search(sample, query_vectors, 3))
-        per_query = misses(*self.search_own_lists(sample, query_vectors, database_vectors, 3))
-        self.per_query = (per_list >= _PER_LIST_MISSES * sample.size
-                          and per_list - per_query >= _PER_QUERY_RECOVERS * per_list)
+        nlist = self.quantiser.centroids.shape[0]
+        levels = []  # [nprobe, per-list misses, per-query misses] for each nprobe tried
+        while True:
+            per_list = misses(*self.search(sample, query_vectors, 3))
+            per_query = misses(*self.search_own_lists(sample, query_vectors, database_vectors, 3))
+            levels.append([self.nprobe, per_list, per_query])
+            self.per_query = (per_list >= _PER_LIST_MISSES * sample.size
+                              and per_list - per_query >= _PER_QUERY_RECOVERS * per_list)
+            wider = 2 * self.nprobe
+            if ((per_query if self.per_query else per_list) <= _WIDEN_MISSES * sample.size
+                    or wider > nlist or wider * self.ntotal / nlist > WIDEN_ROWS_MAX):
+                break
+            self._set_nprobe(wider)
         return {"sample": int(sample.size), "per_list_misses": per_list, "per_query_misses": per_query,
-                "per_query": bool(self.per_query)}
+                "per_query": bool(self.per_query), "nprobe": self.nprobe, "levels": levels}
+
+    def _set_nprobe(self, nprobe: int):
+        centroids = self.quantiser.centroids
+        probe = faiss.knn(centroids, centroids, nprobe)[1]
+        own = np.arange(centroids.shape[0])
+        missing = ~(probe == own[:, None]).any(axis=1)  # only with duplicate centroids
+        probe[missing, -1] = own[missing]
+        self.probe, self.nprobe, self.index.nprobe = probe, nprobe, nprobe
 
     def add(self, ids, vecs):
         """Add rows; a cluster that was in the index before (it merged) goes to a list near its old one."""
