@@ -872,7 +872,7 @@ def test_higher_dimensional_pools_keep_the_per_list_search():
     """At 64-d per-query probes recover a minority of the block search's misses: not worth their cost."""
     probing, _ = _probing(_heavy_tailed(20000, dim=64, seed=4), "cosine")
     assert not probing["per_query"], probing
-    nprobe, per_list, per_query = probing["levels"][0]   # at the default nprobe
+    nprobe, per_list, _ = probing["levels"][0]   # at the default nprobe
     assert nprobe == 32 and per_list > 0.01 * probing["sample"], probing
     # ... which missed too many: the lists probed doubled, and the misses fell
     assert probing["nprobe"] > 32 and probing["per_list_misses"] < per_list, probing
