@@ -339,6 +339,20 @@ def test_beam_transform_sqeuclidean_far_from_the_origin(tmp_path):
         assert adjusted_rand_score(fcluster(exact, eps, "distance"), labels) >= 0.99, quantile
 
 
+def test_partitions_of_an_uncentred_pool_keep_neighbours_together(tmp_path):
+    """k-means and routing work about a mean: far from the origin, float32 distances lose the pool's detail.
+
+    (At this size the old routing passed too; a 20K pool of 40 Pareto-sized 64-d regions offset by 1,000
+    waited 12,816 of 20,000 members after round 1 with it, 8 now: docs/perf-log.md, issue 20, sixth session.)"""
+    rng = np.random.default_rng(3)
+    X = (2 * rng.normal(size=(10, 64))[rng.integers(0, 10, 3000)] + 0.1 * rng.normal(size=(3000, 64))).astype(np.float32)
+    centred = _beam_result(tmp_path, X, 2.0, "sqeuclidean", shards=8, batch_rows=500)
+    far = _beam_result(tmp_path, X + np.float32(1000), 2.0, "sqeuclidean", shards=8, batch_rows=500)
+    waiting = [r["sharded_rounds"][0]["waiting"] for r in (centred, far)]
+    assert waiting[1] <= 2 * waiting[0] + 30, waiting
+    assert adjusted_rand_score(centred["labels"], far["labels"]) >= 0.99
+
+
 def _beam_choice(tmp_path, X, target, metric, batch_rows, **kwargs):
     """The ThresholdChoice of the ThresholdFromTarget transform over batches of `batch_rows`, in reverse order."""
     rows = np.arange(len(X))

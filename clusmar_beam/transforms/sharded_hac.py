@@ -19,10 +19,11 @@ import numpy as np
 
 from clusmar_beam.core import hac, hashing
 from clusmar_beam.core.batch import Batch
-from clusmar_beam.core.cells import split_by_key, train_centroids
-from clusmar_beam.core.hac.sharded import (DEFAULT_MAX_ROUNDS, PARTITION_KMEANS_ITERATIONS, Clusters,
+from clusmar_beam.core.cells import split_by_key
+from clusmar_beam.core.hac.sharded import (DEFAULT_MAX_ROUNDS, Clusters,
                                            check_shard_params, halo_rows, images, mark_waited_on, merge_partition,
-                                           next_round, partition_sample_size, route, taking_part)
+                                           next_round, partition_centroids, partition_sample_size, route,
+                                           taking_part)
 from clusmar_beam.core.hac.sizes import add_size_counts, size_counts, size_histogram
 from clusmar_beam.transforms import element_sizes, ranks
 from clusmar_beam.transforms.samples import BottomKByHash
@@ -50,8 +51,7 @@ def _train(sample, plan, seed):
     if sample is None or plan["parts"] < 2:
         return None
     _, ids, means = sample
-    return train_centroids(np.ascontiguousarray(means[np.argsort(ids)], np.float32), plan["parts"], seed,
-                               niter=PARTITION_KMEANS_ITERATIONS)
+    return partition_centroids(means[np.argsort(ids)], plan["parts"], seed)
 
 
 def _counts(clusters: Clusters):

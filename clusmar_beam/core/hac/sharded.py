@@ -147,13 +147,24 @@ def _partition_centroids(clusters: Clusters, parts: int, seed: int, sample_size:
     parts = max(1, min(parts, len(clusters)))
     order = np.lexsort((clusters.ids, hashing.row_hash(clusters.ids, seed)))[:sample_size]
     order = order[np.argsort(clusters.ids[order])]  # in id order, as the Beam transform trains them
-    sample = np.ascontiguousarray(clusters.means()[order], np.float32)
-    return train_centroids(sample, parts, seed, niter=PARTITION_KMEANS_ITERATIONS)
+    return partition_centroids(clusters.means()[order].astype(np.float32), parts, seed)  # as the Beam sample
+
+
+def partition_centroids(sample_means: np.ndarray, parts: int, seed: int) -> np.ndarray:
+    """k-means centroids of a sample of cluster means (in id order), trained about the sample's mean.
+
+    FAISS's float32 distances lose their precision far from the origin (pool rows are not centred
+    for squared Euclidean): k-means and routing both work relative to a mean."""
+    origin = sample_means.mean(axis=0, dtype=np.float64)
+    centred = np.ascontiguousarray(sample_means - origin, np.float32)
+    return train_centroids(centred, parts, seed, niter=PARTITION_KMEANS_ITERATIONS) + origin.astype(np.float32)
 
 
 def route(clusters: Clusters, centroids: np.ndarray, halo_cells: int):
-    """(home cell, cells where the cluster is a frozen neighbour)."""
-    cells = probe_cells(centroids, clusters.routing_points(), 1 + halo_cells)
+    """(home cell, cells where the cluster is a frozen neighbour), found relative to the centroids' mean."""
+    origin = centroids.mean(axis=0, dtype=np.float64)
+    cells = probe_cells(np.ascontiguousarray(centroids - origin, np.float32),
+                        np.ascontiguousarray(clusters.routing_points() - origin, np.float32), 1 + halo_cells)
     return cells[:, 0], cells[:, 1:]
 
 
