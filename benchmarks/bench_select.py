@@ -13,8 +13,8 @@ its own. Then, side by side in one run:
 - numpy: one process, no Beam: read id + probs with pyarrow, margins, the k_m lowest,
   round-robin order (the same library functions), in memory.
 
-Checks that both chose the same ids in the same order and prints a table row for
-benchmarks/RESULTS.md.
+Checks that both chose the same ids in the same order and prints the row of figures
+that benchmarks/RESULTS.md quotes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Markdown tables of `clusmar simulate` outputs for benchmarks/RESULTS.md.
+"""Markdown tables of `clusmar simulate` outputs (the tables behind benchmarks/RESULTS.md's simulate summary).
 
 Usage: python benchmarks/simulate_table.py DIR [DIR ...]   (each DIR holds a simulation.json)
 Savings are recomputed from the runs, so every table uses the same definitions.
