@@ -13,7 +13,11 @@ threshold. The shapes:
 - `wide`: 300-d regions of very different spreads (cosine);
 - `line`: 1-d squared Euclidean; `tiny`: 100 rows in 64 partitions.
 
-    .venv/bin/python benchmarks/bench_pool_shapes.py [--shapes flood offset ...] [--approximation D] [--work DIR]
+With `--stability NOISE` each cut is also compared with the exact cut of the pool plus Gaussian
+noise of NOISE x its mean |x| (|x - mean| for squared Euclidean), `exact_vs_exact_with_noise_ari`:
+how far the exact clustering moves on its own, the scale the approximate cuts' ARI reads against.
+
+    .venv/bin/python benchmarks/bench_pool_shapes.py [--shapes flood offset ...] [--approximation D] [--stability NOISE] [--work DIR]
 """
 import argparse
 import json
@@ -27,7 +31,7 @@ import pyarrow.parquet as pq
 from scipy.cluster.hierarchy import fcluster
 from sklearn.metrics import adjusted_rand_score
 
-from data import CLI, ROOT, cluster_labels, timed_command
+from data import CLI, ROOT, cluster_labels, timed_command, with_noise
 
 
 def _regions(rng, n, dim, regions, spread, alpha=1.2):
@@ -71,12 +75,20 @@ def write_pool(directory, X, ids):
                        os.path.join(directory, f"part-{part:05d}.parquet"))
 
 
+def _exact_tree(X, metric):
+    if metric == "cosine":
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    return fastcluster.linkage(X, method="average", metric=metric)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "work", "shapes"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--approximation", type=float, help="clusmar cluster's --approximation (default: its own)")
+    parser.add_argument("--stability", type=float, default=0.0,
+                        help="also cut fastcluster on the pool plus this much relative noise (0: do not)")
     args = parser.parse_args()
     for name in args.shapes:
         make, metric, thresholds, shards = SHAPES[name]
@@ -90,13 +102,18 @@ def main():
         pool = os.path.join(args.work, name, "pool")
         shutil.rmtree(os.path.join(args.work, name), ignore_errors=True)
         write_pool(pool, X, ids)
-        exact = np.asarray(X, np.float64)
-        if metric == "cosine":
-            exact = exact / np.linalg.norm(exact, axis=1, keepdims=True)
-        Z = fastcluster.linkage(exact, method="average", metric=metric)
+        Z = _exact_tree(np.asarray(X, np.float64), metric)
+        # Noise in proportion to the pool's spread: about the origin for cosine (an angle), about the mean
+        # for squared Euclidean (which a shift does not change).
+        spread = X - X.mean(axis=0) if metric == "sqeuclidean" else X
+        noisy = _exact_tree(with_noise(spread, args.stability, args.seed + 1), metric) if args.stability else None
         by_id = np.argsort(ids, kind="stable")
         for eps in thresholds:
             reference = fcluster(Z, eps, criterion="distance")[by_id]
+            if noisy is not None:
+                print(json.dumps({"shape": name, "n": len(X), "dim": X.shape[1], "metric": metric, "eps": eps,
+                                  "noise": args.stability, "exact_vs_exact_with_noise_ari": round(adjusted_rand_score(
+                                      reference, fcluster(noisy, eps, criterion="distance")[by_id]), 5)}), flush=True)
             for shard_flag in ("1", str(shards)):
                 out = os.path.join(args.work, name, f"out-{eps}-{shard_flag}")
                 seconds, rss = timed_command([*CLI, "cluster", "--pool", os.path.join(pool, "*.parquet"),
