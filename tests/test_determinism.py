@@ -31,3 +31,26 @@ def test_generate_cluster_select_identical_across_worker_counts(tmp_path):
     for one, two in zip(outputs["one"], outputs["two"]):
         assert one.keys() == two.keys() and one
         assert one == two
+
+
+def test_sharded_cluster_and_select_identical_with_worker_threads(tmp_path):
+    """Bundles run concurrently in threads of one process (as an SDK harness runs them on Dataflow or Flink):
+    the DoFns share nothing that one bundle's thread could change under another's."""
+    threads = ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+    pool = tmp_path / "pool"
+    assert cli.main(["generate-pool", "--output", str(pool), "--num-examples", "8000", "--dim", "16",
+                     "--num-classes", "5", "--seed", "4", "--num-shards", "4",
+                     "--region-sizes", "heavy-tailed"]) == 0
+    outputs = {}
+    for name, flags in (("one", ["--direct_num_workers=1"]), ("threads", threads)):
+        root = tmp_path / name
+        assert cli.main(["cluster", "--pool", str(pool / "pool-*.parquet"), "--output", str(root / "clusters"),
+                         "--target-mean-cluster-size", "6", "--hac-shards", "6", "--num-shards", "3", *flags]) == 0
+        assert cli.main(["select", "--pool", str(pool / "pool-*.parquet"), "--clusters", str(root / "clusters"),
+                         "--batch-size", "700", "--seed", "9", "--round", "1", "--output", str(root / "manifest"),
+                         "--num-shards", "2", *flags]) == 0
+        outputs[name] = (_files(root / "clusters", "clusters-*"), _files(root / "manifest", "manifest-*"),
+                         json.load(open(root / "clusters" / "clustering.json")))
+    for one, threaded in zip(outputs["one"], outputs["threads"]):
+        assert one.keys() == threaded.keys() and one
+        assert one == threaded
