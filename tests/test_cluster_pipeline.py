@@ -84,7 +84,7 @@ def test_heavy_tailed_pool_reports_rounds_share_and_warns(tmp_path, caplog, metr
                      "--target-mean-cluster-size", "10", "--threshold-sample-size", "1500"]) == 0
     info = json.load(open(tmp_path / "t" / "clustering.json"))
     assert info["mean_cluster_size"] == pytest.approx(10, rel=0.01)
-    assert info["parameters"]["approximation"] == hac.DEFAULT_DELTA == 0.02
+    assert info["parameters"]["approximation"] == hac.DEFAULT_DELTA == 0.04
 
 
 def test_tfrecord_pool_with_text_ids(tmp_path, rng):

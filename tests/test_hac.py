@@ -716,7 +716,9 @@ def test_approximate_merges_match_exact_average_linkage_on_heavy_tailed_pools(he
     eps = _threshold(trees[metric], quantile)
     _, exact = _check_against_reference(X, metric, eps, trees[metric], min_ari=0.9999, delta=0.0)
     _, approx = _check_against_reference(X, metric, eps, trees[metric], min_ari=0.99, delta=0.05)
-    assert approx.rounds < exact.rounds / 2, (exact.rounds, approx.rounds)
+    # At this size few stars are deep (hac_rac.DEEP_STAR_LEAVES) and the others take a small share of
+    # delta: the rounds fall by about half (test_dense_region_takes_few_rounds checks one dense region's).
+    assert approx.rounds < 0.6 * exact.rounds, (exact.rounds, approx.rounds)
     assert (approx.heights <= eps).all()
 
 
@@ -754,15 +756,19 @@ def test_every_star_merge_is_delta_good(monkeypatch, metric, eps):
     """TeraHAC's (1 + delta)-good merges, checked by brute force on the round's own clusters.
 
     Each leaf joins its grown cluster at an exact linkage within eps and within
-    (1 + delta) of the lowest linkage either side has to any cluster of the
+    (1 + slack) of the lowest linkage either side has to any cluster of the
     round (a merge elsewhere in the round never brings a cluster closer than
-    the nearer of its parts, so these are lower bounds on their best ones then).
+    the nearer of its parts, so these are lower bounds on their best ones then),
+    the slack being delta for a star that DEEP_STAR_LEAVES clusters point at
+    and SMALL_STAR_SLACK of it for a smaller one.
     """
     delta = 0.2
     X = _heavy_tailed(3000, dim=16, seed=2)
+    # Stars of this small pool have 16-30 leaves: with 18 making a star deep, both kinds grow.
+    monkeypatch.setattr(hac_rac, "DEEP_STAR_LEAVES", 18)
     cos = metric == "cosine"
     merge, absorb = hac_rac.Rac._merge, hac_rac.Rac._absorb
-    beyond_pair = []  # whether each leaf joined above (1 + delta) x its pair's linkage
+    beyond_pair = {True: [], False: []}  # deep star or not -> whether each leaf joined above (1 + slack) x pair
 
     def snapshot(self, a, b):
         self.before_merge = (self.S.copy(), self.cnt.copy(), None if cos else self.W.copy())
@@ -795,6 +801,9 @@ def test_every_star_merge_is_delta_good(monkeypatch, metric, eps):
                              None if cos else W0[partner])
             pair = float(nd[c])
             inside = {c, partner}
+            pointing = int(np.isin(nn[act], [c, partner]).sum()) - 2  # the pair point at each other
+            deep = pointing >= hac_rac.DEEP_STAR_LEAVES
+            slack = delta if deep else delta * hac_rac.SMALL_STAR_SLACK
             for j in mine.tolist():
                 ell = int(leaf[j])
                 others = np.array([x not in inside for x in act.tolist()])
@@ -805,8 +814,8 @@ def test_every_star_merge_is_delta_good(monkeypatch, metric, eps):
                                     n0[act[not_self]], None if cos else Wr[not_self]).min()
                 height = heights[j]
                 assert height <= eps + 1e-12
-                assert height <= (1 + delta) * min(grown_best, leaf_best) * (1 + 1e-9) + 1e-12
-                beyond_pair.append(height > (1 + delta) * pair)
+                assert height <= (1 + slack) * min(grown_best, leaf_best) * (1 + 1e-9) + 1e-12
+                beyond_pair[deep].append(height > (1 + slack) * pair)
                 S, n, W = joined(S, n, W, S0[ell], n0[ell], None if cos else W0[ell])
                 inside.add(ell)
         return leaf, centre
@@ -814,8 +823,8 @@ def test_every_star_merge_is_delta_good(monkeypatch, metric, eps):
     monkeypatch.setattr(hac_rac.Rac, "_merge", snapshot)
     monkeypatch.setattr(hac_rac.Rac, "_absorb", checking)
     average_linkage(X, eps, metric, delta=delta)
-    assert beyond_pair
-    assert any(beyond_pair), "no leaf joined beyond (1 + delta) x its pair's linkage: the bound is only the pair's"
+    assert beyond_pair[True] and beyond_pair[False], "deep and small stars both grew"
+    assert any(beyond_pair[True]), "no leaf joined beyond (1 + delta) x its pair's linkage: the bound is only the pair's"
 
 
 @pytest.mark.parametrize("delta", [-0.1, float("nan"), float("inf"), "x", True])

@@ -82,8 +82,9 @@ class ClusterOptions(CommonOptions):
         parser.add_argument("--approximation", type=float, default=hac.DEFAULT_DELTA,
                             help="delta >= 0: a merge round also lets each merging pair absorb the clusters "
                                  "whose nearest it was while each merge's exact linkage is within (1 + delta) of "
-                                 "the lowest either side could have ((1+delta)-good merges, as in TeraHAC); "
-                                 "bounds the rounds dense regions take; 0 is exact average linkage")
+                                 "the lowest either side could have ((1+delta)-good merges, as in TeraHAC; "
+                                 "a pair fewer than 64 clusters point at takes delta/8); bounds the rounds dense "
+                                 "regions take; 0 is exact average linkage")
         parser.add_argument("--warn-largest-share", dest="warn_largest_share", type=float, default=0.05,
                             help="warn (log and clustering.json) when one cluster holds more than this share of "
                                  "the pool: a sign that the threshold is too large for this data")

@@ -108,7 +108,8 @@ def average_linkage(
     it absorbs, nearest first, the clusters whose nearest neighbour was
     one of the pair while each merge's exact linkage stays within (1 +
     delta) of the lowest either side could have to any cluster (TeraHAC's
-    (1+delta)-good merges; see Rac._absorb).  Merge heights stay exact; only
+    (1+delta)-good merges; a star that fewer than DEEP_STAR_LEAVES clusters
+    point at uses SMALL_STAR_SLACK of delta; see Rac._absorb).  Merge heights stay exact; only
     the order of merges is approximate, by at most that factor.  A dense
     region whose growing cluster is everyone's nearest neighbour then takes
     tens of rounds instead of one round per member.  `delta` = 0 is exact.

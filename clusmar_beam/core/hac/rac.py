@@ -20,10 +20,8 @@ DEFAULT_K = 16
 # The clusters' default merge approximation (`clusmar cluster --approximation`):
 # a round also merges (1 + delta)-good stars, not only reciprocal nearest
 # pairs (see Rac._absorb); measured against exact average linkage in
-# benchmarks/bench_hac_heavy_tailed.py.  Each star merge uses all of the
-# slack, so larger values cost low-dimensional pools (where exact average
-# linkage itself moves under tiny noise) more than they save in rounds.
-DEFAULT_DELTA = 0.02
+# benchmarks/bench_hac_heavy_tailed.py and bench_pool_shapes.py.
+DEFAULT_DELTA = 0.04
 # A merging pair grows into a star only when at least this many clusters
 # point at it: that crowding is what makes RAC's rounds grow with a dense
 # region, and everywhere else reciprocal pairs keep the merge order exact
@@ -37,6 +35,12 @@ MIN_STAR_LEAVES = 16
 # stars gain few rounds from it for the search's cost.
 DEEP_STAR_LEAVES = 64
 STAR_SEARCH_MAX = 2048
+# Only a deep star takes the whole slack delta; a smaller one takes this
+# share of it.  Deep stars are a dense region's growing clusters, whose
+# rounds the slack bounds; the many small stars gain few rounds from it, and
+# on low-dimensional pools their reordered merges cost most of the ARI
+# (docs/perf-log.md, issue 19, 2026-12-06, seventh session).
+SMALL_STAR_SLACK = 1 / 8
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
 # flat), above it with the IVF index.  Switching to exact search re-searches
 # every active cluster (n^2 work), so it is kept small enough to be cheap
@@ -632,7 +636,9 @@ class Rac:
         that is about as near to it as to anything, not one leaf per round
         (bounded by its pair's linkage alone, a star took only the leaves
         as near as that pair, and the rounds grew with the pool).  Only
-        pairs that at least MIN_STAR_LEAVES clusters point at grow.  The
+        pairs that at least MIN_STAR_LEAVES clusters point at grow, and only
+        those that DEEP_STAR_LEAVES point at take the whole delta (the others
+        SMALL_STAR_SLACK of it).  The
         grown cluster's statistics before each leaf are prefix sums over the
         leaves before it, so a star of any size costs a few array
         operations.  Records the merges.
@@ -647,10 +653,12 @@ class Rac:
         leaves = np.bincount(star, minlength=a.size)
         crowded = leaves >= MIN_STAR_LEAVES
         leaf, centre = leaf[crowded[star]], centre[crowded[star]]
+        deep = leaves >= DEEP_STAR_LEAVES
+        slack = np.where(deep, self.delta, self.delta * SMALL_STAR_SLACK)  # each pair's
         # A leaf that pointed at b can be far from the merged pair: such a merge is not good, and the
         # star would stop at it; it stays out of the star this round.
         near = self._linkage(self._mu(centre), None if self.cos else self._var(centre), leaf) <= \
-            (1.0 + self.delta) * nd[leaf]
+            (1.0 + slack[np.searchsorted(a, centre)]) * nd[leaf]
         leaf, centre = leaf[near], centre[near]
         if leaf.size == 0:
             return leaf, centre
@@ -658,7 +666,6 @@ class Rac:
         pair_out = np.zeros(a.size)
         pair_out[crowded] = np.minimum(self._outside_bound(a[crowded], a[crowded], centre_of, parent),
                                        self._outside_bound(b[crowded], a[crowded], centre_of, parent))
-        deep = leaves >= DEEP_STAR_LEAVES
         if deep.any():
             pair_out[deep] = np.maximum(pair_out[deep], self._outside_star(
                 a[deep], centre_of, parent, int(min(STAR_SEARCH_MAX, 2 * leaves[deep].max()))))
@@ -695,7 +702,8 @@ class Rac:
         out_excl = np.cumsum(out) - out
         out_excl -= out_excl[start][group]
         outside = (pair_out[np.searchsorted(a, centre)] * self.cnt[centre] + out_excl) / N
-        limit = np.minimum((1.0 + self.delta) * np.minimum(np.maximum(nd[centre], outside), nd[leaf]), self.eps)
+        limit = np.minimum((1.0 + slack[np.searchsorted(a, centre)]) *
+                           np.minimum(np.maximum(nd[centre], outside), nd[leaf]), self.eps)
         bad = np.cumsum(link > limit)
         bad -= np.r_[0, bad][start][group]
         take = bad == 0  # stop at a centre's first leaf out of reach
