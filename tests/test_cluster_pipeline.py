@@ -76,7 +76,8 @@ def test_heavy_tailed_pool_reports_rounds_share_and_warns(tmp_path, caplog, metr
         sizes = np.bincount(ours)
         assert info["largest_cluster_share"] == pytest.approx(sizes.max() / len(ids))
         assert info["largest_cluster_share"] > 0.05 and "--warn-largest-share" in info["warnings"][0]
-    assert runs["0.05"][0]["rounds"] < runs["0"][0]["rounds"] / 2
+    # few of this pool's stars are deep (rac.DEEP_STAR_LEAVES), the others take delta/8: about half the rounds
+    assert runs["0.05"][0]["rounds"] < 0.6 * runs["0"][0]["rounds"]
     assert runs["0"][0]["ivf_probing"] is None  # few enough points for exact search throughout
     assert "the largest cluster holds" in caplog.text
     # the threshold sample and the cut at a target merge by the same rule
