@@ -29,6 +29,7 @@ from clusmar_beam.core import hac
 from clusmar_beam.core.errors import InputError
 from clusmar_beam.core.hac import sharded
 from clusmar_beam.core.hac.index import WIDEN_ROWS_MAX
+from clusmar_beam.core.hac.rac import DEEP_STAR_LEAVES, SMALL_STAR_SLACK
 from clusmar_beam.pipelines.options import CommonOptions, build_and_run, require
 from clusmar_beam.transforms import element_sizes, memory, storage
 from clusmar_beam.transforms.cluster import (ROWS_PER_CLUSTER_SHARD, ClusterOnOneWorker, ClusterSharded,
@@ -83,8 +84,9 @@ class ClusterOptions(CommonOptions):
                             help="delta >= 0: a merge round also lets each merging pair absorb the clusters "
                                  "whose nearest it was while each merge's exact linkage is within (1 + delta) of "
                                  "the lowest either side could have ((1+delta)-good merges, as in TeraHAC; "
-                                 "a pair fewer than 64 clusters point at takes delta/8); bounds the rounds dense "
-                                 "regions take; 0 is exact average linkage")
+                                 f"a pair fewer than {DEEP_STAR_LEAVES} clusters point at takes "
+                                 f"{SMALL_STAR_SLACK:g} of delta); bounds the rounds dense regions take; 0 is exact "
+                                 "average linkage")
         parser.add_argument("--warn-largest-share", dest="warn_largest_share", type=float, default=0.05,
                             help="warn (log and clustering.json) when one cluster holds more than this share of "
                                  "the pool: a sign that the threshold is too large for this data")
