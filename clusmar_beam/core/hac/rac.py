@@ -652,14 +652,15 @@ class Rac:
         star = np.searchsorted(a, centre)  # a is ascending
         leaves = np.bincount(star, minlength=a.size)
         crowded = leaves >= MIN_STAR_LEAVES
-        leaf, centre = leaf[crowded[star]], centre[crowded[star]]
+        keep = crowded[star]
+        leaf, centre, star = leaf[keep], centre[keep], star[keep]
         deep = leaves >= DEEP_STAR_LEAVES
         slack = np.where(deep, self.delta, self.delta * SMALL_STAR_SLACK)  # each pair's
         # A leaf that pointed at b can be far from the merged pair: such a merge is not good, and the
         # star would stop at it; it stays out of the star this round.
         near = self._linkage(self._mu(centre), None if self.cos else self._var(centre), leaf) <= \
-            (1.0 + slack[np.searchsorted(a, centre)]) * nd[leaf]
-        leaf, centre = leaf[near], centre[near]
+            (1.0 + slack[star]) * nd[leaf]
+        leaf, centre, star = leaf[near], centre[near], star[near]
         if leaf.size == 0:
             return leaf, centre
         centre_of[leaf] = centre
@@ -670,7 +671,7 @@ class Rac:
             pair_out[deep] = np.maximum(pair_out[deep], self._outside_star(
                 a[deep], centre_of, parent, int(min(STAR_SEARCH_MAX, 2 * leaves[deep].max()))))
         order = np.lexsort((leaf, nd[leaf], centre))
-        leaf, centre = leaf[order], centre[order]
+        leaf, centre, star = leaf[order], centre[order], star[order]
         first = np.r_[True, centre[1:] != centre[:-1]]
         start = np.flatnonzero(first)
         group = np.cumsum(first) - 1
@@ -701,8 +702,8 @@ class Rac:
         out = self._outside_bound(leaf, centre, centre_of, parent) * n_leaf
         out_excl = np.cumsum(out) - out
         out_excl -= out_excl[start][group]
-        outside = (pair_out[np.searchsorted(a, centre)] * self.cnt[centre] + out_excl) / N
-        limit = np.minimum((1.0 + slack[np.searchsorted(a, centre)]) *
+        outside = (pair_out[star] * self.cnt[centre] + out_excl) / N
+        limit = np.minimum((1.0 + slack[star]) *
                            np.minimum(np.maximum(nd[centre], outside), nd[leaf]), self.eps)
         bad = np.cumsum(link > limit)
         bad -= np.r_[0, bad][start][group]
