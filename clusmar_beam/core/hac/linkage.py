@@ -112,7 +112,10 @@ def average_linkage(
     point at uses SMALL_STAR_SLACK of delta; see Rac._absorb).  Merge heights stay exact; only
     the order of merges is approximate, by at most that factor.  A dense
     region whose growing cluster is everyone's nearest neighbour then takes
-    tens of rounds instead of one round per member.  `delta` = 0 is exact.
+    tens of rounds instead of one round per member.  `delta` = 0, this
+    function's default, is exact; `clusmar cluster` passes DEFAULT_DELTA,
+    and so should a caller whose pool has large dense regions, where exact
+    merging takes rounds in the thousands.
 
     With `overwrite_input`, float64 C-ordered `embeddings` are used as the
     working copy and their contents are lost: a caller that holds its only
