@@ -5,9 +5,12 @@ clusters, and its seed picks the IVF training sample; on pools with huge diffuse
 regions that alone moves the members at those regions' edges. This prints the pairwise
 ARI of: one worker at seed 0 and at seed 1, the sharded rounds (S = n / 15,625), and
 (with --exact) one worker with exact search, which no seed changes. In process, the same
-calls `clusmar cluster` makes.
+calls `clusmar cluster` makes. With --fastcluster, fastcluster's exact average linkage is
+cut at the same threshold and every run's ARI against it printed too (its distance matrix
+takes 8 n^2 / 2 bytes: 10 GB at 50K).
 
     .venv/bin/python benchmarks/bench_sharded_agreement.py --n 250000 --region-sizes heavy-tailed --exact
+    .venv/bin/python benchmarks/bench_sharded_agreement.py --n 50000 --region-sizes heavy-tailed --exact --fastcluster
 """
 import argparse
 import itertools
@@ -28,6 +31,7 @@ def main():
     parser.add_argument("--distance-threshold", type=float, help="default 0.3 heavy-tailed, 0.15 lognormal")
     parser.add_argument("--delta", type=float, default=hac.DEFAULT_DELTA)
     parser.add_argument("--exact", action="store_true", help="also one worker with exact search (slow)")
+    parser.add_argument("--fastcluster", action="store_true", help="also fastcluster's exact cut (n^2 memory)")
     args = parser.parse_args()
     eps = args.distance_threshold or (0.3 if args.region_sizes == "heavy-tailed" else 0.15)
     plan = synthetic.make_plan(args.n, args.dim, 100, 0, region_sizes=args.region_sizes)
@@ -42,6 +46,8 @@ def main():
     if args.exact:
         runs["one worker, exact search"] = lambda: hac.average_linkage(
             X, eps, "cosine", delta=args.delta, exact_search_max=args.n + 1).labels
+    if args.fastcluster:
+        runs["fastcluster (exact)"] = lambda: _fastcluster_cut(X, eps)
     labels = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -50,6 +56,16 @@ def main():
     print(f"\n{args.n:,} x {args.dim}-d {args.region_sizes}, cosine eps {eps}, delta {args.delta}: ARI")
     for a, b in itertools.combinations(labels, 2):
         print(f"  {a:26s} vs {b:26s} {adjusted_rand_score(labels[a], labels[b]):.5f}")
+
+
+def _fastcluster_cut(X, eps):
+    import fastcluster
+    from scipy.cluster.hierarchy import fcluster
+    from scipy.spatial.distance import pdist
+    distances = pdist(X.astype(np.float64), "cosine")
+    merges = fastcluster.linkage(distances, method="average", preserve_input=False)  # no second copy
+    del distances
+    return fcluster(merges, eps, "distance") - 1
 
 
 if __name__ == "__main__":
