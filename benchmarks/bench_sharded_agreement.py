@@ -7,7 +7,7 @@ ARI of: one worker at seed 0 and at seed 1, the sharded rounds (S = n / 15,625),
 (with --exact) one worker with exact search, which no seed changes. In process, the same
 calls `clusmar cluster` makes. With --fastcluster, fastcluster's exact average linkage is
 cut at the same threshold and every run's ARI against it printed too (its distance matrix
-takes 8 n^2 / 2 bytes: 10 GB at 50K).
+is 8 n^2 / 2 bytes, and the run peaks at about twice that: 50K is the most a 24 GB host takes).
 
     .venv/bin/python benchmarks/bench_sharded_agreement.py --n 250000 --region-sizes heavy-tailed --exact
     .venv/bin/python benchmarks/bench_sharded_agreement.py --n 50000 --region-sizes heavy-tailed --exact --fastcluster
@@ -63,7 +63,7 @@ def _fastcluster_cut(X, eps):
     from scipy.cluster.hierarchy import fcluster
     from scipy.spatial.distance import pdist
     distances = pdist(X.astype(np.float64), "cosine")
-    merges = fastcluster.linkage(distances, method="average", preserve_input=False)  # no second copy
+    merges = fastcluster.linkage(distances, method="average", preserve_input=False)
     del distances
     return fcluster(merges, eps, "distance") - 1
 
