@@ -24,14 +24,13 @@ import json
 import os
 import shutil
 
-import fastcluster
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.cluster.hierarchy import fcluster
 from sklearn.metrics import adjusted_rand_score
 
-from data import CLI, ROOT, cluster_labels, timed_command, with_noise
+from data import CLI, ROOT, cluster_labels, exact_average_linkage, timed_command, with_noise
 
 
 def _regions(rng, n, dim, regions, spread, alpha=1.2):
@@ -78,7 +77,7 @@ def write_pool(directory, X, ids):
 def _exact_tree(X, metric):
     if metric == "cosine":
         X = X / np.linalg.norm(X, axis=1, keepdims=True)
-    return fastcluster.linkage(X, method="average", metric=metric)
+    return exact_average_linkage(X, metric)
 
 
 def main():

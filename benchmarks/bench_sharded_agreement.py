@@ -21,6 +21,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam.core import hac, synthetic
 from clusmar_beam.core.hac import sharded
+from data import exact_average_linkage
 
 
 def main():
@@ -59,13 +60,8 @@ def main():
 
 
 def _fastcluster_cut(X, eps):
-    import fastcluster
     from scipy.cluster.hierarchy import fcluster
-    from scipy.spatial.distance import pdist
-    distances = pdist(X.astype(np.float64), "cosine")
-    merges = fastcluster.linkage(distances, method="average", preserve_input=False)
-    del distances
-    return fcluster(merges, eps, "distance") - 1
+    return fcluster(exact_average_linkage(X, "cosine"), eps, "distance") - 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam.core import hac
 from clusmar_beam.core.hac import sharded
-from data import flood_embeddings, synthetic_embeddings, with_noise
+from data import exact_average_linkage, flood_embeddings, synthetic_embeddings, with_noise
 
 
 def pools(args):
@@ -56,15 +56,14 @@ def main():
     parser.add_argument("--stability", type=float, help="noise scale of the exact-vs-exact comparison")
     args = parser.parse_args()
 
-    import fastcluster
     from scipy.cluster.hierarchy import fcluster
 
     for name, X in pools(args):
         for metric in args.metrics:
-            tree = fastcluster.linkage(X.astype(np.float64), "average", metric=metric)
+            tree = exact_average_linkage(X, metric)
             noisy_tree = None
             if args.stability:
-                noisy_tree = fastcluster.linkage(with_noise(X, args.stability, 1), "average", metric=metric)
+                noisy_tree = exact_average_linkage(with_noise(X, args.stability, 1), metric)
             for quantile in args.quantiles:
                 eps = float(np.quantile(tree[:, 2], quantile))
                 reference = fcluster(tree, eps, "distance")

@@ -6,6 +6,7 @@
 - `load_embeddings`: a Parquet pool's embeddings in id order, as `clusmar cluster` orders them;
 - `cluster_labels`: a `clusmar cluster` output's (ids, cluster ids) in id order;
 - `flood_embeddings`: a pool of Pareto-sized Gaussian regions and a near-duplicate flood, in memory;
+- `exact_average_linkage`: fastcluster's exact average linkage, the reference every HAC figure is read against;
 - `with_noise`: embeddings with Gaussian noise added, to see how far an exact clustering moves by itself;
 - `timed_command`: a command under /usr/bin/time -v: wall seconds and peak RSS.
 """
@@ -106,3 +107,10 @@ def with_noise(X: np.ndarray, scale: float, seed: int) -> np.ndarray:
     `X` is how far an exact cut moves on its own, the scale an approximate cut's ARI reads against."""
     rng = np.random.default_rng(seed)
     return X.astype(np.float64) + rng.standard_normal(X.shape) * (scale * float(np.abs(X).mean()))
+
+
+def exact_average_linkage(X: np.ndarray, metric: str) -> np.ndarray:
+    """fastcluster's exact average linkage of `X` in float64 (a scipy linkage matrix; n^2 / 2 distances in
+    memory, so about 50K rows fit in 24 GB)."""
+    import fastcluster
+    return fastcluster.linkage(np.asarray(X, np.float64), method="average", metric=metric)

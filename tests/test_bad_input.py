@@ -31,6 +31,7 @@ def _assert_failed_cleanly(code, capsys, *fragments, out="out"):
     assert code == 2, err
     lines = [l for l in err.strip().splitlines() if l.startswith("clusmar")]
     assert len(lines) == 1, err
+    assert "[clusmar input error]" not in lines[0] and "[while running" not in lines[0], lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     out_dir = out if os.path.isabs(str(out)) else None
@@ -138,7 +139,7 @@ def test_negative_probabilities(tmp_path, rng, capsys):
     probs[7] = [-0.1, 0.6, 0.3, 0.2]
     _good_pool(tmp_path, rng, probs=probs)
     _clusters(tmp_path, np.arange(200))
-    _assert_failed_cleanly(_run_select(tmp_path), capsys, "pool-0.parquet", "'probs'", "1 rows", "negative")
+    _assert_failed_cleanly(_run_select(tmp_path), capsys, "pool-0.parquet", "'probs'", "1 row with negative")
     _nothing_written(tmp_path / "out")
 
 
@@ -212,3 +213,20 @@ def test_unknown_flag(tmp_path, rng, capsys):
     _good_pool(tmp_path, rng)
     _clusters(tmp_path, np.arange(200))
     _assert_failed_cleanly(_run_select(tmp_path, "--batch_sise", "3"), capsys, "unknown flag", "--batch_sise")
+
+
+def test_an_error_raised_in_a_pipeline_keeps_one_marker():
+    """Beam re-raises a DoFn's exception as its own type with the step appended: the message names it once."""
+    import apache_beam as beam
+    from clusmar_beam.core.errors import MARKER, InputError, input_error_message
+
+    def fail(value):
+        raise InputError(f"pool-3.parquet: column 'embedding' has 1 row with NaN or infinite values ({value})")
+
+    with pytest.raises(Exception) as raised:
+        with beam.Pipeline("DirectRunner") as p:
+            _ = p | beam.Create([7]) | "Check" >> beam.Map(fail)
+    text = "".join(str(e) for e in (raised.value, raised.value.__cause__, raised.value.__context__) if e)
+    assert MARKER in text
+    assert MARKER + MARKER.strip() not in text and text.count(MARKER) == text.count(MARKER + "pool-3"), text
+    assert input_error_message(raised.value) == "pool-3.parquet: column 'embedding' has 1 row with NaN or infinite values (7)"

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from clusmar_beam.core.errors import InputError
+from clusmar_beam.core.errors import InputError, rows_text
 
 PROBS_SUM_TOLERANCE = 1e-3
 
@@ -59,7 +59,7 @@ def check_finite(batch: Batch, names=("embedding", "probs", "margin")) -> None:
         finite = np.isfinite(values)
         bad = int(np.count_nonzero(~finite.all(axis=1) if finite.ndim == 2 else ~finite))
         if bad:
-            raise InputError(f"{batch.source}: column {name!r} has {bad} rows with NaN or infinite values")
+            raise InputError(f"{batch.source}: column {name!r} has {rows_text(bad)} with NaN or infinite values")
 
 
 def check_probabilities(batch: Batch) -> None:
@@ -69,11 +69,11 @@ def check_probabilities(batch: Batch) -> None:
         raise InputError(f"{batch.source}: column 'probs' has {probs.shape[1]} class(es); margins need at least 2")
     negative = int(np.count_nonzero((probs < 0).any(axis=1)))
     if negative:
-        raise InputError(f"{batch.source}: column 'probs' has {negative} rows with negative probabilities")
+        raise InputError(f"{batch.source}: column 'probs' has {rows_text(negative)} with negative probabilities")
     sums = probs.sum(axis=1, dtype=np.float64)
     off = int(np.count_nonzero(np.abs(sums - 1.0) > PROBS_SUM_TOLERANCE))
     if off:
-        raise InputError(f"{batch.source}: column 'probs' has {off} rows that do not sum to 1 "
+        raise InputError(f"{batch.source}: column 'probs' has {rows_text(off)} whose probabilities do not sum to 1 "
                          f"(tolerance {PROBS_SUM_TOLERANCE}; e.g. sum {sums[np.abs(sums - 1.0) > PROBS_SUM_TOLERANCE][0]:.4f})")
 
 

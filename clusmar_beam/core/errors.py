@@ -7,15 +7,23 @@ whatever arrives and prints alone.
 import re
 
 MARKER = "[clusmar input error] "
-_FIND = re.compile(re.escape(MARKER) + r"(.*?)(?:\n|$| \[while running|\'\]|\")")
+_STEP = " [while running"
+_FIND = re.compile(re.escape(MARKER) + r"(.*?)(?:\n|$|" + re.escape(_STEP) + r"|\'\]|\")")
 
 
 class InputError(ValueError):
     """Bad input or arguments: the message names the file, column and count."""
 
     def __init__(self, message: str):
+        # Beam re-raises a DoFn's exception as type(exc)(its message + the step): the marker stays one.
+        message = message[len(MARKER):] if message.startswith(MARKER) else message
         super().__init__(MARKER + message)
         self.message = message
+
+
+def rows_text(count: int) -> str:
+    """'1 row', '2 rows': the count an input error names."""
+    return f"{count} row" if count == 1 else f"{count} rows"
 
 
 def input_error_message(exc: BaseException) -> str | None:
@@ -23,8 +31,8 @@ def input_error_message(exc: BaseException) -> str | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, InputError):
-            return exc.message
+        if isinstance(exc, InputError):  # re-raised by the runner, the message ends with the step it ran
+            return exc.message.split(_STEP)[0].strip()
         match = _FIND.search(str(exc))
         if match:
             return match.group(1).strip()

@@ -22,7 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from clusmar_beam.core import progress
 from clusmar_beam.core.batch import Batch
-from clusmar_beam.core.errors import InputError
+from clusmar_beam.core.errors import InputError, rows_text
 
 
 SUCCESS = "_SUCCESS"
@@ -202,7 +202,7 @@ def _list_column_to_matrix(array, path: str, name: str, dtype=np.float32) -> np.
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
     n = len(array)
     if array.null_count:
-        raise InputError(f"{path}: column {name!r} has {array.null_count} null rows")
+        raise InputError(f"{path}: column {name!r} is null in {rows_text(array.null_count)}")
     if pa.types.is_fixed_size_list(array.type):
         width = array.type.list_size
         values = array.flatten()
@@ -222,7 +222,7 @@ def _list_column_to_matrix(array, path: str, name: str, dtype=np.float32) -> np.
 def _id_column(array, path: str) -> tuple[np.ndarray, str]:
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
     if array.null_count:
-        raise InputError(f"{path}: column 'id' has {array.null_count} null rows")
+        raise InputError(f"{path}: column 'id' is null in {rows_text(array.null_count)}")
     if pa.types.is_integer(array.type):
         return array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), "int64"
     id_type = "string" if (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)) else "binary"
@@ -252,7 +252,7 @@ def table_to_batch(table: pa.Table, path: str) -> Batch:
             columns[name] = _list_column_to_matrix(array, path, name, _numeric_list_dtype(array.type))
         else:
             if array.null_count:
-                raise InputError(f"{path}: column {name!r} has {array.null_count} null rows")
+                raise InputError(f"{path}: column {name!r} is null in {rows_text(array.null_count)}")
             values = array.to_numpy()
             columns[name] = values.astype(np.float32) if name == "margin" else values
     progress.add("rows read", table.num_rows)
@@ -303,7 +303,8 @@ class ReadTFRecordFile(beam.DoFn):
                 else:
                     bad = int(np.count_nonzero(lengths != 1))
                     if bad:
-                        raise InputError(f"{path}: feature {name!r} is missing or not a single value in {bad} rows")
+                        raise InputError(f"{path}: feature {name!r} is missing or not a single value in "
+                                         f"{rows_text(bad)}")
                     if name == "id" and id_type == "binary":
                         columns[name] = np.array(list(values), dtype=object)
                     else:

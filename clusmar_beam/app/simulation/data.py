@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from clusmar_beam.core.batch import find_duplicates
-from clusmar_beam.core.errors import InputError
+from clusmar_beam.core.errors import InputError, rows_text
 from clusmar_beam.core.hashing import seeded_hash
 from clusmar_beam.transforms import storage
 
@@ -44,7 +44,8 @@ def read_parquet(pattern: str, flag: str, feature_columns: list[str]) -> Labelle
         features = np.concatenate(columns, axis=1) if columns else np.zeros((len(batch), 0), np.float32)
         bad = int(np.count_nonzero(~np.isfinite(features).all(axis=1)))
         if bad:
-            raise InputError(f"{path}: columns {', '.join(feature_columns)}: {bad} rows have NaN or infinite values")
+            raise InputError(f"{path}: columns {', '.join(feature_columns)}: {rows_text(bad)} with NaN or infinite "
+                             "values")
         labels = np.asarray(batch.columns["label"])
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"{path}: column 'label' has type {labels.dtype}; expected integer class labels")
