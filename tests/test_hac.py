@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import fastcluster
 from scipy.cluster.hierarchy import fcluster
-from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris, load_wine
 from sklearn.metrics import adjusted_rand_score
 
 from clusmar_beam.core import cells
@@ -54,6 +54,9 @@ def _standardised(X):
 DATASETS = {
     "digits": lambda: load_digits().data,
     "breast_cancer": lambda: _standardised(load_breast_cancer().data),
+    "wine": lambda: _standardised(load_wine().data),
+    "diabetes": lambda: load_diabetes().data,  # centred and scaled as shipped
+    "iris": lambda: load_iris().data,  # raw: exact duplicate rows and many ties
 }
 
 
