@@ -119,6 +119,9 @@ def test_empty_part_files_are_skipped(tmp_path, rng, shards):
                          "--output", str(tmp_path / f"m-{pool}"), "--batch-size", "50"]) == 0
     assert _read_clusters(tmp_path / "c-gaps") == _read_clusters(tmp_path / "c-full")
     assert read_manifest(tmp_path / "m-gaps") == read_manifest(tmp_path / "m-full")
+    # partitions of 300 points: the halo's misses are warned about, where the labeling team reads them too
+    warned = [w for w in json.load(open(tmp_path / "c-full" / "clustering.json"))["warnings"] if "partitions of" in w]
+    assert len(warned) == (shards != "1") and all("--hac-shards 4 on 1200 points" in w for w in warned)
     assert adjusted_rand_score(_exact(embeddings, "cosine", 0.1),
                                [_read_clusters(tmp_path / "c-full")[i] for i in columns["id"]]) >= 0.99
 

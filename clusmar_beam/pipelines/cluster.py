@@ -113,6 +113,22 @@ class ClusterOptions(CommonOptions):
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
 
 
+# Partitions of fewer points than this are warned about: a partition sees only its halo's neighbours across
+# its borders, and in partitions this small the ones it misses move the clusters (benchmarks/RESULTS.md,
+# "Real labelled sets").
+SMALL_PARTITION = 1000
+
+
+def _partition_warnings(num_points: int, shards: int, halo_cells: int) -> list[str]:
+    size = num_points / max(shards, 1)
+    if shards > 1 and size < SMALL_PARTITION:
+        return [f"--hac-shards {shards} on {num_points} points makes partitions of about {size:.0f} points: with "
+                f"fewer than {SMALL_PARTITION} a halo of {halo_cells} cells misses nearest neighbours across the "
+                "borders often enough to move the clusters away from exact average linkage; use fewer shards, "
+                "--hac-shards auto or --hac-shards 1"]
+    return []
+
+
 def _warnings(largest: int, n: int, share: float) -> list[str]:
     """Warnings about the clusters for clustering.json (run logs them where the user sees them)."""
     if n and largest > share * n:
@@ -178,6 +194,7 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
               "approximation": opts.approximation, "hac_shards": opts.hac_shards}
     if shards_flag == "auto":
         params["hac_shards_flag"] = "auto"
+    partition_warnings = _partition_warnings(num_points, opts.hac_shards, opts.hac_halo_cells)  # run logs them
 
     def summary(names, result):
         chosen = {"distance_threshold": result.get("distance_threshold", eps)}
@@ -188,7 +205,7 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
                 "num_points": n, "num_clusters": result["num_clusters"],
                 "mean_cluster_size": float(n / max(result["num_clusters"], 1)),
                 "largest_cluster": largest, "largest_cluster_share": largest / max(n, 1),
-                "warnings": _warnings(largest, n, opts.warn_largest_share),
+                "warnings": _warnings(largest, n, opts.warn_largest_share) + partition_warnings,
                 "singletons": result["singletons"],
                 "singleton_share_of_points": result["singletons"] / max(n, 1),
                 "singleton_share_of_clusters": result["singletons"] / max(result["num_clusters"], 1),
