@@ -229,4 +229,5 @@ def test_an_error_raised_in_a_pipeline_keeps_one_marker():
     text = "".join(str(e) for e in (raised.value, raised.value.__cause__, raised.value.__context__) if e)
     assert MARKER in text
     assert MARKER + MARKER.strip() not in text and text.count(MARKER) == text.count(MARKER + "pool-3"), text
-    assert input_error_message(raised.value) == "pool-3.parquet: column 'embedding' has 1 row with NaN or infinite values (7)"
+    assert input_error_message(raised.value) == ("pool-3.parquet: column 'embedding' has 1 row with NaN or infinite "
+                                                 "values (7)")
