@@ -124,7 +124,7 @@ def test_simulate_bad_pools_name_the_file(tmp_path, rng, capsys):
     write_parquet(str(tmp_path / "nan" / "p.parquet"), {"id": np.arange(10), "embedding": x, "label": np.arange(10) % 2})
     assert cli.main(["simulate", "--pool", str(tmp_path / "nan" / "*.parquet"), "--output", str(tmp_path / "o"),
                      "--batch-size", "2"]) == 2
-    assert "1 rows have NaN" in capsys.readouterr().err
+    assert "1 row with NaN" in capsys.readouterr().err
     pool = _labelled_pool(tmp_path, rng, 100, "pool")
     test = _labelled_pool(tmp_path, rng, 50, "test", offset=90)
     assert cli.main(["simulate", "--pool", pool, "--test", test, "--output", str(tmp_path / "o"),
