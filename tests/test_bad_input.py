@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from clusmar_beam.app import cli
+from clusmar_beam.core.errors import MARKER, InputError, input_error_message
 from conftest import random_probs, write_parquet, write_tfrecord
 
 
@@ -31,7 +32,7 @@ def _assert_failed_cleanly(code, capsys, *fragments, out="out"):
     assert code == 2, err
     lines = [l for l in err.strip().splitlines() if l.startswith("clusmar")]
     assert len(lines) == 1, err
-    assert "[clusmar input error]" not in lines[0] and "[while running" not in lines[0], lines[0]
+    assert MARKER.strip() not in lines[0] and "[while running" not in lines[0], lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     out_dir = out if os.path.isabs(str(out)) else None
@@ -218,7 +219,6 @@ def test_unknown_flag(tmp_path, rng, capsys):
 def test_an_error_raised_in_a_pipeline_keeps_one_marker():
     """Beam re-raises a DoFn's exception as its own type with the step appended: the message names it once."""
     import apache_beam as beam
-    from clusmar_beam.core.errors import MARKER, InputError, input_error_message
 
     def fail(value):
         raise InputError(f"pool-3.parquet: column 'embedding' has 1 row with NaN or infinite values ({value})")
