@@ -449,6 +449,51 @@ def test_own_list_search_skips_only_the_lists_already_searched():
     assert 0 < np.mean(found[:, 0] >= 0) < 1  # some clusters had lists left to search, some none
 
 
+def _dominant_region_and_isolated_tail(n, dim, seed):
+    """40% of the pool in one low-rank region, 20% in floods of near-duplicates, the rest in regions of
+    Pareto sizes whose spread varies tenfold, most far from every other.  The probing check samples mostly
+    the dense part, while at a coarse cut a small region's nearest cluster within the threshold can lie in
+    any IVF list."""
+    rng = np.random.default_rng(seed)
+    n1, n2 = int(0.4 * n), int(0.2 * n)
+    n3 = n - n1 - n2
+    centre = rng.normal(size=dim)
+    centre /= np.linalg.norm(centre)
+    basis = rng.normal(size=(8, dim)) * np.linspace(0.6, 0.05, 8)[:, None]
+    dominant = centre + rng.normal(size=(n1, 8)) @ basis * 3 / np.sqrt(dim) + rng.normal(scale=0.02, size=(n1, dim))
+
+    def pareto_sizes(total, shape, step):
+        sizes = (rng.pareto(shape, size=total) + 1).astype(int) * step
+        sizes = np.minimum(sizes, total // 10) if step == 3 else sizes
+        sizes = sizes[np.cumsum(sizes) <= total]
+        sizes = np.append(sizes, total - sizes.sum())
+        return sizes[sizes > 0]
+
+    sizes = pareto_sizes(n2, 1.1, 3)
+    floods = (np.repeat(rng.normal(size=(sizes.size, dim)), sizes, axis=0)
+              + rng.normal(scale=1e-3, size=(n2, dim)) * rng.choice([0, 1], size=(n2, 1), p=[0.3, 0.7]))
+    sizes = pareto_sizes(n3, 1.3, 5)
+    spread = np.exp(rng.uniform(np.log(0.03), np.log(0.3), size=sizes.size))
+    tail = (np.repeat(rng.normal(size=(sizes.size, dim)), sizes, axis=0)
+            + rng.normal(size=(n3, dim)) * np.repeat(spread, sizes)[:, None])
+    return np.concatenate([dominant, floods, tail]).astype(np.float32)[rng.permutation(n)]
+
+
+def test_clusters_retired_on_ivf_searches_are_searched_again(monkeypatch):
+    """A cluster retires for good once its search finds nothing within eps; an IVF search can miss what is
+    there, and the pass over the clusters left, in an index of their own, merges what was missed."""
+    from clusmar_beam.core.hac import linkage
+    X = _dominant_region_and_isolated_tail(20000, 128, seed=71)
+    eps = 0.76  # a coarse cut: a few hundred clusters
+    exact = average_linkage(X, eps, "cosine", exact_search_max=10**9)
+    repaired = average_linkage(X, eps, "cosine")
+    monkeypatch.setattr(linkage, "MAX_REPAIRS", 0)
+    once = average_linkage(X, eps, "cosine")
+    assert once.num_clusters > 1.03 * exact.num_clusters  # the IVF run alone leaves missed merges undone
+    assert abs(repaired.num_clusters - exact.num_clusters) <= 0.02 * exact.num_clusters
+    assert repaired.rounds > once.rounds, (once.num_clusters, repaired.num_clusters, exact.num_clusters)
+
+
 # ------------------------------------------------- threshold from a target size
 
 from scipy.sparse import coo_matrix  # noqa: E402

@@ -37,6 +37,8 @@ TARGET_OVERSHOOT = 2.0
 # With a target mean cluster size, merging that stopped short of it goes on
 # with the threshold raised by this factor.
 TARGET_RAISE = 1.5
+# Passes over the clusters left after an IVF run, at one threshold, that merge what its searches missed.
+MAX_REPAIRS = 1
 
 
 @dataclasses.dataclass
@@ -91,7 +93,11 @@ def average_linkage(
     while at most `exact_search_max` clusters are active, otherwise with an
     IVF index (`nlist` lists, default the larger of 4*sqrt(n) and n/250;
     `nprobe` lists probed), which
-    may miss a few neighbours.  `log`, if given, gets one line per round.
+    may miss a few neighbours.  A cluster whose search found nothing within
+    the threshold retires for good, so when clusters retired on IVF searches
+    the clusters left are merged once more in an index of their own, which
+    finds most of what was missed (MAX_REPAIRS).  `log`, if given, gets one
+    line per round.
     Deterministic for a given input order and `seed`.
 
     With `target_mean_cluster_size` M, `distance_threshold` is only where
@@ -154,23 +160,34 @@ def average_linkage(
     live, cnt, W = np.arange(u, dtype=np.int64), counts.astype(np.float64), None
     merges_per_round = []
     probing = None
+    repairs = 0
     while True:
-        # Only merging on towards a target needs the statistics of the clusters left (at 10M, 650 MB).
+        # Merging on (towards a target, or again after IVF retirements) needs the statistics of the clusters
+        # left (at 10M, 650 MB).
         rac = Rac(S, cnt, metric, eps, exact_search_max=exact_search_max, nlist=nlist, nprobe=nprobe, seed=seed,
-                  log=log, t0=t0, k=k, W=W, statistics_left=target is not None, delta=delta)
+                  log=log, t0=t0, k=k, W=W, statistics_left=True, delta=delta)
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
         left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds
         probing = probing or rac.probing
         pairs += [rep[live[p]] for p in rac.pairs]
         heights += rac.heights
+        if rac.retired_by_search and left.ids.size > 1 and repairs < MAX_REPAIRS:
+            # IVF searches can miss a neighbour within eps, and a cluster that found none retired for good.
+            # The clusters left, searched again in an index of their own, find what was missed.
+            repairs += 1
+            if log is not None:
+                log(f"hac: {rac.retired_by_search} clusters retired on IVF searches: {left.ids.size} clusters "
+                    f"searched again up to {eps:.6g}")
         # Once eps is above every linkage all clusters merge into one, so this ends.
-        if target is None or n / left.ids.size >= target or left.ids.size == 1:
+        elif target is None or n / left.ids.size >= target or left.ids.size == 1:
             break
-        eps *= TARGET_RAISE
-        if log is not None:
-            log(f"hac: mean cluster size {n / left.ids.size:.2f} < target {target:g}: merging on "
-                f"up to {eps:.6g}")
+        else:
+            eps *= TARGET_RAISE
+            repairs = 0
+            if log is not None:
+                log(f"hac: mean cluster size {n / left.ids.size:.2f} < target {target:g}: merging on "
+                    f"up to {eps:.6g}")
         live, S, cnt, W = live[left.ids], left.S, left.cnt, left.W
         del rac, left
     pairs = np.concatenate(pairs)

@@ -104,6 +104,8 @@ class Rac:
         self.index = None
         self.probing = None  # how the IVF index is probed (IvfIndex.choose_probing)
         self.waiting = 0  # members left waiting on a frozen neighbour when run ends
+        # Clusters retired on an IVF search's word: it may have missed a neighbour within eps (see linkage).
+        self.retired_by_search = 0
         self.waiting_on = np.zeros((0, 2), np.int64)
         self.heights = []
         self.pairs = []
@@ -499,6 +501,8 @@ class Rac:
             far = nd[act] > eps
             retired = act[far]
             active[retired] = False
+            if not self.index.exact:
+                self.retired_by_search += retired.size
             act = act[~far]
 
             partner = nn[act]
