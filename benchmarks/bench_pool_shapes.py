@@ -11,7 +11,10 @@ threshold. The shapes:
 - `packed`: 16-d, every value positive (ReLU-like), so all cosines are near 1 and the cut is
   in the thousandths (cosine);
 - `wide`: 300-d regions of very different spreads (cosine);
-- `line`: 1-d squared Euclidean; `tiny`: 100 rows in 64 partitions.
+- `line`: 1-d squared Euclidean; `tiny`: 100 rows in 64 partitions;
+- `dominant`: 128-d, 40% of the rows in one low-rank region, 20% in floods of near-duplicates, the
+  rest in Pareto-sized regions of tenfold different spreads, most far from every other (cosine; at
+  the coarse cut a small region's nearest cluster can lie in any IVF list).
 
 With `--stability NOISE` each cut is also compared with the exact cut of the pool plus Gaussian
 noise of NOISE x its mean |x| (|x - mean| for squared Euclidean), `exact_vs_exact_with_noise_ari`:
@@ -50,6 +53,30 @@ def _flood(rng):
     return X, ids
 
 
+def _dominant(rng, n=20000, dim=128):
+    n1, n2 = int(0.4 * n), int(0.2 * n)
+    centre = rng.normal(size=dim)
+    basis = rng.normal(size=(8, dim)) * np.linspace(0.6, 0.05, 8)[:, None]
+    dominant = (centre / np.linalg.norm(centre) + rng.normal(size=(n1, 8)) @ basis * 3 / np.sqrt(dim)
+                + rng.normal(scale=0.02, size=(n1, dim)))
+
+    def pareto_sizes(total, shape, step, cap):
+        sizes = np.minimum((rng.pareto(shape, size=total) + 1).astype(int) * step, cap)
+        sizes = sizes[np.cumsum(sizes) <= total]
+        sizes = np.append(sizes, total - sizes.sum())
+        return sizes[sizes > 0]
+
+    sizes = pareto_sizes(n2, 1.1, 3, n2 // 10)
+    floods = (np.repeat(rng.normal(size=(sizes.size, dim)), sizes, axis=0)
+              + rng.normal(scale=1e-3, size=(n2, dim)) * rng.choice([0, 1], size=(n2, 1), p=[0.3, 0.7]))
+    n3 = n - n1 - n2
+    sizes = pareto_sizes(n3, 1.3, 5, n3)
+    spread = np.exp(rng.uniform(np.log(0.03), np.log(0.3), size=sizes.size))
+    tail = (np.repeat(rng.normal(size=(sizes.size, dim)), sizes, axis=0)
+            + rng.normal(size=(n3, dim)) * np.repeat(spread, sizes)[:, None])
+    return np.concatenate([dominant, floods, tail])[rng.permutation(n)], None
+
+
 SHAPES = {
     # name: (rows and ids, metric, thresholds, shards)
     "flood": (_flood, "cosine", [0.2, 0.05], 6),
@@ -59,6 +86,7 @@ SHAPES = {
     "wide": (lambda rng: (_regions(rng, 8000, 300, 30, 0.9, 1.5), None), "cosine", [0.5], 4),
     "line": (lambda rng: (_regions(rng, 5000, 1, 20, 0.3, 1.0) * 10, None), "sqeuclidean", [0.5], 4),
     "tiny": (lambda rng: (_regions(rng, 100, 8, 5, 0.5), None), "cosine", [0.3], 64),
+    "dominant": (_dominant, "cosine", [0.15, 0.75], 4),  # last: the shapes before keep their seeds
 }
 
 
