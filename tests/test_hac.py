@@ -453,7 +453,7 @@ def _dominant_region_and_isolated_tail(n, dim, seed):
     """40% of the pool in one low-rank region, 20% in floods of near-duplicates, the rest in regions of
     Pareto sizes whose spread varies tenfold, most far from every other.  The probing check samples mostly
     the dense part, while at a coarse cut a small region's nearest cluster within the threshold can lie in
-    any IVF list."""
+    any IVF list.  (benchmarks/bench_pool_shapes.py's `dominant` shape.)"""
     rng = np.random.default_rng(seed)
     n1, n2 = int(0.4 * n), int(0.2 * n)
     n3 = n - n1 - n2
@@ -462,17 +462,16 @@ def _dominant_region_and_isolated_tail(n, dim, seed):
     basis = rng.normal(size=(8, dim)) * np.linspace(0.6, 0.05, 8)[:, None]
     dominant = centre + rng.normal(size=(n1, 8)) @ basis * 3 / np.sqrt(dim) + rng.normal(scale=0.02, size=(n1, dim))
 
-    def pareto_sizes(total, shape, step):
-        sizes = (rng.pareto(shape, size=total) + 1).astype(int) * step
-        sizes = np.minimum(sizes, total // 10) if step == 3 else sizes
+    def pareto_sizes(total, shape, step, cap):
+        sizes = np.minimum((rng.pareto(shape, size=total) + 1).astype(int) * step, cap)
         sizes = sizes[np.cumsum(sizes) <= total]
         sizes = np.append(sizes, total - sizes.sum())
         return sizes[sizes > 0]
 
-    sizes = pareto_sizes(n2, 1.1, 3)
+    sizes = pareto_sizes(n2, 1.1, 3, n2 // 10)
     floods = (np.repeat(rng.normal(size=(sizes.size, dim)), sizes, axis=0)
               + rng.normal(scale=1e-3, size=(n2, dim)) * rng.choice([0, 1], size=(n2, 1), p=[0.3, 0.7]))
-    sizes = pareto_sizes(n3, 1.3, 5)
+    sizes = pareto_sizes(n3, 1.3, 5, n3)
     spread = np.exp(rng.uniform(np.log(0.03), np.log(0.3), size=sizes.size))
     tail = (np.repeat(rng.normal(size=(sizes.size, dim)), sizes, axis=0)
             + rng.normal(size=(n3, dim)) * np.repeat(spread, sizes)[:, None])
