@@ -13,7 +13,7 @@ class Clusters:
     """Statistics of many clusters: ids, count n, vector sum S and, for squared Euclidean, the within-cluster
     sum of squared deviations W (every average linkage is exact from these).
 
-    Rac returns the clusters left with their input rows as ids (S, cnt, W None unless asked for).  The
+    Rac returns the clusters left with their input rows as ids (W None for cosine).  The
     sharded rounds name a cluster by its smallest point row and add `route`, the point a cluster is
     partitioned by (NaN: its own mean; a cluster that waited on a neighbour across a border is routed
     with it)."""

@@ -162,10 +162,9 @@ def average_linkage(
     probing = None
     repairs = 0
     while True:
-        # Merging on (towards a target, or again after IVF retirements) needs the statistics of the clusters
-        # left (at 10M, 650 MB).
+        # The clusters left come back with their statistics (at 10M, 650 MB): merging on needs them.
         rac = Rac(S, cnt, metric, eps, exact_search_max=exact_search_max, nlist=nlist, nprobe=nprobe, seed=seed,
-                  log=log, t0=t0, k=k, W=W, statistics_left=True, delta=delta)
+                  log=log, t0=t0, k=k, W=W, delta=delta)
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
         left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds

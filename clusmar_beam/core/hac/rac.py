@@ -71,11 +71,9 @@ class Rac:
     """
 
     def __init__(self, S, cnt, metric, eps, *, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
-                 frozen=None, statistics_left=True, delta=0.0):
+                 frozen=None, delta=0.0):
         self.k = k
         self.delta = float(delta)
-        # Whether run returns the statistics of the clusters left, or only their ids.
-        self.statistics_left = statistics_left
         self.S = S
         self.cnt = cnt
         self.cos = metric == "cosine"
@@ -584,11 +582,9 @@ class Rac:
         return Clusters(ids[order], cnt=joined("cnt"), S=joined("S"), W=joined("W")), merges_per_round
 
     def _set_aside(self, rows):
-        """Keep the input ids (and statistics, if asked for) of clusters that are done (retired, or left at the end)."""
-        stats = self.statistics_left
-        self._retired.append(Clusters(self.orig[rows], cnt=self.cnt[rows] if stats else None,
-                                      S=self.S[rows] if stats else None,
-                                      W=self.W[rows] if stats and self.W is not None else None))
+        """Keep the input ids and statistics of clusters that are done (retired, or left at the end)."""
+        self._retired.append(Clusters(self.orig[rows], cnt=self.cnt[rows], S=self.S[rows],
+                                      W=self.W[rows] if self.W is not None else None))
 
     def _compact(self, parent, active, stale, nn, nd):
         """Renumber the active clusters 0..m-1, in order, and drop the others' rows.
