@@ -42,11 +42,14 @@ STAR_SEARCH_MAX = 2048
 # (docs/perf-log.md, issue 19, 2026-12-06, seventh session).
 SMALL_STAR_SLACK = 1 / 8
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
-# flat), above it with the IVF index.  Switching to exact search re-searches
-# every active cluster (n^2 work), so it is kept small enough to be cheap
-# while the clusters stay those of a later switch (docs/perf-log.md, issue 3,
-# second session: "When to switch to exact search").
-EXACT_SEARCH_MAX = 5_000
+# flat), above it with the IVF index, so a pool (or a sharded partition with
+# its halo) of at most this many rows never meets the IVF index.  At a coarse
+# cut the IVF rounds merge a few pairs that are not the nearest, and where one
+# region holds much of the pool those decide how it splits.  Up to this size
+# exact search costs about what the IVF index does, and switching to it late
+# re-searches every active cluster once (docs/perf-log.md, issue 3, second
+# session, and issues 19 and 20, eleventh session).
+EXACT_SEARCH_MAX = 32_768
 # The rounds' arrays are renumbered down to the active clusters once these
 # are at most this fraction of them (and more than _COMPACT_MIN rows): a
 # round's bookkeeping then costs in proportion to the clusters still merging,
