@@ -46,9 +46,10 @@ SMALL_STAR_SLACK = 1 / 8
 # its halo) of at most this many rows never meets the IVF index.  At a coarse
 # cut the IVF rounds merge a few pairs that are not the nearest, and where one
 # region holds much of the pool those decide how it splits.  Up to this size
-# exact search costs about what the IVF index does, and switching to it late
-# re-searches every active cluster once (docs/perf-log.md, issue 3, second
-# session, and issues 19 and 20, eleventh session).
+# exact search costs about what the IVF index does (more at hundreds of
+# dimensions), and switching to it late re-searches every active cluster once
+# (docs/perf-log.md, issue 3, second session, and issues 19 and 20, eleventh
+# session).
 EXACT_SEARCH_MAX = 32_768
 # The rounds' arrays are renumbered down to the active clusters once these
 # are at most this fraction of them (and more than _COMPACT_MIN rows): a
