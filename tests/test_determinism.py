@@ -20,7 +20,8 @@ def test_generate_cluster_select_identical_across_worker_counts(tmp_path):
                          "--num-classes", "5", "--seed", "3", "--num-shards", "4", *flags]) == 0
         pool = str(root / "pool" / "pool-*.parquet")
         assert cli.main(["cluster", "--pool", pool, "--output", str(root / "clusters"),
-                         "--distance-threshold", "0.2", "--num-shards", "2", *flags]) == 0
+                         "--distance-threshold", "0.2", "--num-shards", "2",
+                         "--exact-search-max", "1000", *flags]) == 0  # through the IVF index's threads too
         assert cli.main(["select", "--pool", pool, "--clusters", str(root / "clusters"), "--batch-size", "500",
                          "--seed", "9", "--round", "1", "--output", str(root / "manifest"), "--num-shards", "2",
                          *flags]) == 0
