@@ -46,7 +46,7 @@ SMALL_STAR_SLACK = 1 / 8
 # its halo) of at most this many rows never meets the IVF index.  At a coarse
 # cut the IVF rounds merge a few pairs that are not the nearest, and where one
 # region holds much of the pool those decide how it splits.  Up to this size
-# exact search costs about what the IVF index does (more at hundreds of
+# exact search costs little more than the IVF index (more at hundreds of
 # dimensions), and switching to it late re-searches every active cluster once
 # (docs/perf-log.md, issue 3, second session, and issues 19 and 20, eleventh
 # session).
