@@ -115,6 +115,17 @@ def test_embeddings_of_different_length_across_files(tmp_path, rng, capsys):
     _nothing_written(tmp_path / "c")
 
 
+@pytest.mark.parametrize("shards", ["1", "3"])
+def test_ids_of_different_types_across_files(tmp_path, rng, capsys, shards):
+    """Text ids in one file and integers in another cannot be ordered together: one line naming both files."""
+    _good_pool(tmp_path, rng, n=50, name="a.parquet")
+    _good_pool(tmp_path, rng, n=50, name="b.parquet", id=np.array([f"page-{i}" for i in range(50)], dtype=object))
+    code = cli.main(["cluster", "--pool", str(tmp_path / "pool" / "*"), "--output", str(tmp_path / "c"),
+                     "--distance-threshold", "0.5", "--hac-shards", shards])
+    _assert_failed_cleanly(code, capsys, "'id'", "different types", "a.parquet", "b.parquet")
+    _nothing_written(tmp_path / "c")
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_probabilities(tmp_path, rng, capsys, value):
     probs = random_probs(rng, 200, 4)

@@ -61,7 +61,7 @@ def spill(batch: Batch, temp_dir: str) -> dict:
         np.save(handle, batch.columns["embedding"])
         np.save(handle, batch.ids, allow_pickle=batch.id_type != "int64")
     return {"path": path, "width": int(batch.columns["embedding"].shape[1]), "source": batch.source,
-            "id_type": batch.id_type}
+            "id_type": batch.id_type, "rows": len(batch)}
 
 
 def _load_spilled(spilled: list[dict]) -> list[Batch]:
@@ -75,15 +75,23 @@ def _load_spilled(spilled: list[dict]) -> list[Batch]:
     return batches
 
 
+def _one_across_files(value_and_source, column: str, what: str, default):
+    """The value every batch shares; an error naming the files otherwise."""
+    found = {}
+    for value, source in value_and_source:
+        found.setdefault(value, source)
+    if len(found) > 1:
+        detail = "; ".join(f"{value} in {source}" for value, source in sorted(found.items()))
+        raise InputError(f"--pool: column {column!r} has {what} across files: {detail}")
+    return next(iter(found), default)
+
+
 def _one_width(width_and_source) -> int:
-    """The embedding length shared by every batch; an error naming the files otherwise."""
-    widths = {}
-    for width, source in width_and_source:
-        widths.setdefault(width, source)
-    if len(widths) > 1:
-        detail = "; ".join(f"{width} in {source}" for width, source in sorted(widths.items()))
-        raise InputError(f"--pool: column 'embedding' has different lengths across files: {detail}")
-    return next(iter(widths), 0)
+    return _one_across_files(width_and_source, "embedding", "different lengths", 0)
+
+
+def _one_id_type(id_type_and_source) -> str:
+    return _one_across_files(id_type_and_source, "id", "different types", "int64")
 
 
 def _check_ids(ids, pool_glob: str) -> None:
@@ -97,6 +105,7 @@ def _check_ids(ids, pool_glob: str) -> None:
 def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     """All batches -> id-sorted ids, labels and clustering statistics (one worker)."""
     _one_width((part["width"], part["source"]) for part in spilled)
+    _one_id_type((part["id_type"], part["source"]) for part in spilled if part["rows"])
     batches = _load_spilled(spilled)
     pool = concat_batches(batches)
     del batches
@@ -299,8 +308,9 @@ class ClusterSharded(beam.PTransform):
         batches = (batches | "Check" >> beam.Map(_validated)
                    | "CheckForHac" >> beam.Map(_checked_for_hac, self.metric, self.pool_glob))
         widths = batches | "Widths" >> beam.Map(_widths) | "AllWidths" >> beam.CombineGlobally(_union)
-        id_type = (batches | "IdType" >> beam.Map(lambda b: b.id_type)
-                   | "OneIdType" >> beam.CombineGlobally(lambda types: sorted(set(types))[0] if types else "int64"))
+        id_type = (batches | "IdTypes" >> beam.Map(lambda b: {b.id_type: b.source} if len(b) else {})
+                   | "AllIdTypes" >> beam.CombineGlobally(_union)
+                   | "OneIdType" >> beam.Map(lambda found: _one_id_type(found.items())))
         # Batches of another width would fail inside a range: the ranking waits for the width check.
         width = widths | "OneWidth" >> beam.Map(lambda found: _one_width(found.items()))
         ranked = (batches
