@@ -125,6 +125,13 @@ def build(pipeline, opts: SelectOptions):
         inputs["clusters"] = pipeline | cluster_reader
     if labeled_reader:
         inputs["labeled"] = pipeline | labeled_reader
+    # Ids are sorted and joined across every input: one type across all their files, checked before the join.
+    flags = ", ".join(flag for flag, name in (("--pool", "pool"), ("--clusters", "clusters"), ("--labeled", "labeled"))
+                      if name in inputs)
+    id_type = (tuple(inputs.values()) | "AllInputs" >> beam.Flatten() | "IdType" >> storage.OneIdType(flags))
+    inputs = {name: batches | f"{name.capitalize()}AfterIdCheck" >> beam.Map(
+                  lambda batch, _: batch, beam.pvalue.AsSingleton(id_type)).with_output_types(Batch)
+              for name, batches in inputs.items()}
     candidates, stats = inputs | "Candidates" >> selection.SelectCandidates(
         opts.strategy, keep, opts.seed, opts.round_index, opts.num_buckets, opts.clusters and "--clusters")
 

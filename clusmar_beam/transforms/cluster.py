@@ -75,23 +75,8 @@ def _load_spilled(spilled: list[dict]) -> list[Batch]:
     return batches
 
 
-def _one_across_files(value_and_source, column: str, what: str, default):
-    """The value every batch shares; an error naming the files otherwise."""
-    found = {}
-    for value, source in value_and_source:
-        found.setdefault(value, source)
-    if len(found) > 1:
-        detail = "; ".join(f"{value} in {source}" for value, source in sorted(found.items()))
-        raise InputError(f"--pool: column {column!r} has {what} across files: {detail}")
-    return next(iter(found), default)
-
-
 def _one_width(width_and_source) -> int:
-    return _one_across_files(width_and_source, "embedding", "different lengths", 0)
-
-
-def _one_id_type(id_type_and_source) -> str:
-    return _one_across_files(id_type_and_source, "id", "different types", "int64")
+    return storage.one_across_files(width_and_source, "--pool", "embedding", "different lengths", 0)
 
 
 def _check_ids(ids, pool_glob: str) -> None:
@@ -105,7 +90,8 @@ def _check_ids(ids, pool_glob: str) -> None:
 def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     """All batches -> id-sorted ids, labels and clustering statistics (one worker)."""
     _one_width((part["width"], part["source"]) for part in spilled)
-    _one_id_type((part["id_type"], part["source"]) for part in spilled if part["rows"])
+    storage.one_across_files(((part["id_type"], part["source"]) for part in spilled if part["rows"]), "--pool", "id",
+                             "different types", "int64")
     batches = _load_spilled(spilled)
     pool = concat_batches(batches)
     del batches
@@ -179,14 +165,6 @@ def _checked_for_hac(batch: Batch, metric: str, pool_glob: str) -> Batch:
 
 def _widths(batch: Batch):
     return {int(batch.columns["embedding"].shape[1]): batch.source} if len(batch) else {}
-
-
-def _union(dicts):
-    out = {}
-    for d in dicts:
-        for key, value in d.items():
-            out.setdefault(key, value)
-    return out
 
 
 def _checked_pool(duplicates, count: int, widths: dict, pool_glob: str) -> int:
@@ -307,10 +285,9 @@ class ClusterSharded(beam.PTransform):
         side = beam.pvalue.AsSingleton
         batches = (batches | "Check" >> beam.Map(_validated)
                    | "CheckForHac" >> beam.Map(_checked_for_hac, self.metric, self.pool_glob))
-        widths = batches | "Widths" >> beam.Map(_widths) | "AllWidths" >> beam.CombineGlobally(_union)
-        id_type = (batches | "IdTypes" >> beam.Map(lambda b: {b.id_type: b.source} if len(b) else {})
-                   | "AllIdTypes" >> beam.CombineGlobally(_union)
-                   | "OneIdType" >> beam.Map(lambda found: _one_id_type(found.items())))
+        widths = (batches | "Widths" >> beam.Map(_widths)
+                  | "AllWidths" >> beam.CombineGlobally(storage.first_file_of_each))
+        id_type = batches | "IdType" >> storage.OneIdType("--pool")
         # Batches of another width would fail inside a range: the ranking waits for the width check.
         width = widths | "OneWidth" >> beam.Map(lambda found: _one_width(found.items()))
         ranked = (batches

@@ -349,6 +349,54 @@ class ReadTable(beam.PTransform):
                 | "ReadTFRecord" >> beam.ParDo(ReadTFRecordFile(self.schema, self.columns, self.batch_size)))
 
 
+# ---------------------------------------------------------------- checks across files
+
+def one_across_files(value_and_source, flag: str, column: str, what: str, default):
+    """The value every file shares; an error naming a file of each value otherwise."""
+    found = {}
+    for value, source in value_and_source:
+        found.setdefault(value, source)
+    if len(found) > 1:
+        detail = "; ".join(f"{value} in {source}" for value, source in sorted(found.items()))
+        raise InputError(f"{flag}: column {column!r} has {what} across files: {detail}")
+    return next(iter(found), default)
+
+
+def first_file_of_each(dicts) -> dict:
+    """{value: file} dicts of many batches -> one, with the first file in name order of each value (whatever
+    order a combiner merges them in, so an error names the same files on every runner)."""
+    out = {}
+    for d in dicts:
+        for key, source in d.items():
+            out[key] = min(out.get(key, source), source)
+    return out
+
+
+def _id_types(batch: Batch) -> dict:
+    return {batch.id_type: batch.source} if len(batch) else {}
+
+
+class OneIdType(beam.PTransform):
+    """Batches -> singleton: the id type ("int64", "string", "binary") of every file with rows.
+
+    Ids of different types cannot be sorted or joined together, so a pool (or
+    pool and clusters) mixing them fails with one InputError naming a file of
+    each type, found by a combiner rather than where the first sort trips.
+    """
+
+    def __init__(self, flag: str):
+        super().__init__()
+        self.flag = flag
+
+    def expand(self, batches):
+        return (batches
+                | "IdTypes" >> beam.Map(_id_types)
+                | "AllIdTypes" >> beam.CombineGlobally(first_file_of_each)
+                | "OneIdType" >> beam.Map(lambda found, flag: one_across_files(found.items(), flag, "id",
+                                                                                 "different types", "int64"),
+                                          self.flag))
+
+
 # ---------------------------------------------------------------- writing
 
 def write_bytes_atomic(path: str, payload: bytes) -> None:
@@ -396,6 +444,7 @@ class OutputDir:
         self.summary_name = summary_name
         self.marker = marker
         self.temp = FileSystems.join(self.path, f".tmp-{uuid.uuid4().hex[:12]}")
+        self.created = not FileSystems.exists(self.path)  # a failed run leaves no directory it made
         done = self.join(marker or summary_name)
         # Only a check while the pipeline is built (a dry run writes nothing): the temporary directory appears
         # with its first shard, and leftovers of a run that never completed are replaced by finalize.
@@ -432,8 +481,12 @@ class OutputDir:
             write_success(self.path, self.summary_name)
 
     def remove_temp(self) -> None:
+        """Remove the temporary directory, and the output directory too when this run made it and left it
+        empty (a run that failed)."""
         if FileSystems.exists(self.temp):
             FileSystems.delete([self.temp])
+        if self.created and FileSystems.exists(self.path) and not files_under(self.path):
+            FileSystems.delete([self.path])
 
 
 def write_parquet(path: str, table: pa.Table) -> None:
