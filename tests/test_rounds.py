@@ -247,6 +247,9 @@ def test_resend_after(tmp_path, pool):
     ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\nembedding_model: /nonexistent/e.keras\n",
      "embedding_model '/nonexistent/e.keras' does not exist"),
     ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\nembedding_model: .\n", "embedding_model needs model"),
+    ("pool: P\nworkdir: W\nbatch_size: 10\nstrategy: margin\n"
+     "beam_options: {direct_num_workers: 2, direct_running_mode: multi_threading}\n",
+     "beam_options/beam_args: --direct_running_mode multi_threading"),
     ("[1, 2", "cannot parse"),
 ])
 def test_config_errors(tmp_path, pool, capsys, content, message):

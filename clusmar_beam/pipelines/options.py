@@ -111,11 +111,16 @@ def _direct_runner(options):
     return fn_runner.FnApiRunner(provision_info=info)
 
 
+_DIRECT_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
+
+
 def check_direct_mode(options) -> None:
     """Refuse the FnApiRunner's multi_threading mode with several workers: in Beam 2.77 it drops elements of
     large shuffles (benchmarks/check_direct_threads.py, no clusmar code in it), which would silently lose rows
     of a manifest.  multi_processing runs the same bundles in separate processes and keeps them all."""
     direct = options.view_as(DirectOptions)
+    if options.view_as(StandardOptions).runner not in _DIRECT_RUNNERS:
+        return
     if direct.direct_running_mode == "multi_threading" and direct.direct_num_workers != 1:
         raise InputError(f"--direct_running_mode multi_threading with --direct_num_workers "
                          f"{direct.direct_num_workers}: Beam {beam.__version__}'s FnApiRunner drops elements of large "
@@ -123,8 +128,7 @@ def check_direct_mode(options) -> None:
 
 
 def make_pipeline(options) -> beam.Pipeline:
-    runner = options.view_as(StandardOptions).runner
-    if runner in (None, "DirectRunner", "direct", "FnApiRunner"):
+    if options.view_as(StandardOptions).runner in _DIRECT_RUNNERS:
         check_direct_mode(options)
         return beam.Pipeline(runner=_direct_runner(options), options=options)
     return beam.Pipeline(options=options)

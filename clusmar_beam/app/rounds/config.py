@@ -11,10 +11,12 @@ import os
 import posixpath
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from clusmar_beam.core.errors import InputError
+from clusmar_beam.core.errors import InputError, input_error_message
 from clusmar_beam.core.hac import METRICS
 from clusmar_beam.core.selection import STRATEGIES
+from clusmar_beam.pipelines.options import check_direct_mode
 from clusmar_beam.transforms import storage
 
 CONFIG_KEYS = {
@@ -101,6 +103,10 @@ def load_config(path: str) -> dict:
             raise InputError(f"{where}: {key} {cfg[key]!r} does not exist")
     if cfg["embedding_model"] is not None and cfg["model"] is None:
         raise InputError(f"{where}: embedding_model needs model (the pool is scored by model every round)")
+    try:
+        check_direct_mode(PipelineOptions(beam_flags(cfg)))
+    except InputError as exc:
+        raise InputError(f"{where}: beam_options/beam_args: {input_error_message(exc)}") from exc
     return cfg
 
 
