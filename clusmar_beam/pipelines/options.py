@@ -118,9 +118,9 @@ def check_direct_mode(options) -> None:
     """Refuse the FnApiRunner's multi_threading mode with several workers: in Beam 2.77 it drops elements of
     large shuffles (benchmarks/check_direct_threads.py, no clusmar code in it), which would silently lose rows
     of a manifest.  multi_processing runs the same bundles in separate processes and keeps them all."""
-    direct = options.view_as(DirectOptions)
     if options.view_as(StandardOptions).runner not in _DIRECT_RUNNERS:
         return
+    direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_threading" and direct.direct_num_workers != 1:
         raise InputError(f"--direct_running_mode multi_threading with --direct_num_workers "
                          f"{direct.direct_num_workers}: Beam {beam.__version__}'s FnApiRunner drops elements of large "
