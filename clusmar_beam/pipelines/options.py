@@ -116,8 +116,9 @@ _DIRECT_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
 
 def check_direct_mode(options) -> None:
     """Refuse the FnApiRunner's multi_threading mode with several workers: in Beam 2.77 it drops elements of
-    large shuffles (benchmarks/check_direct_threads.py, no clusmar code in it), which would silently lose rows
-    of a manifest.  multi_processing runs the same bundles in separate processes and keeps them all."""
+    large shuffles (benchmarks/check_direct_threads.py, no clusmar code in it), and a piece of a pool lost in
+    select's join would go unnoticed.  multi_processing runs the same bundles in separate processes and keeps
+    them all."""
     if options.view_as(StandardOptions).runner not in _DIRECT_RUNNERS:
         return
     direct = options.view_as(DirectOptions)
