@@ -144,7 +144,8 @@ class Finished(NamedTuple):
 
 def build_and_run(options_class, argv, build, name: str, summary_name: str):
     """What every pipeline's run() does: options from argv (or typed values), `build(pipeline, opts)` -> its
-    OutputDir, run to completion (temporary files removed either way), then the summary it wrote.
+    OutputDir, run to completion (temporary files removed either way; after a failure, an output directory
+    the run made too), then the summary it wrote.
     Returns a Finished (summary, PipelineResult, seconds, output directory)."""
     options, opts = parse_options(options_class, argv)
     start = time.time()
@@ -152,8 +153,10 @@ def build_and_run(options_class, argv, build, name: str, summary_name: str):
     output = build(pipeline, opts)
     try:
         result = run_pipeline(pipeline, name)
-    finally:
-        output.remove_temp()
+    except BaseException:
+        output.abandon()
+        raise
+    output.remove_temp()
     if options.view_as(TestOptions).dry_run:   # the runner built the job and submitted nothing
         LOG.info("%s: --dry_run: the job was built and not submitted; nothing was written to %s", name, output.path)
         return Finished({"dry_run": True}, result, time.time() - start, output.path)

@@ -90,8 +90,7 @@ def _check_ids(ids, pool_glob: str) -> None:
 def cluster_pool(spilled, opts_dict: dict, pool_glob: str) -> dict:
     """All batches -> id-sorted ids, labels and clustering statistics (one worker)."""
     _one_width((part["width"], part["source"]) for part in spilled)
-    storage.one_across_files(((part["id_type"], part["source"]) for part in spilled if part["rows"]), "--pool", "id",
-                             "different types", "int64")
+    storage.one_id_type(((part["id_type"], part["source"]) for part in spilled if part["rows"]), "--pool")
     batches = _load_spilled(spilled)
     pool = concat_batches(batches)
     del batches

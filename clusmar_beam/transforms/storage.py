@@ -372,6 +372,10 @@ def first_file_of_each(dicts) -> dict:
     return out
 
 
+def one_id_type(id_type_and_source, flag: str) -> str:
+    return one_across_files(id_type_and_source, flag, "id", "different types", "int64")
+
+
 def _id_types(batch: Batch) -> dict:
     return {batch.id_type: batch.source} if len(batch) else {}
 
@@ -392,9 +396,7 @@ class OneIdType(beam.PTransform):
         return (batches
                 | "IdTypes" >> beam.Map(_id_types)
                 | "AllIdTypes" >> beam.CombineGlobally(first_file_of_each)
-                | "OneIdType" >> beam.Map(lambda found, flag: one_across_files(found.items(), flag, "id",
-                                                                                 "different types", "int64"),
-                                          self.flag))
+                | "OneIdType" >> beam.Map(lambda found, flag: one_id_type(found.items(), flag), self.flag))
 
 
 # ---------------------------------------------------------------- writing
@@ -481,10 +483,13 @@ class OutputDir:
             write_success(self.path, self.summary_name)
 
     def remove_temp(self) -> None:
-        """Remove the temporary directory, and the output directory too when this run made it and left it
-        empty (a run that failed)."""
         if FileSystems.exists(self.temp):
             FileSystems.delete([self.temp])
+
+    def abandon(self) -> None:
+        """After a failed run: the temporary files, and the output directory too if this run made it and
+        nothing else is in it."""
+        self.remove_temp()
         if self.created and FileSystems.exists(self.path) and not files_under(self.path):
             FileSystems.delete([self.path])
 
