@@ -12,8 +12,10 @@ scikit-learn: nothing is downloaded.
 
     .venv/bin/python benchmarks/bench_real_sets.py
     .venv/bin/python benchmarks/bench_real_sets.py --shards 4 8 --halo-cells 2 3 --one-worker-clusters 8
+    .venv/bin/python benchmarks/bench_real_sets.py --shards 4 8 --halo-rows 32768 0   # widened halo, and not
 """
 import argparse
+import itertools
 import json
 
 import numpy as np
@@ -53,6 +55,8 @@ def main():
     parser.add_argument("--delta", type=float, default=hac.DEFAULT_DELTA)
     parser.add_argument("--shards", nargs="+", type=int, default=[4])
     parser.add_argument("--halo-cells", nargs="+", type=int, default=[2])
+    parser.add_argument("--halo-rows", nargs="+", type=int, default=[sharded.HALO_ROWS],
+                        help="halo_width's: 0 keeps the halo at --halo-cells")
     parser.add_argument("--one-worker-clusters", type=int, default=sharded.FINISH_ON_ONE_WORKER,
                         help="the sharded rounds finish on one worker at this many clusters")
     args = parser.parse_args()
@@ -69,11 +73,12 @@ def main():
                 print(json.dumps({**row, "path": "one worker",
                                   "ari": round(adjusted_rand_score(reference, one), 5)}), flush=True)
                 for shards in args.shards:
-                    for halo in args.halo_cells:
+                    for halo, halo_rows in itertools.product(args.halo_cells, args.halo_rows):
                         labels, _ = sharded.sharded_average_linkage(
                             X, eps, metric, shards=shards, halo_cells=halo, delta=args.delta,
-                            one_worker_clusters=args.one_worker_clusters)
+                            one_worker_clusters=args.one_worker_clusters, halo_rows=halo_rows)
                         print(json.dumps({**row, "path": "sharded", "shards": shards, "halo_cells": halo,
+                                          "halo_rows": halo_rows,
                                           "ari": round(adjusted_rand_score(reference, labels), 5)}), flush=True)
 
 

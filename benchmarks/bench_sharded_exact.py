@@ -21,6 +21,7 @@ its own, the scale against which an ARI below 1 reads.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -51,6 +52,8 @@ def main():
     parser.add_argument("--shards", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--one-worker-clusters", type=int, default=1500)
     parser.add_argument("--max-rounds", type=int, default=30)
+    parser.add_argument("--halo-rows", type=int, nargs="+", default=[sharded.HALO_ROWS],
+                        help="halo_width's: 0 keeps the halo at two cells")
     parser.add_argument("--delta", type=float, default=hac.DEFAULT_DELTA)
     parser.add_argument("--one-worker", action="store_true", help="also hac.average_linkage at each cut")
     parser.add_argument("--stability", type=float, help="noise scale of the exact-vs-exact comparison")
@@ -77,14 +80,15 @@ def main():
                     print(json.dumps({**row, "path": "one worker", "ari": round(
                         adjusted_rand_score(reference, result.labels), 5), "clusters": result.num_clusters,
                         "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-                for shards in args.shards:
+                for shards, halo_rows in itertools.product(args.shards, args.halo_rows):
                     start = time.perf_counter()
                     labels, info = sharded.sharded_average_linkage(
                         X, eps, metric, shards=shards, delta=args.delta, max_rounds=args.max_rounds,
-                        one_worker_clusters=args.one_worker_clusters)
+                        one_worker_clusters=args.one_worker_clusters, halo_rows=halo_rows)
                     rounds = info["rounds"]
                     print(json.dumps({
-                        **row, "path": "sharded", "shards": shards, "one_worker_clusters": args.one_worker_clusters,
+                        **row, "path": "sharded", "shards": shards, "halo_rows": halo_rows,
+                        "one_worker_clusters": args.one_worker_clusters,
                         "ari": round(adjusted_rand_score(reference, labels), 5),
                         "clusters": int(labels.max()) + 1, "reference_clusters": int(reference.max()),
                         "rounds": len(rounds), "waiting": info["waiting"],

@@ -103,6 +103,14 @@ def test_tfrecord_pool_with_text_ids(tmp_path, rng):
     assert adjusted_rand_score(_exact(embeddings, "cosine", 0.1), ours) >= 0.99
 
 
+def test_partitions_too_small_for_their_halo_are_warned_about():
+    from clusmar_beam.pipelines import cluster
+    assert cluster._partition_warnings(1200, 4, 2) == []            # 300 points a partition see all 4 cells
+    assert cluster._partition_warnings(1_000_000, 64, 2) == []
+    (warned,) = cluster._partition_warnings(1200, 64, 2)            # 19 points a partition, 15 cells seen
+    assert "partitions of about 19 points" in warned and "304 points in all" in warned
+
+
 @pytest.mark.parametrize("shards", ["1", "4"])
 def test_empty_part_files_are_skipped(tmp_path, rng, shards):
     """Writers leave part files without rows; they hold no list width, and nothing else."""
@@ -119,9 +127,8 @@ def test_empty_part_files_are_skipped(tmp_path, rng, shards):
                          "--output", str(tmp_path / f"m-{pool}"), "--batch-size", "50"]) == 0
     assert _read_clusters(tmp_path / "c-gaps") == _read_clusters(tmp_path / "c-full")
     assert read_manifest(tmp_path / "m-gaps") == read_manifest(tmp_path / "m-full")
-    # partitions of 300 points: the halo's misses are warned about, where the labeling team reads them too
-    warned = [w for w in json.load(open(tmp_path / "c-full" / "clustering.json"))["warnings"] if "partitions of" in w]
-    assert len(warned) == (shards != "1") and all("--hac-shards 4 on 1200 points" in w for w in warned)
+    # partitions of 300 points see every other cell (core.hac.sharded.halo_width): nothing to warn about
+    assert not [w for w in json.load(open(tmp_path / "c-full" / "clustering.json"))["warnings"] if "partitions" in w]
     assert adjusted_rand_score(_exact(embeddings, "cosine", 0.1),
                                [_read_clusters(tmp_path / "c-full")[i] for i in columns["id"]]) >= 0.99
 

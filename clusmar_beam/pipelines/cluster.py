@@ -113,19 +113,22 @@ class ClusterOptions(CommonOptions):
                             help=f"output files (default: one per {ROWS_PER_CLUSTER_SHARD} rows)")
 
 
-# Partitions of fewer points than this are warned about: a partition sees only its halo's neighbours across
-# its borders, and in partitions this small the ones it misses move the clusters (benchmarks/RESULTS.md,
-# "Real labelled sets").
+# A partition that sees fewer points than this with its halo is warned about: it sees the clusters across its
+# borders only in its halo, and where that is this small the ones it misses move the clusters
+# (benchmarks/RESULTS.md, "Real labelled sets").  The halo widens for small partitions
+# (core.hac.sharded.halo_width), so only partitions far smaller than the pool's are.
 SMALL_PARTITION = 1000
 
 
 def _partition_warnings(num_points: int, shards: int, halo_cells: int) -> list[str]:
-    size = num_points / max(shards, 1)
-    if shards > 1 and size < SMALL_PARTITION:
-        return [f"--hac-shards {shards} on {num_points} points makes partitions of about {size:.0f} points: with "
-                f"fewer than {SMALL_PARTITION} a halo of {halo_cells} cells misses nearest neighbours across the "
-                "borders often enough to move the clusters away from exact average linkage; use fewer shards, "
-                "--hac-shards auto or --hac-shards 1"]
+    size = math.ceil(num_points / max(shards, 1))
+    parts = math.ceil(num_points / max(size, 1))
+    halo = sharded.halo_width({"parts": parts, "clusters": num_points}, halo_cells)
+    if parts > 1 and halo < parts - 1 and (1 + halo) * size < SMALL_PARTITION:
+        return [f"--hac-shards {shards} on {num_points} points makes partitions of about {size} points that see "
+                f"{halo} cells past their borders, {(1 + halo) * size} points in all: with fewer than "
+                f"{SMALL_PARTITION} they miss nearest neighbours across the borders often enough to move the "
+                "clusters away from exact average linkage; use fewer shards, --hac-shards auto or --hac-shards 1"]
     return []
 
 

@@ -21,7 +21,8 @@ from clusmar_beam.core import hac, hashing
 from clusmar_beam.core.batch import Batch
 from clusmar_beam.core.cells import split_by_key
 from clusmar_beam.core.hac.sharded import (DEFAULT_MAX_ROUNDS, Clusters,
-                                           check_shard_params, halo_rows, images, mark_waited_on, merge_partition,
+                                           check_shard_params, halo_rows, halo_width, images, mark_waited_on,
+                                           merge_partition,
                                            next_round, partition_centroids, partition_sample_size, route,
                                            taking_part)
 from clusmar_beam.core.hac.sizes import add_size_counts, size_counts, size_histogram
@@ -92,15 +93,15 @@ class _RouteClusters(beam.DoFn):
     """Clusters taking part -> (cell, ("m", members, None)) and (cell, ("f", frozen neighbours, their home
     cells)) pieces: a partition tells the home of a cluster its members waited on."""
 
-    def __init__(self, halo_cells, round_index):
-        self.halo_cells, self.round_index = halo_cells, round_index
+    def __init__(self, halo_cells, halo_rows, round_index):
+        self.halo_cells, self.halo_rows, self.round_index = halo_cells, halo_rows, round_index
 
-    def process(self, clusters, centroids):
+    def process(self, clusters, centroids, plan):
         beam.metrics.Metrics.counter("hac", f"routed_round_{self.round_index + 1}").inc(len(clusters))
         if centroids is None:  # one partition
             yield 0, ("m", dataclasses.replace(clusters, route=None), None)
             return
-        home, halo = route(clusters, centroids, self.halo_cells)
+        home, halo = route(clusters, centroids, halo_width(plan, self.halo_cells, self.halo_rows))
         clusters = dataclasses.replace(clusters, route=None)  # a route only serves this routing: it travels no further
         for c, rows in split_by_key(home):
             yield c, ("m", clusters.take(rows), None)
@@ -444,21 +445,23 @@ class ShardedHac(beam.PTransform):
     raised while the clusters average fewer than the target, and the merges
     are then cut at the target (as hac.average_linkage does).  Every element,
     side input and partition is bounded by the partition size (about n /
-    `shards` clusters plus their halo), ROWS_PER_BUCKET, SAMPLE_MAX or
+    `shards` clusters plus their halo, or `halo_rows` where partitions are
+    small: see core.hac.sharded.halo_width), ROWS_PER_BUCKET, SAMPLE_MAX or
     `one_worker_clusters` (default FINISH_ON_ONE_WORKER: the rounds finish
     on one worker once that few are left), not by n.
     """
 
     def __init__(self, distance_threshold, metric="cosine", shards=64, halo_cells=2, max_rounds=DEFAULT_MAX_ROUNDS,
-                 seed=0, target_mean_cluster_size=None, merge_threshold=None, delta=0.0, one_worker_clusters=None):
+                 seed=0, target_mean_cluster_size=None, merge_threshold=None, delta=0.0, one_worker_clusters=None,
+                 halo_rows=None):
         super().__init__()
         self.delta = hac.check_delta(delta)
         self.eps = _threshold_argument(distance_threshold)
         self.merge_eps = None if merge_threshold is None else _threshold_argument(merge_threshold)
         if metric not in hac.METRICS:
             raise hac.HacError(f"unknown metric {metric!r}")
-        check_shard_params(shards, halo_cells, max_rounds, one_worker_clusters)
-        self.one_worker = one_worker_clusters
+        check_shard_params(shards, halo_cells, max_rounds, one_worker_clusters, halo_rows)
+        self.one_worker, self.halo_rows = one_worker_clusters, halo_rows
         self.target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
         self.metric, self.shards, self.halo_cells = metric, shards, halo_cells
         self.max_rounds, self.seed = max_rounds, seed
@@ -498,8 +501,8 @@ class ShardedHac(beam.PTransform):
                          | f"{name}Train" >> beam.Map(_train, side(plan), seed)
                          | f"{name}MeasureCentroids" >> measured("partition_centroids"))
             result = (split.taking
-                      | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells, rnd),
-                                                     side(centroids, default_value=None))
+                      | f"{name}Route" >> beam.ParDo(_RouteClusters(self.halo_cells, self.halo_rows, rnd),
+                                                     side(centroids, default_value=None), side(plan))
                       | f"{name}MeasureRouted" >> measured("partition_pieces")
                       | f"{name}Group" >> beam.GroupByKey()
                       | f"{name}Rac" >> beam.ParDo(_LocalRac(self.metric, seed, rnd, self.delta, self.target),

@@ -8,8 +8,8 @@ is exact (see clusmar_beam.core.hac).  One sharded round:
    clusters of lowest id hash) cut the clusters into partitions (home cell),
    as many as the clusters left need at the first round's partition size;
 2. each cluster is also sent, frozen, to the partitions of its next
-   `halo_cells` nearest cells, so a partition sees the clusters just across
-   its border;
+   nearest cells (`halo_width`: `halo_cells`, or more where partitions are
+   small), so a partition sees the clusters just across its border;
 3. inside a partition, reciprocal-nearest pairs and (1+delta)-good stars
    within the threshold merge in RAC rounds (clusmar_beam.core.hac.rac); frozen
    clusters are searched as neighbours but never merge, so a member whose
@@ -136,6 +136,10 @@ WAITING_TO_MOVE_ON = 0.01
 # A round that repeats its threshold for members still waiting across a border runs on one worker once
 # at most this many clusters are left (the stated one-worker bound: it does not grow with the pool).
 FINISH_ON_ONE_WORKER = 1 << 18
+# A round's halo widens past halo_cells while a partition with its halo averages at most this many clusters
+# (halo_width): as many as one worker searches exactly (rac.EXACT_SEARCH_MAX).
+HALO_ROWS = hac.EXACT_SEARCH_MAX
+HALO_CELLS_MAX = 15
 
 
 def partition_sample_size(shards: int) -> int:
@@ -175,11 +179,31 @@ def halo_rows(halo: np.ndarray) -> dict:
     return {c: pos // halo.shape[1] for c, pos in split_by_key(halo.reshape(-1))}
 
 
-def check_shard_params(shards, halo_cells, max_rounds, one_worker=None):
+def halo_width(plan: dict, halo_cells: int, halo_rows: int = None) -> int:
+    """The nearest cells past its home a round routes each cluster to, frozen: at least `halo_cells`, and as
+    many as keep a partition with its halo within `halo_rows` (default HALO_ROWS) clusters on average, up
+    to HALO_CELLS_MAX (a round routes at most that many copies of a cluster more).
+
+    A member whose nearest cluster lies beyond its partition's halo merges with the nearest one it sees.
+    Where partitions are small most members are near a border and a few cells reach little way, so the
+    clusters moved away from exact average linkage (benchmarks/RESULTS.md, "Real labelled sets" and
+    "Pool shapes", the `dominant` shape); partitions of a 100M pool's size keep `halo_cells`.
+    """
+    halo_rows = HALO_ROWS if halo_rows is None else halo_rows
+    parts = plan["parts"]
+    if parts < 2:
+        return 0
+    fits = int(halo_rows * parts // max(plan["clusters"], 1)) - 1  # cells of a mean partition's size
+    return int(min(parts - 1, max(halo_cells, min(fits, HALO_CELLS_MAX))))
+
+
+def check_shard_params(shards, halo_cells, max_rounds, one_worker=None, halo_rows=None):
     if one_worker is not None:
         check_int("one_worker_clusters", one_worker, 1, error=hac.HacError)
     check_int("shards", shards, 1, error=hac.HacError)
     check_int("halo_cells", halo_cells, 0, error=hac.HacError)
+    if halo_rows is not None:
+        check_int("halo_rows", halo_rows, 0, error=hac.HacError)
     check_int("max_rounds", max_rounds, 1, error=hac.HacError)
 
 
@@ -286,14 +310,15 @@ def taking_part(clusters: Clusters, plan: dict) -> np.ndarray:
     return clusters.routed() if plan["repeat"] else np.ones(len(clusters), bool)
 
 
-def partition_round(clusters: Clusters, plan: dict, metric: str, halo_cells: int, seed: int, delta: float,
+def partition_round(clusters: Clusters, plan: dict, metric: str, halo: int, seed: int, delta: float,
                     sample_size: int, n: int, target: float | None):
-    """One sharded round in one process, on the clusters taking part: the merged clusters of every partition,
-    marked as mark_waited_on marks them, and merge_partition's other results."""
+    """One sharded round in one process, on the clusters taking part (`halo`: the round's halo_width): the
+    merged clusters of every partition, marked as mark_waited_on marks them, and merge_partition's other
+    results."""
     if plan["parts"] == 1:
         return [merge_partition(clusters, None, plan, metric, seed, delta, n, target)]
     centroids = _partition_centroids(clusters, plan["parts"], seed, sample_size)
-    home, halo = route(clusters, centroids, halo_cells)
+    home, halo = route(clusters, centroids, halo)
     frozen_rows = halo_rows(halo)
     parts = {c: merge_partition(clusters.take(mem), clusters.take(frozen_rows.get(c, np.zeros(0, np.int64))), plan,
                                 metric, seed, delta, n, target)
@@ -327,14 +352,14 @@ def images(absorbed: np.ndarray, edges: np.ndarray, heights: np.ndarray, cut: fl
 
 def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, target_mean_cluster_size=None,
                             merge_threshold=None, shards=64, halo_cells=2, max_rounds=DEFAULT_MAX_ROUNDS, seed=0,
-                            log=None, delta=0.0, one_worker_clusters=None):
+                            log=None, delta=0.0, one_worker_clusters=None, halo_rows=None):
     """Flat average-linkage clusters by partitioned RAC rounds (see the module docstring).
 
     With `target_mean_cluster_size`, the rounds merge up to
     `distance_threshold`, then `merge_threshold` (default: the same), raised
     while short of the target, and the result is cut at the target as in
     hac.average_linkage.  `one_worker_clusters` is next_round's
-    `one_worker`.  Labels numbered by first appearance.  Returns (labels,
+    `one_worker`; `halo_cells` and `halo_rows` are halo_width's.  Labels numbered by first appearance.  Returns (labels,
     info dict with the cut, the rounds and the members still waiting after
     the last one).
     """
@@ -343,7 +368,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
     target = None if target_mean_cluster_size is None else hac.check_target(target_mean_cluster_size)
     if metric not in hac.METRICS:
         raise hac.HacError(f"unknown metric {metric!r}")
-    check_shard_params(shards, halo_cells, max_rounds, one_worker_clusters)
+    check_shard_params(shards, halo_cells, max_rounds, one_worker_clusters, halo_rows)
     delta = hac.check_delta(delta)
     X = hac.prepare(embeddings, metric)
     n = X.shape[0]
@@ -360,7 +385,7 @@ def sharded_average_linkage(embeddings, distance_threshold, metric="cosine", *, 
         taking = taking_part(clusters, plan)
         idle = clusters.take(np.flatnonzero(~taking))
         clusters = clusters.take(np.flatnonzero(taking))
-        parts = partition_round(clusters, plan, metric, halo_cells, seed + rnd, delta,
+        parts = partition_round(clusters, plan, metric, halo_width(plan, halo_cells, halo_rows), seed + rnd, delta,
                                 partition_sample_size(shards), n, target)
         idle.route = None  # found nothing within the threshold: it waits for a higher one
         clusters = Clusters.concat([p[0] for p in parts] + [idle])
