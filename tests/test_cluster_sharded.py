@@ -85,7 +85,10 @@ def test_halo_width():
     assert sharded.halo_width(plan, 2) == 2 and sharded.halo_width(plan, 3) == 3
     assert sharded.halo_width({"parts": 64, "clusters": 1_000_000}, 2) == 2
     # smaller partitions see as many cells as make a partition with its halo about HALO_ROWS clusters ...
-    assert sharded.halo_width({"parts": 64, "clusters": 200_000}, 2) == sharded.HALO_ROWS * 64 // 200_000 - 1
+    assert sharded.halo_width({"parts": 8, "clusters": 40_000}, 2) == sharded.HALO_ROWS * 8 // 40_000 - 1
+    # ... while the round routes at most HALO_ROUTED_MAX copies of clusters ...
+    assert sharded.halo_width({"parts": 64, "clusters": 100_000}, 2) == sharded.HALO_ROUTED_MAX // 100_000 - 1
+    assert sharded.halo_width({"parts": 64, "clusters": 200_000}, 2) == 2
     # ... every other cell where there are few, at most HALO_CELLS_MAX of them, and none for one partition
     assert sharded.halo_width({"parts": 4, "clusters": 20_000}, 2) == 3
     assert sharded.halo_width({"parts": 64, "clusters": 30_000}, 2) == sharded.HALO_CELLS_MAX

@@ -100,8 +100,9 @@ class ClusterOptions(CommonOptions):
         parser.add_argument("--hac-halo-cells", dest="hac_halo_cells", type=int, default=2,
                             help="sharded HAC: a cluster is also visible (frozen) in the partitions of its "
                                  "next nearest cells, at least this many (more where partitions are small: as "
-                                 f"many as keep a partition with its halo at about {sharded.HALO_ROWS} clusters, "
-                                 f"up to {sharded.HALO_CELLS_MAX})")
+                                 f"many as keep a partition with its halo at about {sharded.HALO_ROWS} clusters and "
+                                 f"a round's copies of clusters at most {sharded.HALO_ROUTED_MAX:,}, up to "
+                                 f"{sharded.HALO_CELLS_MAX})")
         parser.add_argument("--hac-one-worker-clusters", dest="hac_one_worker_clusters", type=int,
                             default=sharded.FINISH_ON_ONE_WORKER,
                             help="sharded HAC: once at most this many clusters are left (or take part in a "

@@ -137,8 +137,11 @@ WAITING_TO_MOVE_ON = 0.01
 # at most this many clusters are left (the stated one-worker bound: it does not grow with the pool).
 FINISH_ON_ONE_WORKER = 1 << 18
 # A round's halo widens past halo_cells while a partition with its halo averages at most this many clusters
-# (halo_width): as many as one worker searches exactly (rac.EXACT_SEARCH_MAX).
+# (halo_width): as many as one worker searches exactly (rac.EXACT_SEARCH_MAX); while the round routes at most
+# HALO_ROUTED_MAX copies of clusters in all (it makes a small pool's shuffle a few times larger, never a large
+# pool's); and up to HALO_CELLS_MAX cells.
 HALO_ROWS = hac.EXACT_SEARCH_MAX
+HALO_ROUTED_MAX = 1 << 19
 HALO_CELLS_MAX = 15
 
 
@@ -181,19 +184,21 @@ def halo_rows(halo: np.ndarray) -> dict:
 
 def halo_width(plan: dict, halo_cells: int, halo_rows: int = None) -> int:
     """The nearest cells past its home a round routes each cluster to, frozen: at least `halo_cells`, and as
-    many as keep a partition with its halo within `halo_rows` (default HALO_ROWS) clusters on average, up
-    to HALO_CELLS_MAX (a round routes at most that many copies of a cluster more).
+    many as keep a partition with its halo within `halo_rows` (default HALO_ROWS) clusters on average and
+    the round's copies of the clusters within HALO_ROUTED_MAX, up to HALO_CELLS_MAX.
 
     A member whose nearest cluster lies beyond its partition's halo merges with the nearest one it sees.
     Where partitions are small most members are near a border and a few cells reach little way, so the
     clusters moved away from exact average linkage (benchmarks/RESULTS.md, "Real labelled sets" and
-    "Pool shapes", the `dominant` shape); partitions of a 100M pool's size keep `halo_cells`.
+    "Pool shapes", the `dominant` shape).  The widening is for small pools, since every copy is shuffled:
+    a 100M pool's partitions keep `halo_cells`.
     """
     halo_rows = HALO_ROWS if halo_rows is None else halo_rows
     parts = plan["parts"]
     if parts < 2:
         return 0
-    fits = int(halo_rows * parts // max(plan["clusters"], 1)) - 1  # cells of a mean partition's size
+    clusters = max(plan["clusters"], 1)
+    fits = min(halo_rows * parts // clusters, HALO_ROUTED_MAX // clusters) - 1  # cells of a mean partition's size
     return int(min(parts - 1, max(halo_cells, min(fits, HALO_CELLS_MAX))))
 
 
