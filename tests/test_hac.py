@@ -508,20 +508,6 @@ def test_a_pool_of_at_most_exact_search_max_rows_is_searched_exactly_throughout(
     assert adjusted_rand_score(fcluster(Z, eps, criterion="distance"), got.labels) >= 0.99
 
 
-def test_fewer_dimensions_search_more_clusters_exactly():
-    """Below 64 dimensions a round's exact search of more clusters costs what 32,768 cost at 64, so a 16-d pool
-    of 40,000 rows never meets the IVF index; at 64 dimensions the same rows would."""
-    assert hac_rac.exact_search_rows(64) == hac_rac.exact_search_rows(1536) == hac_rac.EXACT_SEARCH_MAX
-    assert hac_rac.exact_search_rows(16) == hac_rac.exact_search_rows(2) == 2 * hac_rac.EXACT_SEARCH_MAX
-    assert hac_rac.EXACT_SEARCH_MAX < hac_rac.exact_search_rows(32) < hac_rac.exact_search_rows(20)
-    X = _dominant_region_and_isolated_tail(40000, 16, seed=72)
-    for exact_search_max, ivf_rounds in ((None, False), (hac_rac.EXACT_SEARCH_MAX, True)):
-        lines = []
-        average_linkage(X, 0.05, "cosine", delta=hac_rac.DEFAULT_DELTA, exact_search_max=exact_search_max,
-                        log=lines.append)
-        assert any(" ivf," in line for line in lines) == ivf_rounds
-
-
 # ------------------------------------------------- threshold from a target size
 
 from scipy.sparse import coo_matrix  # noqa: E402

@@ -73,11 +73,8 @@ class ClusterOptions(CommonOptions):
         parser.add_argument("--knn", type=int, default=hac.DEFAULT_K,
                             help="one worker: neighbours fetched per nearest-cluster search (self included), "
                                  "re-ranked by exact linkage and kept for the next rounds")
-        parser.add_argument("--exact-search-max", dest="exact_search_max", type=int,
-                            help="one worker: exact (flat) FAISS search up to this many active clusters, IVF above "
-                                 f"(default {hac.EXACT_SEARCH_MAX:,} at {hac.EXACT_SEARCH_DIM} or more dimensions, "
-                                 f"up to {hac.exact_search_rows(1):,} at {hac.EXACT_SEARCH_DIM_MIN} or fewer: "
-                                 "as many as cost a round's search the same)")
+        parser.add_argument("--exact-search-max", dest="exact_search_max", type=int, default=hac.EXACT_SEARCH_MAX,
+                            help="one worker: exact (flat) FAISS search up to this many active clusters, IVF above")
         parser.add_argument("--nprobe", type=int, default=32,
                             help="one worker: IVF cells probed per search (a sharded partition probes "
                                  f"{sharded.PARTITION_NPROBE} of half as many lists); doubled while a sample's "
@@ -197,8 +194,6 @@ def build(pipeline: beam.Pipeline, opts: ClusterOptions) -> storage.OutputDir:
                  num_points, dim, memory.one_worker_hac_bytes(num_points, dim) / memory.GiB,
                  "one worker" if opts.hac_shards == 1 else f"{opts.hac_shards} partitions")
     output = storage.OutputDir(opts.output, "clusters", "clustering.json", None, opts.overwrite)
-    if opts.exact_search_max is None and dim:
-        opts.exact_search_max = hac.exact_search_rows(dim)  # recorded in clustering.json as used
     params = {"distance_threshold": eps, "target_mean_cluster_size": target,
               "threshold_sample_size": opts.threshold_sample_size, "metric": opts.metric, "knn": opts.knn,
               "exact_search_max": opts.exact_search_max, "nprobe": opts.nprobe, "seed": opts.seed,

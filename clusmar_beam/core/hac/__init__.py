@@ -12,21 +12,18 @@ from clusmar_beam.core.hac.linkage import (TARGET_OVERSHOOT, TARGET_RAISE, HacRe
 from clusmar_beam.core.hac.prepare import (METRICS, HacError, check_count, check_delta, check_target, check_threshold,
                                       collapse_duplicates, number_by_first_appearance, prepare)
 from clusmar_beam.core.hac.clusters import Clusters
-from clusmar_beam.core.hac.rac import (DEFAULT_DELTA, DEFAULT_K, EXACT_SEARCH_DIM, EXACT_SEARCH_DIM_MIN, EXACT_SEARCH_MAX,
-                                  Rac, exact_search_rows, keep_rows)
+from clusmar_beam.core.hac.rac import DEFAULT_DELTA, DEFAULT_K, EXACT_SEARCH_MAX, Rac, keep_rows
 from clusmar_beam.core.hac.threshold import (TRAIN_PER_CELL, CellDraw, SampleCells, ThresholdChoice, choose_threshold,
                                         flat_clusters,
                                         draw_cells, lowest_hash_rows, threshold_cells, threshold_from_sample,
                                         training_rows, training_size)
 
 __all__ = [
-    "CellDraw", "Clusters", "DEFAULT_DELTA", "DEFAULT_K", "EXACT_SEARCH_DIM", "EXACT_SEARCH_DIM_MIN",
-    "EXACT_SEARCH_MAX", "FlatIndex", "HacError",
+    "CellDraw", "Clusters", "DEFAULT_DELTA", "DEFAULT_K", "EXACT_SEARCH_MAX", "FlatIndex", "HacError",
     "HacResult", "IvfIndex", "METRICS", "Rac", "SampleCells", "TARGET_OVERSHOOT", "TARGET_RAISE",
     "TRAIN_PER_CELL", "ThresholdChoice", "TwoLevelQuantiser", "average_linkage", "check_count", "check_delta",
     "check_target", "check_threshold", "choose_threshold", "collapse_duplicates", "cut_keeping",
-    "default_nlist", "draw_cells", "exact_search_rows", "flat_clusters", "keep_rows", "labels_from_edges",
-    "lowest_hash_rows",
+    "default_nlist", "draw_cells", "flat_clusters", "keep_rows", "labels_from_edges", "lowest_hash_rows",
     "merge_all_threshold", "number_by_first_appearance", "on_all_cores", "prepare", "threshold_cells",
     "threshold_from_heights", "threshold_from_sample", "training_rows", "training_size",
 ]

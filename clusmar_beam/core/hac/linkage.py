@@ -26,7 +26,7 @@ import scipy.sparse.csgraph
 
 from clusmar_beam.core.hac.prepare import (METRICS, HacError, check_count, check_delta, check_target, check_threshold,
                                       collapse_duplicates, number_by_first_appearance, prepare)
-from clusmar_beam.core.hac.rac import DEFAULT_K, Rac, exact_search_rows, keep_rows
+from clusmar_beam.core.hac.rac import DEFAULT_K, EXACT_SEARCH_MAX, Rac, keep_rows
 
 # With a target mean cluster size the pool is merged up to the sample's
 # threshold for this many times the target, then cut at the target: the
@@ -76,7 +76,7 @@ def average_linkage(
     metric: str = "cosine",
     *,
     target_mean_cluster_size: float | None = None,
-    exact_search_max: int | None = None,
+    exact_search_max: int = EXACT_SEARCH_MAX,
     nlist: int | None = None,
     nprobe: int = 32,
     seed: int = 0,
@@ -90,8 +90,7 @@ def average_linkage(
     Same partition as scipy's ``fcluster(linkage(X, 'average', metric), t,
     'distance')``; cosine distance is 1 - cosine similarity.  Labels are
     numbered 0..C-1 by first appearance.  Nearest clusters are searched exactly
-    while at most `exact_search_max` clusters are active (default
-    exact_search_rows of the dimension), otherwise with an
+    while at most `exact_search_max` clusters are active, otherwise with an
     IVF index (`nlist` lists, default the larger of 4*sqrt(n) and n/250;
     `nprobe` lists probed), which
     may miss a few neighbours.  A cluster whose search found nothing within
@@ -134,8 +133,6 @@ def average_linkage(
     target = None if target_mean_cluster_size is None else check_target(target_mean_cluster_size)
     if metric not in METRICS:
         raise HacError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    if exact_search_max is None:
-        exact_search_max = exact_search_rows(np.shape(embeddings)[1] if np.ndim(embeddings) == 2 else 1)
     check_count("exact_search_max", exact_search_max)
     check_count("nprobe", nprobe)
     if nlist is not None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import time
 
 import numpy as np
@@ -52,9 +51,6 @@ SMALL_STAR_SLACK = 1 / 8
 # (docs/perf-log.md, issue 3, second session, and issues 19 and 20, eleventh
 # session).
 EXACT_SEARCH_MAX = 32_768
-# Below EXACT_SEARCH_DIM dimensions a round's exact search of more rows costs the same (rows^2 x dim), and
-# there it was faster than the IVF rounds it replaced and nearer exact: exact_search_rows.
-EXACT_SEARCH_DIM, EXACT_SEARCH_DIM_MIN = 64, 16
 # The rounds' arrays are renumbered down to the active clusters once these
 # are at most this fraction of them (and more than _COMPACT_MIN rows): a
 # round's bookkeeping then costs in proportion to the clusters still merging,
@@ -780,15 +776,6 @@ class Rac:
         self.cnt[a] += self.cnt[b]
         self._set_means32(a)
         self.changed[a] = self.now
-
-
-def exact_search_rows(dim: int) -> int:
-    """The active clusters one worker searches exactly at `dim` dimensions: EXACT_SEARCH_MAX at
-    EXACT_SEARCH_DIM or more, and below it as many as cost a round's search the same, up to twice as many
-    at EXACT_SEARCH_DIM_MIN or fewer (benchmarks/RESULTS.md, "HAC on heavy-tailed pools", at 16 and 20
-    dimensions).  Sharded partitions keep EXACT_SEARCH_MAX, the size their halo is planned for."""
-    d = min(max(int(dim), EXACT_SEARCH_DIM_MIN), EXACT_SEARCH_DIM)
-    return int(EXACT_SEARCH_MAX * math.sqrt(EXACT_SEARCH_DIM / d))
 
 
 def keep_rows(a, keep):
