@@ -950,12 +950,33 @@ def test_higher_dimensional_pools_keep_the_per_list_search():
     assert [level[0] for level in probing["levels"]] == [32 << i for i in range(len(probing["levels"]))]
 
 
+def test_one_workers_per_query_probes_widen_within_the_pools_budget(monkeypatch):
+    """On a low-dimensional dense region a miss share under 1% still moves the cut: one worker's per-query
+    probes double past WIDEN_ROWS_MAX until they miss at most _WIDEN_MISSES_PER_QUERY of the sample, as far as
+    the pool's budget (widen_rows_max) allows."""
+    from clusmar_beam.core.hac import index
+    X = _heavy_tailed(20000, dim=16, seed=3)
+    monkeypatch.setattr(index, "WIDEN_ROWS_MAX", 80)   # a search at nprobe 16 would scan more
+    monkeypatch.setattr(index, "WIDEN_WORK_MAX", 0)
+    held, _ = _probing(X, "cosine", eps=0.3, nprobe=8)
+    assert held["per_query"] and held["nprobe"] == 8, held
+    assert held["per_query_misses"] > 0.01 * held["sample"], held
+    monkeypatch.setattr(index, "WIDEN_WORK_MAX", 1 << 33)
+    widened, _ = _probing(X, "cosine", eps=0.3, nprobe=8)
+    assert widened["per_query"] and widened["nprobe"] > 8, widened
+    assert widened["per_query_misses"] <= index._WIDEN_MISSES_PER_QUERY * widened["sample"], widened
+    assert [level[0] for level in widened["levels"]] == [8 << i for i in range(len(widened["levels"]))]
+
+
 def test_probes_widen_only_while_a_search_stays_small(monkeypatch):
     from clusmar_beam.core.hac import index
     X = _heavy_tailed(20000, dim=64, seed=4)
     monkeypatch.setattr(index, "WIDEN_ROWS_MAX", 1000)   # a search at nprobe 64 would scan more
     probing, _ = _probing(X, "cosine")
     assert probing["nprobe"] == 32 and len(probing["levels"]) == 1, probing
+    monkeypatch.setattr(index, "WIDEN_WORK_MAX", 10**9 * len(X))   # the block search does not take this budget
+    probing, _ = _probing(X, "cosine")
+    assert not probing["per_query"] and probing["nprobe"] == 32, probing
     monkeypatch.setattr(index, "_WIDEN_MISSES", 1.0)     # nothing missed counts as too many
     monkeypatch.setattr(index, "WIDEN_ROWS_MAX", 10**9)
     probing, _ = _probing(X, "cosine")

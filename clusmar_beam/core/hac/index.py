@@ -57,6 +57,18 @@ _PER_QUERY_RECOVERS = 0.6
 # clusters (docs/perf-log.md, issue 19, 2026-12-06, sixth session).
 _WIDEN_MISSES = 0.01
 WIDEN_ROWS_MAX = 4096
+# Per-query probes, chosen on low-dimensional dense regions, widen further on one worker: while they miss more
+# than this share, as long as a search from every point of the pool scans at most WIDEN_WORK_MAX rows in all
+# (what the default probes cost a pool of a million; see widen_rows_max).  There misses under 1% still moved
+# the cut, and widening stopped them; the block search at higher dimensions kept missing as it widened, at
+# several times the cost, and is left as it was (docs/perf-log.md, issue 19, fifteenth session).
+_WIDEN_MISSES_PER_QUERY = 0.002
+WIDEN_WORK_MAX = 1 << 33
+
+
+def widen_rows_max(points: int) -> int:
+    """Rows a widened search of one worker's index may scan, for a pool of `points`."""
+    return max(WIDEN_ROWS_MAX, WIDEN_WORK_MAX // max(1, points))
 
 
 def row_dtype(n: int):
@@ -154,7 +166,7 @@ class IvfIndex:
         work = PROBE_SAMPLE_WORK / max(1, self.ntotal)
         return int(np.clip(min(work, PROBE_SAMPLE_SHARE * rows_probed), PROBE_SAMPLE_MIN, PROBE_SAMPLE_MAX))
 
-    def choose_probing(self, sample, all_ids, query_vectors, database_vectors) -> dict:
+    def choose_probing(self, sample, all_ids, query_vectors, database_vectors, rows_max=None) -> dict:
         """Probe per query where the per-list block search misses what per-query probes find.
 
         The block search probes the lists nearest a query's list, the cheap
@@ -168,7 +180,10 @@ class IvfIndex:
         kept when the block search misses at least _PER_LIST_MISSES of them
         and the per-query probes recover at least _PER_QUERY_RECOVERS of those.
         Where the chosen way still misses more than _WIDEN_MISSES, nprobe
-        doubles while a search stays within WIDEN_ROWS_MAX rows.
+        doubles while a search stays within WIDEN_ROWS_MAX rows; given
+        `rows_max` (one worker's widen_rows_max), per-query probes double
+        while they miss more than _WIDEN_MISSES_PER_QUERY and a search stays
+        within the larger of the two.
         """
         queries = query_vectors(sample)
         inner = self.metric == faiss.METRIC_INNER_PRODUCT
@@ -193,13 +208,17 @@ class IvfIndex:
             levels.append([self.nprobe, per_list, per_query])
             self.per_query = (per_list >= _PER_LIST_MISSES * sample.size
                               and per_list - per_query >= _PER_QUERY_RECOVERS * per_list)
+            share, limit = _WIDEN_MISSES, WIDEN_ROWS_MAX
+            if self.per_query and rows_max is not None:  # one worker's per-query probes
+                share, limit = _WIDEN_MISSES_PER_QUERY, max(limit, rows_max)
             wider = 2 * self.nprobe
-            if ((per_query if self.per_query else per_list) <= _WIDEN_MISSES * sample.size
-                    or wider > nlist or wider * self.ntotal / nlist > WIDEN_ROWS_MAX):
+            if ((per_query if self.per_query else per_list) <= share * sample.size
+                    or wider > nlist or wider * self.ntotal / nlist > limit):
                 break
             self._set_nprobe(wider)
-        return {"sample": int(sample.size), "per_list_misses": per_list, "per_query_misses": per_query,
-                "per_query": bool(self.per_query), "nprobe": self.nprobe, "levels": levels}
+        return {"rows": int(self.ntotal), "sample": int(sample.size), "per_list_misses": per_list,
+                "per_query_misses": per_query, "per_query": bool(self.per_query), "nprobe": self.nprobe,
+                "levels": levels}
 
     def _set_nprobe(self, nprobe: int):
         centroids = self.quantiser.centroids

@@ -26,6 +26,7 @@ import scipy.sparse.csgraph
 
 from clusmar_beam.core.hac.prepare import (METRICS, HacError, check_count, check_delta, check_target, check_threshold,
                                       collapse_duplicates, number_by_first_appearance, prepare)
+from clusmar_beam.core.hac.index import widen_rows_max
 from clusmar_beam.core.hac.rac import DEFAULT_K, EXACT_SEARCH_MAX, Rac, keep_rows
 
 # With a target mean cluster size the pool is merged up to the sample's
@@ -164,7 +165,7 @@ def average_linkage(
     while True:
         # The clusters left come back with their statistics (at 10M, 650 MB): merging on needs them.
         rac = Rac(S, cnt, metric, eps, exact_search_max=exact_search_max, nlist=nlist, nprobe=nprobe, seed=seed,
-                  log=log, t0=t0, k=k, W=W, delta=delta)
+                  log=log, t0=t0, k=k, W=W, delta=delta, widen_rows_max=widen_rows_max(n))
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
         left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
         merges_per_round += rounds

@@ -75,8 +75,9 @@ class Rac:
     """
 
     def __init__(self, S, cnt, metric, eps, *, exact_search_max, nlist, nprobe, seed, log, t0, k, W=None,
-                 frozen=None, delta=0.0):
+                 frozen=None, delta=0.0, widen_rows_max=None):
         self.k = k
+        self.widen_rows_max = widen_rows_max  # see IvfIndex.choose_probing
         self.delta = float(delta)
         self.S = S
         self.cnt = cnt
@@ -212,7 +213,8 @@ class Rac:
             sample = np.sort(rng.choice(searched, size=min(searched.size, self.index.probe_sample_size()),
                                         replace=False))
             self.probing = self.index.choose_probing(sample, ids, functools.partial(self._vectors, database=False),
-                                                     functools.partial(self._vectors, database=True))
+                                                     functools.partial(self._vectors, database=True),
+                                                     self.widen_rows_max)
             if self.log is not None:
                 self.log(f"IVF probing: {self.probing}")
 
