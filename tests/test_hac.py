@@ -773,7 +773,9 @@ def heavy_tailed_pool():
 
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
 @pytest.mark.parametrize("quantile", [0.75, 0.95])
-def test_approximate_merges_match_exact_average_linkage_on_heavy_tailed_pools(heavy_tailed_pool, metric, quantile):
+def test_approximate_merges_match_exact_average_linkage_on_heavy_tailed_pools(monkeypatch, heavy_tailed_pool, metric,
+                                                                              quantile):
+    monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 0)  # stars from the first round (see the round budget's test)
     X, trees = heavy_tailed_pool
     eps = _threshold(trees[metric], quantile)
     _, exact = _check_against_reference(X, metric, eps, trees[metric], min_ari=0.9999, delta=0.0)
@@ -793,11 +795,31 @@ def test_approximate_merges_at_a_target_mean_size(heavy_tailed_pool, metric):
     assert adjusted_rand_score(ref, got.labels) >= 0.99
 
 
-def test_dense_region_takes_few_rounds():
+def test_dense_region_takes_few_rounds(monkeypatch):
     """One growing cluster is everyone's nearest neighbour: RAC merges one of them per round, stars all."""
+    monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 0)
     rng = np.random.default_rng(3)
     blob = rng.standard_normal((3000, 16)) * np.exp(rng.normal(0, 0.6, size=(3000, 1))) * 0.05
     X = np.ones(16) + blob
+    exact = average_linkage(X, 0.5, "cosine", delta=0.0)
+    approx = average_linkage(X, 0.5, "cosine", delta=0.05)
+    assert exact.num_clusters == approx.num_clusters == 1
+    assert approx.rounds < exact.rounds / 2, (approx.rounds, exact.rounds)
+
+
+def test_stars_wait_for_the_round_budget(monkeypatch):
+    """A pool that merges within STARS_FROM_ROUND rounds is merged exactly whatever delta; past them, stars
+    still bound a dense region's rounds."""
+    X = _heavy_tailed(3000, dim=16, seed=2)
+    exact = average_linkage(X, 0.3, "cosine", delta=0.0)
+    assert exact.rounds < hac_rac.STARS_FROM_ROUND
+    approx = average_linkage(X, 0.3, "cosine", delta=0.05)
+    assert approx.rounds == exact.rounds and (approx.labels == exact.labels).all()
+    monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 0)
+    assert average_linkage(X, 0.3, "cosine", delta=0.05).rounds < exact.rounds  # what the stars would have done
+    monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 32)
+    rng = np.random.default_rng(3)
+    X = np.ones(16) + rng.standard_normal((3000, 16)) * np.exp(rng.normal(0, 0.6, size=(3000, 1))) * 0.05
     exact = average_linkage(X, 0.5, "cosine", delta=0.0)
     approx = average_linkage(X, 0.5, "cosine", delta=0.05)
     assert exact.num_clusters == approx.num_clusters == 1
@@ -826,6 +848,7 @@ def test_every_star_merge_is_delta_good(monkeypatch, metric, eps):
     """
     delta = 0.2
     X = _heavy_tailed(3000, dim=16, seed=2)
+    monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 0)  # this pool merges within the round budget
     # Stars of this small pool have 16-30 leaves: with 18 making a star deep, both kinds grow.
     monkeypatch.setattr(hac_rac, "DEEP_STAR_LEAVES", 18)
     cos = metric == "cosine"

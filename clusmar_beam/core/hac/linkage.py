@@ -167,7 +167,8 @@ def average_linkage(
         rac = Rac(S, cnt, metric, eps, exact_search_max=exact_search_max, nlist=nlist, nprobe=nprobe, seed=seed,
                   log=log, t0=t0, k=k, W=W, delta=delta, widen_rows_max=widen_rows_max(n))
         S = cnt = W = None  # the rounds shrink rac's copies as clusters retire: hold no others
-        left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0)
+        left, rounds = rac.run(first_round_extra=n - u if not merges_per_round else 0,
+                               rounds_done=len(merges_per_round))
         merges_per_round += rounds
         probing = probing or rac.probing
         pairs += [rep[live[p]] for p in rac.pairs]

@@ -41,6 +41,13 @@ STAR_SEARCH_MAX = 2048
 # on low-dimensional pools their reordered merges cost most of the ARI
 # (docs/perf-log.md, issue 19, 2026-12-06, seventh session).
 SMALL_STAR_SLACK = 1 / 8
+# Stars form only from this round of a run on: merging exactly costs a round
+# per member of a dense region, which these first rounds pay for any pool that
+# finishes within them (or nearly), and the stars then bound the rounds of the
+# pools that would not.  On a 40K x 12-d heavy-tailed pool stars from the
+# first rounds cost up to 0.035 of ARI against fastcluster and saved no time
+# (docs/perf-log.md, issue 19, fifteenth session).
+STARS_FROM_ROUND = 128
 # Up to this many active clusters nearest clusters are searched exactly (FAISS
 # flat), above it with the IVF index, so a pool (or a sharded partition with
 # its halo) of at most this many rows never meets the IVF index.  At a coarse
@@ -441,8 +448,11 @@ class Rac:
 
     # --- rounds
 
-    def run(self, first_round_extra: int):
-        """Merge until nothing is within eps: (the clusters left, frozen ones not among them; merges per round)."""
+    def run(self, first_round_extra: int, rounds_done: int = 0):
+        """Merge until nothing is within eps: (the clusters left, frozen ones not among them; merges per round).
+
+        `rounds_done`: rounds of earlier runs over the same pool, which count towards STARS_FROM_ROUND.
+        """
         u = self.S.shape[0]
         eps = self.eps
         parent = np.arange(u, dtype=np.int64)
@@ -516,7 +526,7 @@ class Rac:
             self.pairs.append(self.orig[np.stack([a, b], axis=1)])
             self.now += 1
             self._merge(a, b)
-            if self.delta > 0 and a.size:
+            if self.delta > 0 and a.size and rounds_done + len(merges_per_round) >= STARS_FROM_ROUND:
                 leaf, centre = self._absorb(a, b, act, nn, nd, parent)
             else:
                 centre = leaf = a[:0]
