@@ -109,14 +109,17 @@ def test_ivf_search_path(metric):
 
 
 
+@pytest.mark.parametrize("layout_max", [8192, 8])
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
-def test_ivf_with_two_level_quantiser(metric, monkeypatch):
-    """Pools above 1M clusters get lists of bounded size behind a two-level quantiser;
+def test_ivf_with_two_level_quantiser(metric, layout_max, monkeypatch):
+    """Pools above a quarter of a million clusters get lists of bounded size behind a two-level
+    quantiser (lists of one k-means grouped, or above _FLAT_LAYOUT_MAX lists of each group's own);
     forced here on a small pool (tiny lists, few allowed flat lists), it must still
     match exact average linkage."""
     from clusmar_beam.core import hac
 
     monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 8)
+    monkeypatch.setattr(hac_index, "_FLAT_LAYOUT_MAX", layout_max)
     monkeypatch.setattr(hac_index, "_LIST_SIZE", 40)
     X = _diffuse_groups_and_bursts(seed=1)
     Z = _reference(X, metric)
@@ -185,14 +188,18 @@ def test_ivf_path_leaves_no_two_clusters_within_the_threshold():
     assert int((linkage <= eps - 1e-9).sum()) == 0
 
 
-def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(monkeypatch):
+@pytest.mark.parametrize("layout_max", [8192, 100])
+def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(layout_max, monkeypatch):
     from clusmar_beam.core import hac
 
     monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 100)
+    monkeypatch.setattr(hac_index, "_FLAT_LAYOUT_MAX", layout_max)
+    monkeypatch.setattr(hac_index, "_ASSIGN_BLOCK", 1000)  # rows in blocks on both threads, as at scale
     rng = np.random.default_rng(3)
     train = rng.normal(size=(20000, 8)).astype(np.float32)
     q = hac.TwoLevelQuantiser(train, 2000, seed=0)
     assert q.first is not None and q.first[-1] == q.centroids.shape[0]
+    assert np.all(np.diff(q.first) > 0)  # no empty group
     assert abs(q.centroids.shape[0] - 2000) <= q.groups.shape[0]  # lists shared out by group size
     x = rng.normal(size=(3000, 8)).astype(np.float32)
     lists = q.assign(x)
@@ -223,6 +230,22 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(mo
         assert (many[i, want.size:] == -1).all()
         padded += want.size < 400
     assert padded  # some rows' groups hold fewer than 400 lists
+    assert np.array_equal(q.assign(x[:700]), lists[:700])  # a row's list does not depend on its block
+
+
+def test_per_query_probes_come_from_every_list_up_to_the_flat_layouts_limit(monkeypatch):
+    """A per-query search probes the lists nearest the query among all of them, not only its groups'."""
+    monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 100)
+    rng = np.random.default_rng(4)
+    train = np.c_[rng.normal(size=(40000, 8)), np.zeros(40000)].astype(np.float32)
+    index = hac_index.IvfIndex(train, 1200, 300, seed=0, size=1)
+    assert index.quantiser.first is not None  # its points' lists are found through groups
+    x = train[:500]
+    lists = index.probe_lists(x)
+    assert np.array_equal(lists, cells.probe_cells(index.quantiser.centroids, x, 300))
+    monkeypatch.setattr(hac_index, "_FLAT_LAYOUT_MAX", 100)
+    grouped = index.probe_lists(x)
+    assert (grouped == -1).any()  # above the limit only the groups' lists, padded
 
 
 def test_large_offset_does_not_lose_precision():

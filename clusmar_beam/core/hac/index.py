@@ -24,11 +24,24 @@ _TRAIN_ITERATIONS = 5
 # 4*sqrt(n) above 1M clusters): a search scans nprobe lists, so a bounded list
 # size keeps the cost of a search independent of the pool size.
 _LIST_SIZE = 250
-# Up to this many lists a point's list is found among all centroids; above, a
-# coarse k-means picks a group of lists first (TwoLevelQuantiser).
-_FLAT_QUANTISER_MAX = 8192
+# Up to this many lists a point's list is found among all centroids; above, it
+# is found among the lists of the groups nearest it (TwoLevelQuantiser).
+# Giving a million points their lists among all of 4,000 centroids took longer
+# than the rest of building the index (docs/perf-log.md, issue 19, sixteenth
+# session).
+_FLAT_QUANTISER_MAX = 1024
+# Up to this many lists they are one k-means of the training sample, grouped
+# afterwards; above, the groups are trained first and each group's lists from
+# its own rows, which stays cheap at any count but places the lists worse
+# (ARI against exact search fell by 0.007 on 300K x 16-d).  Up to this many, a
+# query's per-query probe lists are also found among all of them, not only
+# among its groups' (IvfIndex.probe_lists): per-query probes are chosen at low
+# dimensions, where they reach past the nearest groups.
+_FLAT_LAYOUT_MAX = 8192
 # Groups whose lists are compared when a point is given its list.
 _GROUPS_SEARCHED = 8
+# Rows a thread gives their lists at a time (TwoLevelQuantiser.nearest).
+_ASSIGN_BLOCK = 1 << 15
 # Queries in one IVF list from which the list is searched as one block.
 _CROWDED_LIST = 16
 # Queries per FAISS per-query scan on one thread (see on_all_cores).
@@ -290,6 +303,12 @@ class IvfIndex:
         on_all_cores(nearest, [slice(s, s + step) for s in range(0, old.size, step)], per_task=1)
         return out
 
+    def probe_lists(self, vecs):
+        """(rows, nprobe) lists nearest each database row, nearest first, -1 past those it may search."""
+        if self.quantiser.centroids.shape[0] <= _FLAT_LAYOUT_MAX:
+            return cells.probe_cells(self.quantiser.centroids, np.ascontiguousarray(vecs, np.float32), self.nprobe)
+        return np.ascontiguousarray(self.quantiser.nearest(vecs, self.nprobe, pad=True))
+
     def _scan(self, rows, queries, probe, k, score, cand):
         """score[rows], cand[rows]: each query's k nearest in its row of `probe` lists, on all cores.
 
@@ -318,7 +337,7 @@ class IvfIndex:
         for s in range(0, ids.size, CHUNK):
             rows = order[s:s + CHUNK]
             part = ids[rows]
-            probe = np.ascontiguousarray(self.quantiser.nearest(database_vectors(part), self.nprobe, pad=True))
+            probe = self.probe_lists(database_vectors(part))
             if searched is not None:
                 seen = (probe[:, :, None] == self.probe[searched[rows]][:, None, :]).any(axis=2)
                 probe[seen] = -1
@@ -439,22 +458,34 @@ class TwoLevelQuantiser:
 
     A flat quantiser costs nlist distances per assigned point, and nlist grows
     with the pool (n / _LIST_SIZE), so at 10M points assigning the points
-    would cost more than searching them.  Above _FLAT_QUANTISER_MAX lists,
-    a k-means of sqrt(nlist) groups is trained first and each group's sample
-    gets lists of its own in proportion to its size: a point goes to the
+    would cost more than searching them.  Above `flat_max` lists they are
+    grouped by a k-means of sqrt(nlist) groups, and a point goes to the
     nearest list among its _GROUPS_SEARCHED nearest groups, about
-    (1 + _GROUPS_SEARCHED) * sqrt(nlist) distances.  (Searching the nearest
-    group only put a quarter of the points of a 1M pool outside their nearest
-    list, and since a search probes the lists nearest to the query's own list,
-    1-NN recall fell from 0.99 to 0.91.)
+    (1 + _GROUPS_SEARCHED) * sqrt(nlist) distances.  Up to `layout_max`
+    lists the groups are a k-means of the lists' centroids; above it, of the
+    training sample, each group's sample then getting lists of its own in
+    proportion to its size.  (Searching the nearest group only put a quarter
+    of the points of a 1M pool outside their nearest list, and since a search
+    probes the lists nearest to the query's own list, 1-NN recall fell from
+    0.99 to 0.91.)
     """
 
-    def __init__(self, train, nlist, seed, flat_max: int | None = None):
+    def __init__(self, train, nlist, seed, flat_max: int | None = None, layout_max: int | None = None):
         nlist = max(1, min(int(nlist), train.shape[0]))
-        if nlist <= (_FLAT_QUANTISER_MAX if flat_max is None else flat_max):
-            self.groups = split_crowded_lists(cells.train_centroids(train, nlist, seed, niter=_TRAIN_ITERATIONS),
-                                              train, seed)
-            self.centroids, self.first = self.groups, None
+        flat_max = _FLAT_QUANTISER_MAX if flat_max is None else flat_max
+        if nlist <= max(flat_max, _FLAT_LAYOUT_MAX if layout_max is None else layout_max):
+            centroids = split_crowded_lists(cells.train_centroids(train, nlist, seed, niter=_TRAIN_ITERATIONS),
+                                            train, seed)
+            if centroids.shape[0] <= flat_max:
+                self.groups, self.centroids, self.first = centroids, centroids, None
+                return
+            groups = cells.train_centroids(centroids, int(round(math.sqrt(centroids.shape[0]))), seed + 1,
+                                           niter=_TRAIN_ITERATIONS)
+            group = cells.probe_cells(groups, centroids, 1)[:, 0]
+            sizes = np.bincount(group, minlength=groups.shape[0])
+            self.groups = np.ascontiguousarray(groups[sizes > 0])
+            self.centroids = np.ascontiguousarray(centroids[np.argsort(group, kind="stable")])
+            self.first = np.r_[0, np.cumsum(sizes[sizes > 0])].astype(np.int64)
             return
         self.groups = cells.train_centroids(train, int(round(math.sqrt(nlist))), seed, niter=_TRAIN_ITERATIONS)
         group = cells.probe_cells(self.groups, train, 1)[:, 0]
@@ -487,9 +518,22 @@ class TwoLevelQuantiser:
         vecs = np.ascontiguousarray(vecs, np.float32)
         if self.first is None:
             return cells.probe_cells(self.groups, vecs, k)
-        groups = cells.probe_cells(self.groups, vecs, _GROUPS_SEARCHED)
         if not pad:
-            k = min(k, groups.shape[1])
+            k = min(k, _GROUPS_SEARCHED, self.groups.shape[0])
+        lists = np.full((vecs.shape[0], k), -1, np.int64)
+
+        def blocks(parts):
+            # Per group the products are small and FAISS's own threads share them poorly: whole blocks of rows
+            # go to each thread instead.
+            for rows in parts:
+                lists[rows] = self._nearest_in_groups(vecs[rows], k)
+
+        on_all_cores(blocks, [slice(s, s + _ASSIGN_BLOCK) for s in range(0, vecs.shape[0], _ASSIGN_BLOCK)],
+                     per_task=1)
+        return lists
+
+    def _nearest_in_groups(self, vecs, k):
+        groups = cells.probe_cells(self.groups, vecs, _GROUPS_SEARCHED)
         best = np.full((vecs.shape[0], k), np.inf, np.float32)
         lists = np.full((vecs.shape[0], k), -1, np.int64)
         for g, pos in cells.split_by_key(groups.reshape(-1)):

@@ -204,7 +204,8 @@ class SampleCells:
         if num_cells == 1:
             return cls(None, None, metric, 1, near)
         train = prepare(train_x, metric).astype(np.float32)
-        cells = TwoLevelQuantiser(train, num_cells, seed, flat_max=_FLAT_SAMPLE_CELLS_MAX)
+        cells = TwoLevelQuantiser(train, num_cells, seed, flat_max=_FLAT_SAMPLE_CELLS_MAX,
+                                  layout_max=_FLAT_SAMPLE_CELLS_MAX)
         # the two-level split rounds the lists per group: the count it made is the count
         return cls(cells, np.asarray(train_x, np.float64).mean(axis=0), metric, cells.centroids.shape[0], near)
 
