@@ -26,9 +26,9 @@ _TRAIN_ITERATIONS = 5
 _LIST_SIZE = 250
 # Up to this many lists a point's list is found among all centroids; above, it
 # is found among the lists of the groups nearest it (TwoLevelQuantiser).
-# Giving a million points their lists among all of 4,000 centroids took longer
-# than the rest of building the index (docs/perf-log.md, issue 19, sixteenth
-# session).
+# Giving a million points their lists among all of several thousand centroids
+# took longer than the rest of building the index (docs/perf-log.md, issue 19,
+# sixteenth session).
 _FLAT_QUANTISER_MAX = 1024
 # Up to this many lists they are one k-means of the training sample, grouped
 # afterwards; above, the groups are trained first and each group's lists from
