@@ -74,8 +74,10 @@ WIDEN_ROWS_MAX = 4096
 # than this share, as long as a search from every point of the pool scans at most WIDEN_WORK_MAX rows in all
 # (what the default probes cost a pool of a million; see widen_rows_max).  There misses under 1% still moved
 # the cut, and widening stopped them; the block search at higher dimensions kept missing as it widened, at
-# several times the cost, and is left as it was (docs/perf-log.md, issue 19, fifteenth session).
-_WIDEN_MISSES_PER_QUERY = 0.002
+# several times the cost, and is left as it was (docs/perf-log.md, issue 19, fifteenth session).  The share is
+# 0, so they widen while any sampled query is missed: one miss in 741 left a 200K x 16-d pool 0.961 from exact
+# average linkage, and none 0.997 (sixteenth session).
+_WIDEN_MISSES_PER_QUERY = 0.0
 WIDEN_WORK_MAX = 1 << 33
 
 
@@ -190,8 +192,9 @@ class IvfIndex:
         dimensions they find a small part of it at a large cost
         (docs/perf-log.md, issue 19, session 10).  So the `sample` queries' nearest
         other rows among `all_ids` are found exactly, and per-query probing is
-        kept when the block search misses at least _PER_LIST_MISSES of them
-        and the per-query probes recover at least _PER_QUERY_RECOVERS of those.
+        kept when, at the first nprobe, the block search misses at least
+        _PER_LIST_MISSES of them and the per-query probes recover at least
+        _PER_QUERY_RECOVERS of those; widening keeps that choice.
         Where the chosen way still misses more than _WIDEN_MISSES, nprobe
         doubles while a search stays within WIDEN_ROWS_MAX rows; given
         `rows_max` (one worker's widen_rows_max), per-query probes double
@@ -218,9 +221,10 @@ class IvfIndex:
         while True:
             per_list = misses(*self.search(sample, query_vectors, 3))
             per_query = misses(*self.search_own_lists(sample, query_vectors, database_vectors, 3))
+            if not levels:  # chosen at the first probes: wider ones then miss less either way
+                self.per_query = (per_list >= _PER_LIST_MISSES * sample.size
+                                  and per_list - per_query >= _PER_QUERY_RECOVERS * per_list)
             levels.append([self.nprobe, per_list, per_query])
-            self.per_query = (per_list >= _PER_LIST_MISSES * sample.size
-                              and per_list - per_query >= _PER_QUERY_RECOVERS * per_list)
             share, limit = _WIDEN_MISSES, WIDEN_ROWS_MAX
             if self.per_query and rows_max is not None:  # one worker's per-query probes
                 share, limit = _WIDEN_MISSES_PER_QUERY, max(limit, rows_max)
