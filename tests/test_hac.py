@@ -112,7 +112,7 @@ def test_ivf_search_path(metric):
 @pytest.mark.parametrize("layout_max", [8192, 8])
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
 def test_ivf_with_two_level_quantiser(metric, layout_max, monkeypatch):
-    """Pools above a quarter of a million clusters get lists of bounded size behind a two-level
+    """Pools above 65,536 clusters (1,024 lists) give points their lists through a two-level
     quantiser (lists of one k-means grouped, or above _FLAT_LAYOUT_MAX lists of each group's own);
     forced here on a small pool (tiny lists, few allowed flat lists), it must still
     match exact average linkage."""
