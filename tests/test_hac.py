@@ -194,7 +194,7 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(la
 
     monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 100)
     monkeypatch.setattr(hac_index, "_FLAT_LAYOUT_MAX", layout_max)
-    monkeypatch.setattr(hac_index, "_ASSIGN_BLOCK", 1000)  # rows in blocks on both threads, as at scale
+    monkeypatch.setattr(hac_index, "_NEAREST_BLOCK", 1000)  # rows in blocks on both threads, as at scale
     rng = np.random.default_rng(3)
     train = rng.normal(size=(20000, 8)).astype(np.float32)
     q = hac.TwoLevelQuantiser(train, 2000, seed=0)

@@ -40,8 +40,8 @@ _FLAT_QUANTISER_MAX = 1024
 _FLAT_LAYOUT_MAX = 8192
 # Groups whose lists are compared when a point is given its list.
 _GROUPS_SEARCHED = 8
-# Rows a thread gives their lists at a time (TwoLevelQuantiser.nearest).
-_ASSIGN_BLOCK = 1 << 15
+# Rows a thread finds the nearest lists of at a time (TwoLevelQuantiser.nearest).
+_NEAREST_BLOCK = 1 << 15
 # Queries in one IVF list from which the list is searched as one block.
 _CROWDED_LIST = 16
 # Queries per FAISS per-query scan on one thread (see on_all_cores).
@@ -532,7 +532,7 @@ class TwoLevelQuantiser:
             for rows in parts:
                 lists[rows] = self._nearest_in_groups(vecs[rows], k)
 
-        on_all_cores(blocks, [slice(s, s + _ASSIGN_BLOCK) for s in range(0, vecs.shape[0], _ASSIGN_BLOCK)],
+        on_all_cores(blocks, [slice(s, s + _NEAREST_BLOCK) for s in range(0, vecs.shape[0], _NEAREST_BLOCK)],
                      per_task=1)
         return lists
 
