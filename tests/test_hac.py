@@ -138,23 +138,54 @@ def test_ivf_with_two_level_quantiser(metric, layout_max, monkeypatch):
 
 @pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
 def test_symmetrising_edges_of_fresh_clusters_equals_a_full_pass(metric, monkeypatch):
-    """Each round offers only edges from or to clusters with a new nearest; offering
-    every edge must change nothing, in the IVF phase and the exact one."""
+    """Each round offers only edges from or to clusters with a new nearest, and looks only
+    at those to retire; offering every edge must change nothing, in the IVF phase and the
+    exact one, and every other cluster must be within eps."""
 
     real = hac_rac._symmetrise
     rounds = []
 
-    def both(act, nn, nd, fresh):
+    def both(act, nn, nd, fresh, renewed):
         nn_full, nd_full = nn.copy(), nd.copy()
-        real(act, nn_full, nd_full, np.ones_like(fresh))
-        real(act, nn, nd, fresh)
+        real(act, nn_full, nd_full, np.ones_like(fresh), act)
+        offered = real(act, nn, nd, fresh, renewed)
         rounds.append(bool(fresh[act].all()))
         assert np.array_equal(nn, nn_full) and np.array_equal(nd, nd_full)
+        # only a cluster with a new nearest can be beyond eps, so only those are looked at to retire
+        assert (nd[np.setdiff1d(act, renewed)] <= eps).all()
+        return offered
 
     monkeypatch.setattr(hac_rac, "_symmetrise", both)
     X = _diffuse_groups_and_bursts(seed=2)
-    average_linkage(X, _threshold(_reference(X, metric), 0.9), metric, exact_search_max=100)
+    eps = _threshold(_reference(X, metric), 0.9)
+    average_linkage(X, eps, metric, exact_search_max=100)
     assert len(rounds) > 10 and not all(rounds)  # some rounds leave clusters out
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+@pytest.mark.parametrize("delta", [0.0, 0.04])
+def test_pairs_found_from_the_changed_clusters_equal_a_full_pass(metric, delta, monkeypatch):
+    """Each round looks for reciprocal pairs only among clusters whose nearest changed; a pass
+    over every active cluster must find the same, IVF and exact, with stars (from the first
+    round) and without."""
+
+    real = hac_rac._reciprocal_pairs
+    rounds = []
+
+    def both(ids, nn, active, frozen):
+        every = np.flatnonzero(active & ~frozen)
+        assert np.array_equal(np.sort(every), every)
+        a, b = real(ids, nn, active, frozen)
+        a_full, b_full = real(every, nn, active, frozen)
+        assert np.array_equal(a, a_full) and np.array_equal(b, b_full)
+        rounds.append(ids.size < every.size)
+        return a, b
+
+    monkeypatch.setattr(hac_rac, "_reciprocal_pairs", both)
+    monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 0)
+    X = _diffuse_groups_and_bursts(seed=3)
+    average_linkage(X, _threshold(_reference(X, metric), 0.9), metric, exact_search_max=100, delta=delta)
+    assert len(rounds) > 10 and any(rounds)
 
 
 def _cluster_linkages(X, labels):

@@ -463,14 +463,17 @@ class Rac:
         fresh = np.zeros(u, bool)
         self._build_index(np.arange(u, dtype=np.int64))
         merges_per_round = []
-        while (active & ~self.frozen).any():
+        # The active unfrozen clusters, kept up to date through the round: the
+        # rounds' bookkeeping works from the clusters that changed, so that a
+        # round of few merges costs little however many clusters are active.
+        act = np.flatnonzero(~self.frozen)
+        while act.size:
             self.now = 3 * len(merges_per_round)  # searches; then merges at now + 1, new lists at now + 2
             if active.size > _COMPACT_MIN and np.count_nonzero(active) <= _COMPACT_BELOW * active.size:
                 parent, active, stale, nn, nd = self._compact(parent, active, stale, nn, nd)
                 fresh = np.zeros(active.size, bool)
+                act = np.flatnonzero(~self.frozen)
             u = active.size
-            free = ~self.frozen
-            act = np.flatnonzero(active & free)
             if not self.index.exact and np.count_nonzero(active) <= self.exact_search_max:
                 # Few enough left: switch to exact search and redo every
                 # neighbour, repairing what the IVF index may have missed.
@@ -480,12 +483,15 @@ class Rac:
             todo = np.flatnonzero(stale & active)
             renewed = todo  # these get a new nearest this round (searched or resolved)
             fresh[renewed] = True
-            known = todo[self.bound[todo] > -np.inf]
+            is_known = self.bound[todo] > -np.inf
+            known = todo[is_known]
             if known.size:
                 done, nn_k, nd_k = self._resolve(known, parent, active)
                 nn[known[done]], nd[known[done]] = nn_k[done], nd_k[done]
                 resolved = known[done]
-                todo = np.setdiff1d(todo, resolved, assume_unique=True)
+                left = np.ones(todo.size, bool)
+                left[np.flatnonzero(is_known)[done]] = False
+                todo = todo[left]
             else:
                 resolved = known
             if todo.size:
@@ -499,7 +505,7 @@ class Rac:
                 # is searched again in the lists nearest itself (docs/perf-log.md,
                 # issue 3, third session: exact search's clusters at 100K and 200K).
                 # One searched this round only needs the lists it missed.
-                doubt = np.flatnonzero(fresh & (nd > eps))
+                doubt = renewed[nd[renewed] > eps]
                 searched = np.isin(doubt, todo, assume_unique=True)
                 widen, again = doubt[searched], doubt[~searched]
                 if self.index.per_query:
@@ -508,20 +514,20 @@ class Rac:
                     nn[widen], nd[widen] = self._widen(widen)
                 if again.size:
                     nn[again], nd[again] = self._search(again, own_lists=True)
-            _symmetrise(act, nn, nd, fresh)
+            offered = _symmetrise(act, nn, nd, fresh, renewed)
             fresh[renewed] = False
 
-            # Beyond eps now means beyond eps forever (reducibility).
-            far = nd[act] > eps
-            retired = act[far]
+            # Beyond eps now means beyond eps forever (reducibility).  Only a
+            # new nearest can be: every other cluster's stayed within eps, and
+            # an offered edge only brings a nearest closer.
+            retired = renewed[nd[renewed] > eps]
             active[retired] = False
             if not self.index.exact:
                 self.retired_by_search += retired.size
-            act = act[~far]
+            act = act[active[act]]
 
-            partner = nn[act]
-            pair = (partner > act) & (nn[partner] == act) & active[partner] & free[partner]
-            a, b = act[pair], partner[pair]
+            # A pair that was reciprocal before this round merged then: a new one has a side whose nearest changed.
+            a, b = _reciprocal_pairs(np.union1d(renewed, offered), nn, active, self.frozen)
             self.heights.append(nd[a].copy())
             self.pairs.append(self.orig[np.stack([a, b], axis=1)])
             self.now += 1
@@ -551,15 +557,13 @@ class Rac:
                 self.index.add(a, self._vectors(a, True))
 
             # Only clusters that merged, or whose neighbour merged or left,
-            # can have a different nearest neighbour now.
-            touched = np.zeros(u, bool)
-            touched[a] = True
-            touched[b] = True
-            touched[leaf] = True
-            act = np.flatnonzero(active & free)
-            nbr = nn[act]
-            redo = touched[nbr] | ~active[nbr]
-            stale[act[redo]] = True
+            # can have a different nearest neighbour now.  A nearest that left
+            # did so this round: one that left before was renewed since.
+            moved = np.zeros(u, bool)
+            for ids in (a, b, leaf, retired):
+                moved[ids] = True
+            act = act[active[act]]
+            stale[act[moved[nn[act]]]] = True
             stale[a] = True
 
             merged = int(a.size + leaf.size) + (first_round_extra if not merges_per_round else 0)
@@ -841,20 +845,21 @@ def _live(q, c, parent, active):
     return c
 
 
-def _symmetrise(act, nn, nd, fresh):
-    """Offer every found edge a -> b to b as well: b's nearest is at most that far.
+def _symmetrise(act, nn, nd, fresh, renewed):
+    """Offer every found edge a -> b to b as well: b's nearest is at most that far.  Returns the b whose nearest changed.
 
     This repairs neighbours that a search missed (float32 near-ties, IVF), and
     with bit-symmetric distances it makes the smallest (distance, id) edge
     reciprocal, so a round always merges while any edge is within the
     threshold.  After a pass no edge is better than its target's own, so only
-    edges from or to `fresh` clusters (a new nearest this round) can be:
-    the others are left out.
+    edges from or to `fresh` clusters (`renewed`: a new nearest this round)
+    can be: the others are left out.
     """
-    src = act[np.isfinite(nd[act])]
-    src = src[fresh[src] | fresh[nn[src]]]
+    nbr = nn[act]  # -1 only where nothing was found, and so nd is inf: dropped below
+    src = np.union1d(renewed, act[fresh[nbr]])
+    src = src[np.isfinite(nd[src])]
     if src.size == 0:
-        return
+        return src
     dst, d = nn[src], nd[src]
     # Only an edge better than its target's own can win: the best of a
     # target's edges beats it exactly when one of them does.
@@ -866,3 +871,15 @@ def _symmetrise(act, nn, nd, fresh):
     head[1:] = dst[1:] != dst[:-1]
     nn[dst[head]] = src[head]
     nd[dst[head]] = d[head]
+    return dst[head]
+
+
+def _reciprocal_pairs(ids, nn, active, frozen):
+    """(a, b), a < b, a ascending: the reciprocal nearest pairs of active unfrozen clusters with a side in `ids`."""
+    x = ids[active[ids] & ~frozen[ids]]
+    y = nn[x]
+    x, y = x[y >= 0], y[y >= 0]
+    pair = (nn[y] == x) & active[y] & ~frozen[y]
+    a, b = np.minimum(x[pair], y[pair]), np.maximum(x[pair], y[pair])
+    a, first = np.unique(a, return_index=True)  # a pair with both sides in ids is found twice
+    return a, b[first]
