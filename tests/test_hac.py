@@ -250,17 +250,17 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(la
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
         assert three[i].tolist() == allowed[np.argsort(d, kind="stable")[:3]].tolist()
     # padded: as many lists as asked, nearest first, then -1 once the searched groups run out
-    many = q.nearest(x, 400, pad=True)
-    assert many.shape == (3000, 400)
+    many = q.nearest(x, 800, pad=True)
+    assert many.shape == (3000, 800)
     padded = 0
     for i in range(0, 3000, 97):
         allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)
-        want = allowed[np.argsort(d, kind="stable")[:400]]
+        want = allowed[np.argsort(d, kind="stable")[:800]]
         assert many[i, :want.size].tolist() == want.tolist()
         assert (many[i, want.size:] == -1).all()
-        padded += want.size < 400
-    assert padded  # some rows' groups hold fewer than 400 lists
+        padded += want.size < 800
+    assert padded  # some rows' groups hold fewer than 800 lists
     assert np.array_equal(q.assign(x[:700]), lists[:700])  # a row's list does not depend on its block
 
 
@@ -269,11 +269,11 @@ def test_per_query_probes_come_from_every_list_up_to_the_flat_layouts_limit(monk
     monkeypatch.setattr(hac_index, "_FLAT_QUANTISER_MAX", 100)
     rng = np.random.default_rng(4)
     train = np.c_[rng.normal(size=(40000, 8)), np.zeros(40000)].astype(np.float32)
-    index = hac_index.IvfIndex(train, 1200, 300, seed=0, size=1)
+    index = hac_index.IvfIndex(train, 1200, 700, seed=0, size=1)
     assert index.quantiser.first is not None  # its points' lists are found through groups
     x = train[:500]
     lists = index.probe_lists(x)
-    assert np.array_equal(lists, cells.probe_cells(index.quantiser.centroids, x, 300))
+    assert np.array_equal(lists, cells.probe_cells(index.quantiser.centroids, x, 700))
     monkeypatch.setattr(hac_index, "_FLAT_LAYOUT_MAX", 100)
     grouped = index.probe_lists(x)
     assert (grouped == -1).any()  # above the limit only the groups' lists, padded

@@ -38,8 +38,11 @@ _FLAT_QUANTISER_MAX = 1024
 # among its groups' (IvfIndex.probe_lists): per-query probes are chosen at low
 # dimensions, where they reach past the nearest groups.
 _FLAT_LAYOUT_MAX = 8192
-# Groups whose lists are compared when a point is given its list.
-_GROUPS_SEARCHED = 8
+# Groups whose lists are compared when a point is given its list.  Searching 8
+# put 4% of a 1M lognormal pool's points outside their nearest list (1% with
+# 16), and the block search's extra misses turned its probing per query, which
+# took five times as long (docs/perf-log.md, issue 19, seventeenth session).
+_GROUPS_SEARCHED = 16
 # Rows a thread finds the nearest lists of at a time (TwoLevelQuantiser.nearest).
 _NEAREST_BLOCK = 1 << 15
 # Queries in one IVF list from which the list is searched as one block.
