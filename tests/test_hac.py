@@ -230,11 +230,14 @@ def test_two_level_quantiser_finds_the_nearest_list_of_the_groups_it_searches(la
     train = rng.normal(size=(20000, 8)).astype(np.float32)
     q = hac.TwoLevelQuantiser(train, 2000, seed=0)
     assert q.first is not None and q.first[-1] == q.centroids.shape[0]
+    # lists grouped after one k-means straddle the groups' borders: more groups are searched
+    assert q.groups_searched == (hac_index._GROUPS_SEARCHED_GROUPED_AFTER if layout_max >= 2000
+                                 else hac_index._GROUPS_SEARCHED)
     assert np.all(np.diff(q.first) > 0)  # no empty group
     assert abs(q.centroids.shape[0] - 2000) <= q.groups.shape[0]  # lists shared out by group size
     x = rng.normal(size=(3000, 8)).astype(np.float32)
     lists = q.assign(x)
-    groups = cells.probe_cells(q.groups, x, hac_index._GROUPS_SEARCHED)
+    groups = cells.probe_cells(q.groups, x, q.groups_searched)
     for i in range(0, 3000, 97):
         allowed = np.concatenate([np.arange(q.first[g], q.first[g + 1]) for g in groups[i]])
         d = ((q.centroids[allowed] - x[i]) ** 2).sum(axis=1)

@@ -38,11 +38,14 @@ _FLAT_QUANTISER_MAX = 1024
 # among its groups' (IvfIndex.probe_lists): per-query probes are chosen at low
 # dimensions, where they reach past the nearest groups.
 _FLAT_LAYOUT_MAX = 8192
-# Groups whose lists are compared when a point is given its list.  Searching 8
-# put 4% of a 1M lognormal pool's points outside their nearest list (1% with
-# 16), and the block search's extra misses turned its probing per query, which
-# took five times as long (docs/perf-log.md, issue 19, seventeenth session).
-_GROUPS_SEARCHED = 16
+# Groups whose lists are compared when a point is given its list: lists trained
+# per group (above _FLAT_LAYOUT_MAX), and lists grouped after one k-means.  For
+# the latter 8 put 4% of a 1M lognormal pool's points outside their nearest list
+# (1% with 16), and the block search's extra misses turned its probing per
+# query, five times as slow; at 10M (lists per group) 16 made the adds 1.4 times
+# as long (docs/perf-log.md, issue 19, seventeenth session).
+_GROUPS_SEARCHED = 8
+_GROUPS_SEARCHED_GROUPED_AFTER = 16
 # Rows a thread finds the nearest lists of at a time (TwoLevelQuantiser.nearest).
 _NEAREST_BLOCK = 1 << 15
 # Queries in one IVF list from which the list is searched as one block.
@@ -467,8 +470,8 @@ class TwoLevelQuantiser:
     with the pool (n / _LIST_SIZE), so at 10M points assigning the points
     would cost more than searching them.  Above `flat_max` lists they are
     grouped by a k-means of sqrt(nlist) groups, and a point goes to the
-    nearest list among its _GROUPS_SEARCHED nearest groups, about
-    (1 + _GROUPS_SEARCHED) * sqrt(nlist) distances.  Up to `layout_max`
+    nearest list among its `groups_searched` nearest groups, about
+    (1 + groups_searched) * sqrt(nlist) distances.  Up to `layout_max`
     lists the groups are a k-means of the lists' centroids; above it, of the
     training sample, each group's sample then getting lists of its own in
     proportion to its size.  (Searching the nearest group only put a quarter
@@ -480,6 +483,7 @@ class TwoLevelQuantiser:
     def __init__(self, train, nlist, seed, flat_max: int | None = None, layout_max: int | None = None):
         nlist = max(1, min(int(nlist), train.shape[0]))
         flat_max = _FLAT_QUANTISER_MAX if flat_max is None else flat_max
+        self.groups_searched = _GROUPS_SEARCHED
         if nlist <= max(flat_max, _FLAT_LAYOUT_MAX if layout_max is None else layout_max):
             centroids = split_crowded_lists(cells.train_centroids(train, nlist, seed, niter=_TRAIN_ITERATIONS),
                                             train, seed)
@@ -493,6 +497,7 @@ class TwoLevelQuantiser:
             self.groups = np.ascontiguousarray(groups[sizes > 0])
             self.centroids = np.ascontiguousarray(centroids[np.argsort(group, kind="stable")])
             self.first = np.r_[0, np.cumsum(sizes[sizes > 0])].astype(np.int64)
+            self.groups_searched = _GROUPS_SEARCHED_GROUPED_AFTER
             return
         self.groups = cells.train_centroids(train, int(round(math.sqrt(nlist))), seed, niter=_TRAIN_ITERATIONS)
         group = cells.probe_cells(self.groups, train, 1)[:, 0]
@@ -526,7 +531,7 @@ class TwoLevelQuantiser:
         if self.first is None:
             return cells.probe_cells(self.groups, vecs, k)
         if not pad:
-            k = min(k, _GROUPS_SEARCHED, self.groups.shape[0])
+            k = min(k, self.groups_searched, self.groups.shape[0])
         lists = np.full((vecs.shape[0], k), -1, np.int64)
 
         def blocks(parts):
@@ -540,7 +545,7 @@ class TwoLevelQuantiser:
         return lists
 
     def _nearest_in_groups(self, vecs, k):
-        groups = cells.probe_cells(self.groups, vecs, _GROUPS_SEARCHED)
+        groups = cells.probe_cells(self.groups, vecs, self.groups_searched)
         best = np.full((vecs.shape[0], k), np.inf, np.float32)
         lists = np.full((vecs.shape[0], k), -1, np.int64)
         for g, pos in cells.split_by_key(groups.reshape(-1)):

@@ -846,7 +846,7 @@ def _live(q, c, parent, active):
 
 
 def _symmetrise(act, nn, nd, fresh, renewed):
-    """Offer every found edge a -> b to b as well: b's nearest is at most that far.  Returns the b whose nearest changed.
+    """Offer every found edge a -> b to b as well: b's nearest is at most that far.  Returns the b that took one.
 
     This repairs neighbours that a search missed (float32 near-ties, IVF), and
     with bit-symmetric distances it makes the smallest (distance, id) edge
