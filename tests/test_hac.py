@@ -181,11 +181,21 @@ def test_pairs_found_from_the_changed_clusters_equal_a_full_pass(metric, delta, 
         rounds.append(ids.size < every.size)
         return a, b
 
+    real_absorb = hac_rac.Rac._absorb
+    leaves = []
+
+    def absorb(self, *args):
+        leaf, centre = real_absorb(self, *args)
+        leaves.append(leaf.size)
+        return leaf, centre
+
     monkeypatch.setattr(hac_rac, "_reciprocal_pairs", both)
     monkeypatch.setattr(hac_rac, "STARS_FROM_ROUND", 0)
-    X = _diffuse_groups_and_bursts(seed=3)
+    monkeypatch.setattr(hac_rac.Rac, "_absorb", absorb)
+    X = _heavy_tailed(3000, dim=16, seed=2)
     average_linkage(X, _threshold(_reference(X, metric), 0.9), metric, exact_search_max=100, delta=delta)
     assert len(rounds) > 10 and any(rounds)
+    assert (sum(leaves) > 0) == (delta > 0)  # stars grew where delta allows them
 
 
 def _cluster_linkages(X, labels):
