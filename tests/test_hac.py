@@ -145,10 +145,11 @@ def test_symmetrising_edges_of_fresh_clusters_equals_a_full_pass(metric, monkeyp
     real = hac_rac._symmetrise
     rounds = []
 
-    def both(act, nn, nd, fresh, renewed):
+    def both(act, nn, nd, fresh):
+        renewed = np.flatnonzero(fresh)
         nn_full, nd_full = nn.copy(), nd.copy()
-        real(act, nn_full, nd_full, np.ones_like(fresh), act)
-        offered = real(act, nn, nd, fresh, renewed)
+        real(act, nn_full, nd_full, np.ones_like(fresh))
+        offered = real(act, nn, nd, fresh)
         rounds.append(bool(fresh[act].all()))
         assert np.array_equal(nn, nn_full) and np.array_equal(nd, nd_full)
         # only a cluster with a new nearest can be beyond eps, so only those are looked at to retire

@@ -514,7 +514,7 @@ class Rac:
                     nn[widen], nd[widen] = self._widen(widen)
                 if again.size:
                     nn[again], nd[again] = self._search(again, own_lists=True)
-            offered = _symmetrise(act, nn, nd, fresh, renewed)
+            offered = _symmetrise(act, nn, nd, fresh)
             fresh[renewed] = False
 
             # Beyond eps now means beyond eps forever (reducibility).  Only a
@@ -527,7 +527,7 @@ class Rac:
             act = act[active[act]]
 
             # A pair that was reciprocal before this round merged then: a new one has a side whose nearest changed.
-            a, b = _reciprocal_pairs(np.union1d(renewed, offered), nn, active, self.frozen)
+            a, b = _reciprocal_pairs(np.concatenate([renewed, offered]), nn, active, self.frozen)
             self.heights.append(nd[a].copy())
             self.pairs.append(self.orig[np.stack([a, b], axis=1)])
             self.now += 1
@@ -845,18 +845,18 @@ def _live(q, c, parent, active):
     return c
 
 
-def _symmetrise(act, nn, nd, fresh, renewed):
+def _symmetrise(act, nn, nd, fresh):
     """Offer every found edge a -> b to b as well: b's nearest is at most that far.  Returns the b that took one.
 
     This repairs neighbours that a search missed (float32 near-ties, IVF), and
     with bit-symmetric distances it makes the smallest (distance, id) edge
     reciprocal, so a round always merges while any edge is within the
     threshold.  After a pass no edge is better than its target's own, so only
-    edges from or to `fresh` clusters (`renewed`: a new nearest this round)
-    can be: the others are left out.
+    edges from or to `fresh` clusters (a new nearest this round) can be:
+    the others are left out.
     """
-    nbr = nn[act]  # -1 only where nothing was found, and so nd is inf: dropped below
-    src = np.union1d(renewed, act[fresh[nbr]])
+    # nn is -1 only where nothing was found, and so nd is inf: dropped below
+    src = act[fresh[act] | fresh[nn[act]]]
     src = src[np.isfinite(nd[src])]
     if src.size == 0:
         return src
@@ -875,7 +875,10 @@ def _symmetrise(act, nn, nd, fresh, renewed):
 
 
 def _reciprocal_pairs(ids, nn, active, frozen):
-    """(a, b), a < b, a ascending: the reciprocal nearest pairs of active unfrozen clusters with a side in `ids`."""
+    """(a, b), a < b, a ascending: the reciprocal nearest pairs of active unfrozen clusters with a side in `ids`.
+
+    `ids` may repeat: each pair is returned once.
+    """
     x = ids[active[ids] & ~frozen[ids]]
     y = nn[x]
     x, y = x[y >= 0], y[y >= 0]
