@@ -42,8 +42,9 @@ _FLAT_LAYOUT_MAX = 8192
 # per group (above _FLAT_LAYOUT_MAX), and lists grouped after one k-means.  For
 # the latter 8 put 4% of a 1M lognormal pool's points outside their nearest list
 # (1% with 16), and the block search's extra misses turned its probing per
-# query, several times slower; lists trained per group gained nothing measured
-# from 16 but slower adds (docs/perf-log.md, issue 19, seventeenth session).
+# query, several times slower.  For lists trained per group 16 made the adds
+# slower, and what it gains there was not measured (docs/perf-log.md, issue 19,
+# seventeenth session).
 _GROUPS_SEARCHED = 8
 _GROUPS_SEARCHED_GROUPED_AFTER = 16
 # Rows a thread finds the nearest lists of at a time (TwoLevelQuantiser.nearest).
